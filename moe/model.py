@@ -1,0 +1,191 @@
+"""Decoder-only MoE transformer: embedding, RMSNorm, RoPE, causal SDPA attention, MoE FFNs.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, H heads, V vocabulary, L layers.
+
+Pre-norm blocks ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the FFN is an ``MoELayer`` in
+every ``moe_every``-th layer (layer i is MoE when ``(i + 1) % moe_every == 0``) and a dense SwiGLU
+otherwise. No parallelism lives here: ``parallel/`` rewires a built model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from moe.errors import check
+from moe.experts import ExpertsConfig, dense_swiglu
+from moe.layer import MoELayer
+from moe.routers import RouterContext
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256
+    """Byte-level default; set to the tokenizer's size for memmap data."""
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_experts: int = 8
+    d_ff: int = 256
+    """Hidden width F of each routed expert."""
+    dense_d_ff: int = 512
+    """Hidden width of the dense SwiGLU in non-MoE layers."""
+    moe_every: int = 1
+    num_shared_experts: int = 0
+    tie_embeddings: bool = False
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "d_ff", "dense_d_ff", "moe_every", "max_seq_len"):
+            value = getattr(self, key)
+            check(value >= 1, f"model.{key}", value, "must be >= 1")
+        check(self.num_shared_experts >= 0, "model.num_shared_experts", self.num_shared_experts, "must be >= 0")
+        check(self.d_model % self.num_heads == 0, "model.d_model", self.d_model, f"must be divisible by model.num_heads ({self.num_heads})")
+        check((self.d_model // self.num_heads) % 2 == 0, "model.d_model", self.d_model, "/ model.num_heads must be even (RoPE rotates pairs)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [S, head_dim/2] for rotary embeddings (Su et al. 2021, eq. 34)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x_BHSd.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x_BHSd.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE.
+
+    With ``want_probs`` it computes attention explicitly and also returns the head-averaged
+    probabilities [B, S, S] (for attention-aware routing), so no second attention is run.
+    """
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        probs_BSS = None
+        if want_probs:
+            scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            causal = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
+            attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            y = (attn.to(v.dtype) @ v)
+            probs_BSS = attn.mean(dim=1)
+        else:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, S, D)), probs_BSS
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w_gate_DF = nn.Parameter(torch.randn(d_model, d_ff) * d_model**-0.5)
+        self.w_up_DF = nn.Parameter(torch.randn(d_model, d_ff) * d_model**-0.5)
+        self.w_down_FD = nn.Parameter(torch.randn(d_ff, d_model) * d_ff**-0.5)
+
+    def forward(self, x_TD: Tensor, context: RouterContext) -> tuple[Tensor, dict[str, Tensor]]:
+        return dense_swiglu(x_TD, self.w_gate_DF, self.w_up_DF, self.w_down_FD), {}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext) -> tuple[Tensor, dict[str, Tensor]]:
+        B, S, D = x_BSD.shape
+        want_probs = isinstance(self.ffn, MoELayer) and self.ffn.router.needs_attention
+        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs)
+        x_BSD = x_BSD + a
+        if probs is not None:
+            context = replace(context, attn_probs_BSS=probs)
+        y_TD, aux = self.ffn(self.ffn_norm(x_BSD).reshape(B * S, D), context)
+        return x_BSD + y_TD.view(B, S, D), aux
+
+
+class MoETransformer(nn.Module):
+    """The language model: ``forward(tokens_BS, step) -> (logits_BSV, aux_losses)``.
+
+    ``aux_losses`` maps each auxiliary loss name to its sum over MoE layers (coefficients
+    already applied); the trainer adds their total to the cross-entropy.
+    """
+
+    def __init__(self, cfg: ModelConfig, router_cfg: object, experts_cfg: ExpertsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        blocks = []
+        for i in range(cfg.num_layers):
+            if (i + 1) % cfg.moe_every == 0:
+                ffn: nn.Module = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, router_cfg, experts_cfg, cfg.num_shared_experts)
+            else:
+                ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff)
+            blocks.append(Block(cfg, ffn))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=cfg.d_model**-0.5)
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        """(layer index, MoE layer) for every MoE block."""
+        return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Per-optimizer-step hook of every MoE layer (see ``MoELayer.after_step``)."""
+        for _, layer in self.moe_layers():
+            layer.after_step(step)
+
+    def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        B, S = tokens_BS.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        context = RouterContext(
+            step=step,
+            token_ids_T=tokens_BS.reshape(-1),
+            batch_size=B,
+            seq_len=S,
+            doc_ids_T=None if doc_ids_BS is None else doc_ids_BS.reshape(-1),
+            training=self.training,
+        )
+        cos, sin = rope_tables(S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
+        x = self.embed(tokens_BS)
+        aux_total: dict[str, Tensor] = {}
+        for block in self.blocks:
+            x, aux = block(x, cos, sin, context)
+            for name, value in aux.items():
+                aux_total[name] = aux_total[name] + value if name in aux_total else value
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else x @ self.embed.weight.t()
+        return logits, aux_total

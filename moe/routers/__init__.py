@@ -1,0 +1,29 @@
+"""Router registry: config name -> router class (each class carries its ``Config`` dataclass).
+
+``router=<name>`` on the command line selects ``conf/router/<name>.yaml``, whose ``name`` field
+picks the class here. Adding a router: one file in this folder, one line below, one YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe.errors import ConfigError
+from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.topk import TopKRouter
+
+ROUTERS: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+}
+
+
+def build_router(cfg: Any, d_model: int, num_experts: int) -> Router:
+    """Build the router named by ``cfg.name`` from its own config dataclass."""
+    try:
+        cls = ROUTERS[cfg.name]
+    except KeyError:
+        raise ConfigError(f"router.name ({cfg.name!r}) is not a known router; choose one of {sorted(ROUTERS)}") from None
+    return cls(cfg, d_model, num_experts)
+
+
+__all__ = ["ROUTERS", "Router", "RouterContext", "RoutingDecision", "build_router"]

@@ -1,0 +1,97 @@
+"""The router seam: ``router(x_TD, context) -> RoutingDecision``.
+
+Shape legend (project-wide): T tokens (batch*seq flattened), D model dim, E experts, K slots per
+token, B batch, S sequence length.
+
+Every router is an ``nn.Module`` whose forward takes the MoE layer's input ``x_TD`` and a
+``RouterContext`` and returns a ``RoutingDecision``. Routers compute in fp32 and never touch
+expert weights. A router that gives a variable number of experts per token (DTS, expert choice)
+returns K = the most slots any token may use and marks the used ones in ``mask_TK``; dispatch is
+dropless so every marked slot reaches its expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RouterContext:
+    """What some routers need besides ``x_TD``.
+
+    ``step`` is the optimizer step (temperature schedules, phase switches); ``token_ids_T`` the
+    input token ids (hash routing); ``batch_size``/``seq_len`` give the [B, S] layout of the
+    flattened tokens (per-sequence mixing); ``doc_ids_T`` document ids for boundary-aware
+    mixing; ``attn_probs_BSS`` the head-averaged attention probabilities of the preceding
+    attention sublayer (attention-aware routing), present only when a router asks for them.
+    """
+
+    step: int = 0
+    token_ids_T: Tensor | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    doc_ids_T: Tensor | None = None
+    attn_probs_BSS: Tensor | None = None
+    training: bool = True
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """One layer's routing of T tokens.
+
+    expert_ids_TK: int64 expert index per slot (any value where ``mask_TK`` is False).
+    weights_TK:    fp32 combine weight per slot (0 where masked).
+    probs_TE:      fp32 router distribution over experts, for statistics (entropy, balance).
+    mask_TK:       bool, which slots are used; ``None`` means all T*K slots are used.
+    aux_losses:    name -> scalar loss already multiplied by its coefficient; the trainer adds
+                   their sum to the LM loss and logs each one.
+    extras:        name -> float, router-specific values to log (temperature, threshold, ...).
+    """
+
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    probs_TE: Tensor
+    mask_TK: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_slots(self) -> int:
+        return self.expert_ids_TK.shape[1]
+
+    def valid_mask(self) -> Tensor:
+        """``mask_TK`` with ``None`` expanded to all-True."""
+        if self.mask_TK is None:
+            return torch.ones_like(self.expert_ids_TK, dtype=torch.bool)
+        return self.mask_TK
+
+
+class Router(nn.Module):
+    """Base class of every router.
+
+    Subclasses set ``Config`` (a dataclass with a ``name`` field), implement ``forward`` and may
+    override ``after_step`` (called by the trainer once per optimizer step, without gradient,
+    for updates such as DeepSeek-V3's bias) and ``needs_attention`` (ask the attention sublayer
+    for its probabilities).
+    """
+
+    needs_attention: bool = False
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.num_experts = num_experts
+
+    def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int, experts: nn.Module) -> None:
+        """Per-optimizer-step update outside autograd; most routers do nothing.
+
+        ``experts`` (the layer's ``moe.experts.Experts``) is passed only for phase events that
+        rebuild expert weights (EvoMoE's spawn); routers never touch experts otherwise.
+        """

@@ -1,0 +1,84 @@
+"""Softmax top-k routing (Shazeer et al. 2017; GShard; Switch; Mixtral).
+
+Shape legend: T tokens, D model dim, E experts, K slots.
+
+``I_t = TopK(h_t, k)``, ``G_te = softmax(h_t)_e / sum_{j in I_t} softmax(h_t)_j`` for k >= 2
+(identical to a softmax over the selected logits, GShard's top-2 form). For k = 1 the weight is
+the full-softmax probability, not renormalised (Switch Transformer, Fedus et al. 2021 §2.1):
+renormalising would make it 1 and leave the router without gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moe.errors import check
+from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.losses import router_z_loss, switch_balance_loss
+
+
+@dataclass(kw_only=True)
+class TopKConfig:
+    name: str = "topk"
+    k: int = 2
+    """Experts per token."""
+    jitter: float = 0.0
+    """Switch multiplicative input jitter: x * U(1-jitter, 1+jitter) in training; 0 disables."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the Switch load-balancing loss (Fedus et al. eq. 4)."""
+    z_loss_coef: float = 0.001
+    """Coefficient of the ST-MoE router z-loss (Zoph et al. eq. 5)."""
+
+    def __post_init__(self) -> None:
+        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        check(0.0 <= self.jitter < 1.0, "router.jitter", self.jitter, "must be in [0, 1)")
+        check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+
+class TopKRouter(Router):
+    """Linear gate ``h = x W_g`` in fp32, top-k selection, Switch/GShard weights and losses."""
+
+    Config = TopKConfig
+
+    def __init__(self, cfg: TopKConfig, d_model: int, num_experts: int) -> None:
+        super().__init__(d_model, num_experts)
+        check(cfg.k <= num_experts, "router.k", cfg.k, f"must be <= model.num_experts ({num_experts})")
+        self.cfg = cfg
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits ``h_TE`` in fp32 (with jitter in training)."""
+        x_TD = x_TD.float()
+        if self.training and self.cfg.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
+            x_TD = x_TD * noise
+        return nn.functional.linear(x_TD, self.gate.weight.float())
+
+    def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        return topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef)
+
+
+def topk_decision(
+    logits_TE: Tensor, probs_TE: Tensor, k: int, aux_loss_coef: float, z_loss_coef: float
+) -> RoutingDecision:
+    """Select the top-k of ``probs_TE`` and build the decision with Switch weights and losses.
+
+    Shared by routers that differ only in how they produce ``probs_TE`` (similarity- and
+    attention-aware mixing select on the mixed distribution).
+    """
+    weights_TK, expert_ids_TK = torch.topk(probs_TE, k, dim=-1)
+    if k > 1:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    aux = {}
+    if aux_loss_coef > 0:
+        aux["aux_loss"] = aux_loss_coef * switch_balance_loss(probs_TE, expert_ids_TK)
+    if z_loss_coef > 0:
+        aux["z_loss"] = z_loss_coef * router_z_loss(logits_TE)
+    return RoutingDecision(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, aux_losses=aux)

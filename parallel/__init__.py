@@ -1,0 +1,26 @@
+"""Distributed runtime: process groups / DeviceMesh, expert parallelism, FSSDP, FSDP2 / DDP.
+
+The trainer talks to this package through four names only:
+
+- ``ParallelConfig``: the ``parallel`` config group's schema (``parallel=none|ddp|fsdp|ep|fssdp``).
+- ``setup_runtime(cfg) -> Runtime``: reads the torchrun environment, initialises the process
+  group (NCCL on GPUs, gloo on CPUs) and the DeviceMesh; single process when not under torchrun.
+- ``apply_parallel(model, cfg, runtime) -> nn.Module``: rewires a built single-device model.
+- ``Runtime``: rank facts plus the collectives the trainer needs (metric reduction, the
+  gradient-norm for clipping, before/after optimizer-step hooks, communication bytes, teardown).
+- ``checkpoint_state`` / ``load_checkpoint_state``: model + optimizer state in DCP form, so a
+  checkpoint written under one layout loads under another.
+"""
+
+from __future__ import annotations
+
+from parallel.runtime import (
+    ParallelConfig,
+    Runtime,
+    apply_parallel,
+    checkpoint_state,
+    load_checkpoint_state,
+    setup_runtime,
+)
+
+__all__ = ["ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]
