@@ -104,7 +104,8 @@ def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 def combine(y_RD: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """``y_TD[t] = sum over rows r of token t of weight_R[r] * y_RD[r]``, reduced in fp32."""
-    weighted_RD = y_RD.float() * plan.weight_R.float().unsqueeze(-1)
-    y_TD = torch.zeros(num_tokens, y_RD.shape[-1], dtype=torch.float32, device=y_RD.device)
+    """``y_TD[t] = sum over rows r of token t of weight_R[r] * y_RD[r]``, reduced in fp32 (or fp64)."""
+    acc = torch.promote_types(y_RD.dtype, torch.float32)
+    weighted_RD = y_RD.to(acc) * plan.weight_R.to(acc).unsqueeze(-1)
+    y_TD = torch.zeros(num_tokens, y_RD.shape[-1], dtype=acc, device=y_RD.device)
     return y_TD.index_add(0, plan.token_idx_R, weighted_RD).to(y_RD.dtype)

@@ -62,6 +62,10 @@ class MoELayer(nn.Module):
         self.shared = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.runner: ExpertRunner = local_runner
         self.stats = RoutingStats(num_experts)
+        # Routing-flip probe: while record_probe is set, the forward keeps the top-1 choices.
+        self.record_probe = False
+        self.probe_top1_T: Tensor | None = None
+        self.previous_probe_top1_T: Tensor | None = None
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> tuple[Tensor, dict[str, Tensor]]:
         decision = self.router(x_TD, context)
@@ -71,6 +75,9 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared(x_TD)
         if self.training:
             self.stats.update(decision, plan)
+        elif self.record_probe:
+            self.previous_probe_top1_T = self.probe_top1_T
+            self.probe_top1_T = decision.probs_TE.detach().argmax(dim=-1)
         return y_TD, decision.aux_losses
 
     @torch.no_grad()

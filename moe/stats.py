@@ -15,6 +15,9 @@ and forwards) and turns the reduced sums into the logged values with ``summarize
 - ``dropped_frac``: slots dropped by the capacity limit / slots routed (0 when dropless).
 - ``aux_loss``, ``z_loss``, ...: mean over forwards of each auxiliary loss (with its coefficient).
 - router extras (temperature, threshold, ...): mean over forwards.
+- ``flips`` (logged at evaluations): fraction of the fixed probe batch's tokens whose top-1 expert
+  (argmax of the router distribution) changed since the previous evaluation; absent at the first
+  evaluation of a process, which has nothing to compare with.
 """
 
 from __future__ import annotations
@@ -85,3 +88,10 @@ class RoutingStats:
             if key.startswith("mean/"):
                 out[key.removeprefix("mean/")] = float(value / forwards)
         return out
+
+
+def routing_flip_fraction(previous_top1_T: Tensor, current_top1_T: Tensor) -> float:
+    """Fraction of probe tokens whose top-1 expert differs between two evaluations."""
+    if previous_top1_T.shape != current_top1_T.shape:
+        raise ValueError(f"probe batches differ in size: {tuple(previous_top1_T.shape)} vs {tuple(current_top1_T.shape)}")
+    return float((previous_top1_T != current_top1_T).float().mean())

@@ -9,11 +9,29 @@ from __future__ import annotations
 from typing import Any
 
 from moe.errors import ConfigError
+from moe.routers.act_dts import ActivationDTSRouter
+from moe.routers.attention_aware import AttentionAwareRouter
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.comet import CometRouter
+from moe.routers.dselect_k import DSelectKRouter
+from moe.routers.dts import DTSRouter
+from moe.routers.expert_choice import ExpertChoiceRouter
+from moe.routers.hash import HashRouter
+from moe.routers.sigmoid_bias import SigmoidBiasRouter
+from moe.routers.similarity import SimilarityRouter
 from moe.routers.topk import TopKRouter
 
 ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
+    "dts": DTSRouter,
+    "act_dts": ActivationDTSRouter,
+    "sigmoid_bias": SigmoidBiasRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+    "comet": CometRouter,
+    "dselect_k": DSelectKRouter,
+    "similarity": SimilarityRouter,
+    "attention_aware": AttentionAwareRouter,
 }
 
 

@@ -10,13 +10,14 @@ renormalising would make it 1 and leave the router without gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
 from moe.routers.losses import router_z_loss, switch_balance_loss
 
 
@@ -31,6 +32,8 @@ class TopKConfig:
     """Coefficient of the Switch load-balancing loss (Fedus et al. eq. 4)."""
     z_loss_coef: float = 0.001
     """Coefficient of the ST-MoE router z-loss (Zoph et al. eq. 5)."""
+    local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
+    """Permutation local search of the expert axis (COMET+ wrapper, moe.routers.local_search)."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "router.k", self.k, "must be >= 1")
@@ -50,6 +53,7 @@ class TopKRouter(Router):
         self.cfg = cfg
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.local_search = PermutationLocalSearch(cfg.local_search, num_experts, 1) if cfg.local_search.enabled else None
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits ``h_TE`` in fp32 (with jitter in training)."""
@@ -62,7 +66,16 @@ class TopKRouter(Router):
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        return topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef)
+        if self.local_search is None:
+            return topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef)
+        probs_TE, perm_aux = self.local_search.mix(probs_TE.unsqueeze(1), context.step)
+        decision = topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef)
+        return replace(decision, aux_losses={**decision.aux_losses, **perm_aux})
+
+    @torch.no_grad()
+    def after_step(self, step: int, experts: nn.Module) -> None:
+        if self.local_search is not None:
+            self.local_search.after_step(step)
 
 
 def topk_decision(

@@ -1,0 +1,226 @@
+"""Config schemas for every group, their ConfigStore registration, and whole-job validation.
+
+Each group is a typed dataclass (the source of truth); YAML under ``conf/`` stays thin and starts
+from ``/schema/<group>@_here_``. Schemas live in the ``schema/`` group so they are not choices.
+Component configs live beside their classes (``moe.model.ModelConfig``,
+``moe.routers.topk.TopKConfig``, ...); the groups that belong to the runtime are defined here.
+
+A typo'd key or a wrongly typed value fails in Hydra's merge with the full key named; a value that
+breaks a rule fails in the dataclass's ``__post_init__`` (``moe.errors.ConfigError``), and a rule
+across groups in ``validate_job``; all before any process group, model or data exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe.errors import ConfigError, check
+from moe.experts import ExpertsConfig
+from moe.model import ModelConfig
+from moe.routers import ROUTERS
+from parallel import ParallelConfig
+
+DATA_NAMES = ("stdlib_bytes", "memmap")
+LOGGING_NAMES = ("wandb_offline", "wandb", "none")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "stdlib_bytes"
+    """stdlib_bytes (embedded byte corpus from the running Python's stdlib) | memmap (token shards)."""
+    path: str | None = None
+    """memmap: a .bin file or a folder of .bin shards of little-endian token ids."""
+    dtype: str = "uint16"
+    """memmap: uint16 | uint32."""
+    val_fraction: float = 0.05
+    """Fraction held out for validation (stdlib: of files, by path hash; memmap: the tail)."""
+    max_bytes: int = 8_000_000
+    """stdlib_bytes: cap on the training corpus size, so start-up stays fast."""
+
+    def __post_init__(self) -> None:
+        check(self.name in DATA_NAMES, "data.name", self.name, f"must be one of {list(DATA_NAMES)}")
+        check(self.dtype in ("uint16", "uint32"), "data.dtype", self.dtype, "must be uint16 or uint32")
+        check(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
+        check(self.max_bytes >= 100_000, "data.max_bytes", self.max_bytes, "must be >= 100000")
+        if self.name == "memmap":
+            check(bool(self.path), "data.path", self.path, "must be set for data=memmap")
+            check(Path(str(self.path)).exists(), "data.path", self.path, "does not exist")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    """Peak learning rate after warmup."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio at train.steps."""
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient L2 norm to this value; 0 disables."""
+
+    def __post_init__(self) -> None:
+        check(self.name == "adamw", "optim.name", self.name, "must be adamw")
+        check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        check(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
+        check(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
+        check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    """Global batch in sequences; split evenly across ranks."""
+    seq_len: int = 128
+    log_every: int = 10
+    eval_every: int = 100
+    """Validation loss (and routing flips on the probe batch) every this many steps and at the end."""
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda if available, else cpu) | cpu | cuda."""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+            value = getattr(self, key)
+            check(value >= 1, f"train.{key}", value, "must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be auto, cpu or cuda")
+        check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    name: str = "wandb_offline"
+    """wandb_offline (no network; `wandb sync` later) | wandb (online) | none."""
+    project: str = "moeforge"
+    entity: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        check(self.name in LOGGING_NAMES, "logging.name", self.name, f"must be one of {list(LOGGING_NAMES)}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = "${hydra:run.dir}/checkpoints"
+    every: int = 100
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in dir, if any | never: start fresh."""
+    keep: int = 2
+    """How many complete checkpoints to keep (older ones are deleted after a new one completes)."""
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        check(self.resume in ("auto", "never"), "checkpoint.resume", self.resume, "must be auto or never")
+        check(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    name: str = "native"
+    """native (this trainer). deepspeed is planned, not built yet."""
+
+    def __post_init__(self) -> None:
+        check(self.name == "native", "engine.name", self.name, "must be native (deepspeed is not available yet)")
+
+
+@dataclass
+class JobConfig:
+    """The validated, typed form of the whole composed config."""
+
+    model: ModelConfig
+    router: Any
+    experts: ExpertsConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    parallel: ParallelConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "experts": ExpertsConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
+    "parallel": ParallelConfig,
+    "engine": EngineConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store every group schema as ``schema/<group>`` and every router's as ``schema/router/<name>``."""
+    cs = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group="schema", name=group, node=schema)
+    for name, router_cls in ROUTERS.items():
+        cs.store(group="schema/router", name=name, node=router_cls.Config)
+
+
+def conf_dir() -> str:
+    """Absolute path of the repository's ``conf/`` folder."""
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def to_job_config(cfg: DictConfig) -> JobConfig:
+    """Instantiate every group's dataclass (running its checks) and the cross-group checks."""
+    groups = {}
+    for group in ("model", "router", "experts", "data", "optim", "train", "logging", "checkpoint", "parallel", "engine"):
+        node = cfg.get(group)
+        if node is None:
+            raise ConfigError(f"config group '{group}' is missing from the composed config")
+        groups[group] = _instantiate(group, node)
+    job = JobConfig(**groups)
+    validate_job(job)
+    return job
+
+
+def _instantiate(group: str, node: DictConfig) -> Any:
+    if group == "router":
+        name = node.get("name")
+        if name not in ROUTERS:
+            raise ConfigError(f"router.name ({name!r}) is not a known router; choose one of {sorted(ROUTERS)}")
+    try:
+        return OmegaConf.to_object(node)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf wraps errors raised by __post_init__
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"{group}: {err}") from None
+
+
+def validate_job(job: JobConfig) -> None:
+    """Rules that span groups."""
+    m, e = job.model, job.experts
+    k = getattr(job.router, "k", None)
+    if k is not None:
+        check(k <= m.num_experts, "router.k", k, f"must be <= model.num_experts ({m.num_experts})")
+    if e.backend == "grouped_mm":
+        for key in ("d_model", "d_ff"):
+            value = getattr(m, key)
+            check(value % 8 == 0, f"model.{key}", value, "must be a multiple of 8 for experts.backend=grouped_mm (16-byte aligned rows)")
+    check(job.train.seq_len <= m.max_seq_len, "train.seq_len", job.train.seq_len, f"must be <= model.max_seq_len ({m.max_seq_len})")
+    if job.data.name == "stdlib_bytes":
+        check(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, "must be >= 256 for data=stdlib_bytes (bytes)")

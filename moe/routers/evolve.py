@@ -1,0 +1,89 @@
+"""EvoMoE expert-diversify phase: train one base expert, then spawn E masked copies of it.
+
+Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots.
+
+Nie et al., *EvoMoE* (arXiv 2112.14397), §3 "expert-diversify": the model first trains a single
+FFN (the base expert) for ``base_steps`` optimizer steps; then every expert e is initialised as
+``W_e = W_base ⊙ M_e`` with a Bernoulli keep-mask ``M_e`` (each weight dropped with probability
+``mask_ratio``) and the gate is re-initialised, after which the DTS gate (``moe/routers/dts.py``)
+anneals from dense to sparse.
+
+⚠ Neither ``mask_ratio`` nor ``base_steps`` is pinned: the released code (codecaution/EvoMoE)
+has no spawning logic and the values were not checked against the paper's full text
+(research/routers.md §2, open item 1). Both are config values; the defaults are placeholders.
+
+Here the base phase is the router sending every token to expert 0 with weight 1, so experts
+1..E-1 and the gate get no gradient until the spawn. The spawn masks every expert (expert 0
+included) from a copy of expert 0's weights taken before any masking; masks are not rescaled by
+``1/(1-mask_ratio)`` (the paper's ``W_base ⊙ M_e`` has no rescaling), so the layer's output scale
+drops at the spawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moe.errors import check
+from moe.routers.base import RoutingDecision
+
+# Seeds of the per-expert mask streams are ``seed * _SEED_STRIDE + e``; stream E re-initialises the gate.
+_SEED_STRIDE = 1_000_003
+EXPERT_WEIGHT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+
+
+@dataclass(kw_only=True)
+class EvolveConfig:
+    enabled: bool = False
+    """Run the expert-diversify phase before the DTS gate (full EvoMoE); False = DTS from step 0."""
+    base_steps: int = 1000
+    """Optimizer steps trained with the single base expert before the spawn (⚠ paper's T_div unverified)."""
+    mask_ratio: float = 0.5
+    """Probability that a base weight is zeroed in each spawned expert (⚠ paper's value unverified)."""
+    seed: int = 0
+    """Seed of the spawn masks and of the re-initialised gate (same on every rank)."""
+
+    def __post_init__(self) -> None:
+        check(self.base_steps >= 1, "router.evolve.base_steps", self.base_steps, "must be >= 1")
+        check(0.0 <= self.mask_ratio < 1.0, "router.evolve.mask_ratio", self.mask_ratio, "must be in [0, 1)")
+        check(self.seed >= 0, "router.evolve.seed", self.seed, "must be >= 0")
+
+
+def stream_generator(seed: int, stream: int) -> torch.Generator:
+    """CPU generator for stream ``stream`` of ``seed`` (expert e uses stream e, the gate stream E)."""
+    return torch.Generator(device="cpu").manual_seed(seed * _SEED_STRIDE + stream)
+
+
+def keep_mask(shape: torch.Size, mask_ratio: float, generator: torch.Generator) -> Tensor:
+    """Bernoulli keep-mask on CPU: each entry is 1 with probability ``1 - mask_ratio``."""
+    return (torch.rand(shape, generator=generator) >= mask_ratio).float()
+
+
+@torch.no_grad()
+def spawn_experts(experts: nn.Module, cfg: EvolveConfig) -> None:
+    """Overwrite every expert e with ``W_base ⊙ M_e``, ``W_base`` = expert 0's weights (EvoMoE §3).
+
+    Masks are drawn on the CPU from ``stream_generator(cfg.seed, e)`` so every rank and device
+    builds the same experts. Each of the three SwiGLU matrices gets its own mask.
+    """
+    gens = [stream_generator(cfg.seed, e) for e in range(experts.num_experts)]
+    for name in EXPERT_WEIGHT_NAMES:
+        w_E__ = getattr(experts, name)
+        base = w_E__[0].detach().clone()
+        for e, gen in enumerate(gens):
+            mask = keep_mask(base.shape, cfg.mask_ratio, gen).to(device=base.device, dtype=base.dtype)
+            w_E__[e].copy_(base * mask)
+
+
+def base_expert_decision(num_tokens: int, num_experts: int, device: torch.device) -> RoutingDecision:
+    """Every token to expert 0 with weight 1: the single-FFN phase before the spawn."""
+    ids_TK = torch.zeros(num_tokens, 1, dtype=torch.int64, device=device)
+    probs_TE = torch.zeros(num_tokens, num_experts, device=device)
+    probs_TE[:, 0] = 1.0
+    return RoutingDecision(
+        expert_ids_TK=ids_TK,
+        weights_TK=torch.ones(num_tokens, 1, device=device),
+        probs_TE=probs_TE,
+    )
