@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moe.errors import CheckpointError
 from parallel import Runtime
@@ -99,7 +100,7 @@ def load_checkpoint(path: Path, state: dict[str, Any], runtime: Runtime) -> None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:  # DCP raises a CheckpointException wrapping per-rank failures
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: {err}") from err
     rng_file = path / f"rng_rank{runtime.rank}.pt"
     if rng_file.is_file():

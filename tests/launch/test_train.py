@@ -1,0 +1,105 @@
+"""End-to-end training through ``python -m launch.train``: learning, exact resume, bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["model.num_layers=2", "model.d_model=64", "model.d_ff=64", "model.dense_d_ff=128", "model.num_experts=4",
+         "train.batch_size=8", "train.seq_len=64", "logging=none", "train.threads=1", "data.max_bytes=400000"]
+
+
+def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launch.train", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_short_run_lowers_validation_loss(tmp_path: Path) -> None:
+    out = launch(tmp_path, *SMALL, "train.steps=60", "train.eval_every=20", "train.log_every=20", "optim.warmup_steps=10")
+    assert out.returncode == 0, out.stderr
+    evals = [m["val_loss"] for m in read_metrics(tmp_path) if "val_loss" in m]
+    assert len(evals) == 3
+    # Bytes start near uniform (ln 256 = 5.55); 60 small steps must take at least 1.5 nats off.
+    assert evals[0] > evals[-1]
+    assert evals[-1] < math.log(256) - 1.5
+    assert (tmp_path / "checkpoints" / "step_00000060" / ".metadata").is_file()
+    m = read_metrics(tmp_path)[-1]
+    for key in ("step", "loss", "lr", "tokens_per_s", "routing/layer0/load_cv", "routing/layer1/entropy",
+                "routing/layer0/tokens_per_expert", "routing/layer0/dropped_frac", "routing/layer0/aux_loss", "routing/layer0/flips"):
+        assert key in m, key
+    assert sum(m["routing/layer0/tokens_per_expert"]) == 20 * 8 * 64 * 2  # 20 steps x B*S tokens x k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
+def test_resume_gives_identical_losses(tmp_path: Path, backend: str) -> None:
+    common = [*SMALL, f"experts.backend={backend}", "train.steps=8", "train.log_every=1", "train.eval_every=4",
+              "checkpoint.every=4", "router.jitter=0.1"]
+    straight = tmp_path / "straight"
+    assert launch(straight, *common).returncode == 0
+    # A run that died after its step-4 checkpoint: a fresh run dir holding only that checkpoint
+    # (keep=2 leaves steps 4 and 8 in the straight run), resumed with the same command.
+    crashed = tmp_path / "crashed"
+    (crashed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_00000004", crashed / "checkpoints" / "step_00000004")
+    resumed = launch(crashed, *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a = {m["step"]: m for m in read_metrics(straight)}
+    b = {m["step"]: m for m in read_metrics(crashed)}
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert b[step]["loss"] == a[step]["loss"], step
+        assert b[step]["routing/layer0/tokens_per_expert"] == a[step]["routing/layer0/tokens_per_expert"]
+    assert b[8]["val_loss"] == a[8]["val_loss"]
+
+
+@pytest.mark.slow
+def test_finished_run_resumes_to_nothing_and_mismatch_is_refused(tmp_path: Path) -> None:
+    assert launch(tmp_path, *SMALL, "train.steps=2").returncode == 0
+    again = launch(tmp_path, *SMALL, "train.steps=2")
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    other = launch(tmp_path, *SMALL, "train.steps=4", "model.num_experts=8")
+    assert other.returncode == 2
+    assert "model.num_experts=4" in other.stderr and "model.num_experts=8" in other.stderr
+
+
+BAD = [
+    ("router.k=0", "router.k"),
+    ("router.k=9", "router.k"),
+    ("model.num_experts=foo", "model.num_experts"),
+    ("train.stepz=3", "train.stepz"),
+    ("experts.backend=cuda", "experts.backend"),
+    ("data=memmap", "data.path"),
+    ("data=memmap data.path=/nonexistent/shards", "data.path"),
+    ("checkpoint.resume=maybe", "checkpoint.resume"),
+    ("optim.lr=-1", "optim.lr"),
+    ("model.d_model=100", "model.d_model"),
+    ("logging=slack", "logging"),
+    ("train.seq_len=4096", "train.seq_len"),
+    ("experts.backend=grouped_mm model.d_ff=30", "model.d_ff"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("experts.capacity_factor=-1", "experts.capacity_factor"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,key", BAD, ids=[b[0] for b in BAD])
+def test_bad_override_exits_nonzero_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
+    out = launch(tmp_path, "logging=none", "train.steps=1", *override.split())
+    assert out.returncode != 0
+    assert key in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
