@@ -90,7 +90,7 @@ def routing_metrics(model: MoETransformer, runtime: Runtime) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, sampler: BatchSampler, job: JobConfig, runtime: Runtime, autocast: Any) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler, job: JobConfig, runtime: Runtime, autocast: Any) -> dict[str, Any]:
     """Mean validation cross-entropy over ``train.eval_batches`` fixed batches, and routing flips.
 
     Batch 0 of the validation split is the fixed probe batch: each MoE layer's top-1 choices on it
@@ -100,7 +100,7 @@ def evaluate(model: MoETransformer, sampler: BatchSampler, job: JobConfig, runti
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     for index in range(job.train.eval_batches):
         x, y = (t.to(runtime.device) for t in sampler.batch(index))
-        for _, layer in model.moe_layers():
+        for _, layer in core.moe_layers():
             layer.record_probe = index == 0
         with autocast:
             logits, _ = model(x)
@@ -108,7 +108,7 @@ def evaluate(model: MoETransformer, sampler: BatchSampler, job: JobConfig, runti
         total[1] += y.numel()
     out: dict[str, Any] = {}
     flips = []
-    for i, layer in model.moe_layers():
+    for i, layer in core.moe_layers():
         layer.record_probe = False
         if layer.previous_probe_top1_T is not None:
             flips.append((i, routing_flip_fraction(layer.previous_probe_top1_T, layer.probe_top1_T)))
@@ -151,10 +151,11 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     val_sampler = BatchSampler(data.val, tr.seq_len, tr.batch_size, tr.seed, runtime.rank, runtime.world_size, VAL_SPLIT)
 
     torch.manual_seed(tr.seed)
-    model = MoETransformer(job.model, job.router, job.experts).to(runtime.device)
-    for _, layer in model.moe_layers():
+    core = MoETransformer(job.model, job.router, job.experts).to(runtime.device)
+    for _, layer in core.moe_layers():
         layer.resolve_backend(runtime.device)
-    model = apply_parallel(model, job.parallel, runtime)
+    # ``model`` may be a wrapper (DDP); ``core`` stays the plain transformer for hooks and stats.
+    model = apply_parallel(core, job.parallel, runtime)
     optimizer, scheduler = build_optimizer(model, job)
 
     start = 0
@@ -196,7 +197,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
         optimizer.step()
         scheduler.step()
         runtime.after_optimizer_step(model, optimizer, step)
-        model.after_step(step)
+        runtime.all_reduce_sum_([t for _, layer in core.moe_layers() for t in layer.router.step_sums()])
+        core.after_step(step)
         done = step + 1
         window_loss += torch.stack([ce.detach().double(), torch.ones((), dtype=torch.float64, device=runtime.device)])
         window_tokens += x.numel() * runtime.world_size
@@ -213,12 +215,11 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 "tokens_per_s": window_tokens / elapsed,
                 **{name: float(v.detach()) for name, v in aux.items()},
                 **runtime.comm_metrics(),
-                **routing_metrics(model, runtime),
+                **routing_metrics(core, runtime),
             })
             window_loss.zero_()
-            window_t0, window_tokens = time.perf_counter(), 0
         if done % tr.eval_every == 0 or done == tr.steps:
-            metrics.update({"step": done, **evaluate(model, val_sampler, job, runtime, autocast)})
+            metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
         if metrics:
             for sink in sinks:
                 sink.log(metrics)
@@ -229,6 +230,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
         if (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps:
             state = {**checkpoint_state(model, optimizer, runtime), "scheduler": scheduler.state_dict(), "trainer": {"step": done}}
             save_checkpoint(ckpt_dir, done, state, manifest_of(job), runtime, job.checkpoint.keep)
+        if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
+            window_t0, window_tokens = time.perf_counter(), 0
 
     if progress is not None:
         progress.close()

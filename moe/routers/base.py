@@ -88,6 +88,15 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:  # pragma: no cover
         raise NotImplementedError
 
+    def step_sums(self) -> list[Tensor]:
+        """Tensors the trainer sums across data-parallel ranks (in place) before ``after_step``.
+
+        A router whose per-step update depends on statistics of the whole global batch (the
+        DeepSeek-V3 bias update counts expert loads) returns its accumulators here, so every rank
+        applies the same update. Most routers return nothing.
+        """
+        return []
+
     @torch.no_grad()
     def after_step(self, step: int, experts: nn.Module) -> None:
         """Per-optimizer-step update outside autograd; most routers do nothing.

@@ -181,6 +181,7 @@ class DTSRouter(Router):
         return step - self.cfg.evolve.base_steps if self.cfg.evolve.enabled else step
 
     def in_base_phase(self) -> bool:
+        """True while the evolve phase is on and the experts have not been spawned yet."""
         return self.cfg.evolve.enabled and not bool(self.spawned)
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
@@ -196,7 +197,11 @@ class DTSRouter(Router):
 
     @torch.no_grad()
     def after_step(self, step: int, experts: nn.Module) -> None:
-        """Spawn the experts once, after the last base step (EvoMoE expert-diversify)."""
+        """Spawn the experts once, after the last base step (EvoMoE expert-diversify).
+
+        Fires at the first call with ``step >= base_steps - 1`` while ``spawned`` is False, so a
+        missed call cannot leave the model in the base phase; never again once spawned.
+        """
         evolve = self.cfg.evolve
         if evolve.enabled and step >= evolve.base_steps - 1 and not bool(self.spawned):
             spawn_experts(experts, evolve)

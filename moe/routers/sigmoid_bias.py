@@ -18,8 +18,8 @@ inference/model.py`` (``Gate``):
   ``L = α · Σ_i f_i P_i``, averaged over the B sequences.
 
 ``probs_TE`` (for entropy statistics) is the per-token normalised affinity ``s / Σ_e s``.
-Under data parallelism ``load_counts_E`` must be summed over ranks before ``after_step`` so
-every rank applies the same bias update.
+Under data parallelism the trainer sums ``load_counts_E`` over ranks (``step_sums``) before
+``after_step``, so every rank applies the same bias update.
 """
 
 from __future__ import annotations
@@ -140,6 +140,10 @@ class SigmoidBiasRouter(Router):
             aux["seq_aux_loss"] = cfg.seq_aux_loss_coef * loss
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, aux_losses=aux)
+
+    def step_sums(self) -> list[Tensor]:
+        """The step's load counts: summed over data-parallel ranks before the bias update."""
+        return [self.load_counts_E]
 
     @torch.no_grad()
     def after_step(self, step: int, experts: nn.Module) -> None:
