@@ -62,7 +62,28 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim
         progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    init_adamw_state(opt)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def init_adamw_state(opt: torch.optim.AdamW) -> None:
+    """Create every parameter's AdamW state now (step 0, zero moments) instead of at its first grad.
+
+    AdamW creates state lazily, so a parameter that has had no gradient yet (a gate during
+    EvoMoE's base phase, an expert no token reached) would be missing from a checkpoint, and the
+    checkpoint's keys would depend on routing history. State created here is exactly what AdamW
+    creates on a first step (``torch.optim.AdamW._init_group``: step 0, zero ``exp_avg`` and
+    ``exp_avg_sq``), and AdamW skips parameters without gradients, so training is unchanged.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state[p]:
+                opt.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
 
 def build_sinks(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any]) -> list[Sink]:
