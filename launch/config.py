@@ -41,6 +41,9 @@ class DataConfig:
     """Fraction held out for validation (stdlib: of files, by path hash; memmap: the tail)."""
     max_bytes: int = 8_000_000
     """stdlib_bytes: cap on the training corpus size, so start-up stays fast."""
+    doc_separator: int | None = None
+    """Token id that ends a document (stdlib_bytes: 0, the NUL byte between files). Routers that mix
+    across tokens (similarity, attention_aware) never mix across a separator; null = one document."""
 
     def __post_init__(self) -> None:
         check(self.name in DATA_NAMES, "data.name", self.name, f"must be one of {list(DATA_NAMES)}")
@@ -222,5 +225,8 @@ def validate_job(job: JobConfig) -> None:
             value = getattr(m, key)
             check(value % 8 == 0, f"model.{key}", value, "must be a multiple of 8 for experts.backend=grouped_mm (16-byte aligned rows)")
     check(job.train.seq_len <= m.max_seq_len, "train.seq_len", job.train.seq_len, f"must be <= model.max_seq_len ({m.max_seq_len})")
+    sep = job.data.doc_separator
+    if sep is not None:
+        check(0 <= sep < m.vocab_size, "data.doc_separator", sep, f"must be a token id in [0, model.vocab_size={m.vocab_size})")
     if job.data.name == "stdlib_bytes":
         check(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, "must be >= 256 for data=stdlib_bytes (bytes)")

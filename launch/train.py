@@ -46,6 +46,14 @@ def load_data(job: JobConfig) -> TokenSplits:
     return memmap_corpus(str(d.path), d.dtype, d.val_fraction, job.model.vocab_size)
 
 
+def doc_ids(tokens_BS: torch.Tensor, separator: int | None) -> torch.Tensor | None:
+    """Document index of every position: it increases by one after each ``separator`` token."""
+    if separator is None:
+        return None
+    ends = (tokens_BS == separator).long()
+    return torch.cumsum(ends, dim=1) - ends
+
+
 def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (decay on matrices only) with linear warmup then cosine decay to lr*min_lr_ratio."""
     o, steps = job.optim, job.train.steps
@@ -124,7 +132,7 @@ def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler
         for _, layer in core.moe_layers():
             layer.record_probe = index == 0
         with autocast:
-            logits, _ = model(x)
+            logits, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator))
         total[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         total[1] += y.numel()
     out: dict[str, Any] = {}
@@ -206,7 +214,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     for step in range(start, tr.steps):
         x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
         with autocast:
-            logits, aux = model(x, step=step)
+            logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
         if not torch.isfinite(loss):

@@ -58,3 +58,12 @@ def test_evomoe_spawn_resumes_exactly(tmp_path: Path, resume_from: int) -> None:
     assert all(sum(1 for c in load if c > 0) == 1 for load in loads[:4])  # base phase: one expert
     assert sum(1 for c in loads[5] if c > 0) > 1  # experts spawned and used
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "comet"])
+def test_local_search_freeze_resumes_exactly(tmp_path: Path, router: str) -> None:
+    # Freeze after step index 3 (window_steps=4); resuming from step 2 crosses it.
+    resume_matches_straight(
+        tmp_path, [f"router={router}", "router.local_search.enabled=true", "router.local_search.window_steps=4"],
+        resume_from=2, steps=8)
