@@ -33,6 +33,7 @@ class DispatchPlan:
     weight_R:     combine weight of each row (differentiable, fp32).
     counts_E:     int64 rows per expert; rows of expert e are ``offsets_E1[e]:offsets_E1[e+1]``.
     offsets_E1:   int64 exclusive scan of counts, length E+1.
+    num_slots:    K, slots per token in the decision (slot ids run over T*K).
     num_routed:   int64 scalar, used slots before dropping.
     num_dropped:  int64 scalar, slots dropped by the capacity limit (0 when dropless).
     """
@@ -42,6 +43,7 @@ class DispatchPlan:
     weight_R: Tensor
     counts_E: Tensor
     offsets_E1: Tensor
+    num_slots: int
     num_routed: Tensor
     num_dropped: Tensor
 
@@ -66,7 +68,7 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     # Unused slots get key E so the stable sort puts them after every real expert.
     key_S = torch.where(valid_TK, ids_TK, torch.full_like(ids_TK, E)).reshape(-1)
     order_S = torch.argsort(key_S, stable=True)
-    counts_E = torch.bincount(key_S, minlength=E + 1)[:E]
+    counts_E = _count(key_S, E + 1)[:E]
     num_rows = int(valid_TK.sum()) if (decision.mask_TK is not None or capacity_factor is not None) else T * K
     slot_idx_R = order_S[:num_rows]
     offsets_E1 = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device)
@@ -78,6 +80,7 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
         weight_R=decision.weights_TK.reshape(-1)[slot_idx_R],
         counts_E=counts_E,
         offsets_E1=offsets_E1,
+        num_slots=K,
         num_routed=num_routed,
         num_dropped=num_routed - counts_E.sum(),
     )
@@ -89,13 +92,18 @@ def _within_capacity(ids_TK: Tensor, valid_TK: Tensor, num_experts: int, cap: in
     # Priority order is choice-major: slot (t, j) has priority j*T + t.
     key_P = torch.where(valid_TK, ids_TK, torch.full_like(ids_TK, num_experts)).t().reshape(-1)
     order_P = torch.argsort(key_P, stable=True)
-    counts = torch.bincount(key_P, minlength=num_experts + 1)
+    counts = _count(key_P, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     sorted_key = key_P[order_P]
     rank_sorted = torch.arange(key_P.numel(), device=ids_TK.device) - starts[sorted_key]
     rank_P = torch.empty_like(rank_sorted)
     rank_P[order_P] = rank_sorted
     return (rank_P < cap).reshape(K, T).t()
+
+
+def _count(keys: Tensor, size: int) -> Tensor:
+    """Occurrences of each value in ``[0, size)``; unlike ``bincount`` it never syncs with the host."""
+    return torch.zeros(size, dtype=torch.int64, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
 
 
 def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:

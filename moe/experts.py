@@ -11,11 +11,15 @@ Backends (``experts.backend``):
 - ``torch``: a plain loop over experts; the reference, works for every dtype and device.
 - ``grouped_mm``: ``torch._grouped_mm`` (torch >= 2.9, CPU and CUDA); fp32/bf16/fp16, and
   D and F must keep rows 16-byte aligned (multiples of 8 covers every dtype).
+- ``triton``: kernels/ (Triton grouped GEMMs with the gather fused into the A-load and the
+  router weight + combine fused into the epilogue; the MoE layer runs the fused path
+  ``kernels.moe_experts.fused_moe_experts``); registered lazily, needs Triton and a CUDA device.
+- ``megablocks``: MegaBlocks' grouped GEMM, registered lazily when MegaBlocks imports.
+- ``auto``: ``triton`` on CUDA when Triton imports, else ``grouped_mm`` on CUDA, else ``torch``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,19 +83,36 @@ BACKEND_NAMES = {"torch", "grouped_mm", "triton", "megablocks", "auto"}
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Map ``auto`` to a concrete backend for ``device`` and check the choice can run."""
+    """Map ``auto`` to a concrete backend for ``device``, register lazy backends, check it can run."""
     if name == "auto":
-        if device.type == "cuda":
-            try:
-                import kernels.moe_experts  # noqa: F401
+        if device.type != "cuda":
+            return "torch"
+        name = "triton" if _register_triton() else "grouped_mm"
+    if name == "triton":
+        if not _register_triton():
+            raise ConfigError("experts.backend ('triton') needs the triton package (pip install triton)")
+        from kernels.moe_experts import INTERPRETED
 
-                return "triton"
-            except ImportError:
-                return "grouped_mm"
-        return "torch"
-    if name not in BACKENDS:
-        raise ConfigError(f"experts.backend ({name!r}) is not available in this build; available: {sorted(BACKENDS)}")
+        if device.type != "cuda" and not INTERPRETED:
+            raise ConfigError(f"experts.backend ('triton') needs a CUDA device (this run is on {device.type}); use torch or grouped_mm")
+    if name == "megablocks":
+        from kernels.megablocks_backend import UNAVAILABLE_REASON, swiglu_megablocks
+
+        if UNAVAILABLE_REASON is not None:
+            raise ConfigError(f"experts.backend ('megablocks') is unavailable: {UNAVAILABLE_REASON}")
+        BACKENDS["megablocks"] = swiglu_megablocks
     return name
+
+
+def _register_triton() -> bool:
+    """Add the Triton backend to ``BACKENDS`` if Triton imports; True when it is there."""
+    if "triton" not in BACKENDS:
+        try:
+            from kernels.moe_experts import swiglu_triton
+        except ImportError:
+            return False
+        BACKENDS["triton"] = swiglu_triton
+    return True
 
 
 class Experts(nn.Module):
@@ -123,8 +144,3 @@ class Experts(nn.Module):
 def dense_swiglu(x_TD: Tensor, w_gate_DF: Tensor, w_up_DF: Tensor, w_down_FD: Tensor) -> Tensor:
     """One SwiGLU FFN (dense layers, shared experts)."""
     return (nn.functional.silu(x_TD @ w_gate_DF) * (x_TD @ w_up_DF)) @ w_down_FD
-
-
-def align_up(n: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= n."""
-    return int(math.ceil(n / multiple) * multiple)

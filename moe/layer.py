@@ -28,6 +28,14 @@ def local_runner(experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
     return combine(y_RD, plan, x_TD.shape[0])
 
 
+def fused_triton_runner(experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    """``local_runner`` in one fused Triton pipeline: gather in the A-load, weight + combine in the epilogue."""
+    from kernels.moe_experts import fused_moe_experts
+
+    return fused_moe_experts(x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, plan.num_slots,
+                             experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD)
+
+
 class SharedExperts(nn.Module):
     """DeepSeekMoE shared experts: ``n`` always-on SwiGLU FFNs, fused as one of width n*F."""
 
@@ -88,3 +96,5 @@ class MoELayer(nn.Module):
     def resolve_backend(self, device: torch.device) -> None:
         """Turn ``auto`` into a concrete backend once the model's device is known."""
         self.experts.backend = resolve_backend(self.experts.backend, device)
+        if self.experts.backend == "triton" and self.runner is local_runner:
+            self.runner = fused_triton_runner

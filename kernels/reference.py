@@ -1,0 +1,111 @@
+"""Pure-torch references of every kernel op: same signatures as the Triton versions.
+
+Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots per token,
+S slots (T*K), R routed rows (expert-sorted kept slots), N tiles.
+
+These are the slow, obviously-correct versions the tests compare the Triton kernels against,
+and the CPU path when Triton cannot run. Autograd comes from torch; everything is
+deterministic. Row layout and tile schedule: see ``kernels.layout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.layout import TileSchedule, max_tiles
+
+
+def tile_schedule(counts_E: Tensor, num_rows: int, block_m: int) -> TileSchedule:
+    """Offsets and fixed-length tile schedule by a Python loop over experts."""
+    E = counts_E.shape[0]
+    n_tiles = max_tiles(num_rows, E, block_m)
+    counts = [int(c) for c in counts_E.tolist()]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    experts, starts = [], []
+    for e, c in enumerate(counts):
+        for i in range((c + block_m - 1) // block_m):
+            experts.append(e)
+            starts.append(offsets[e] + i * block_m)
+    pad = n_tiles - len(experts)
+    dev = counts_E.device
+    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+    return TileSchedule(as_i32(offsets), as_i32(experts + [-1] * pad), as_i32(starts + [0] * pad), block_m)
+
+
+def route_meta(expert_ids_TK: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, TileSchedule]:
+    """Stable sort of the token-major slots by expert, and the tile schedule."""
+    ids_S = expert_ids_TK.reshape(-1)
+    sorted_S = torch.sort(ids_S, stable=True).indices.to(torch.int32)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_S.device)
+    counts_E.scatter_add_(0, ids_S.long(), torch.ones_like(ids_S, dtype=torch.int64))
+    return sorted_S, tile_schedule(counts_E, ids_S.shape[0], block_m)
+
+
+def _segments(schedule: TileSchedule) -> list[tuple[int, int]]:
+    offsets = schedule.expert_offsets_E1.tolist()
+    return list(zip(offsets[:-1], offsets[1:]))
+
+
+def gather_gmm_swiglu(x_TD: Tensor, slot_idx_R: Tensor, schedule: TileSchedule, K: int, w_gate_EDF: Tensor, w_up_EDF: Tensor) -> Tensor:
+    """``h_RF[r] = silu(x[t_r] Wg[e_r]) * (x[t_r] Wu[e_r])`` with ``t_r = slot_idx_R[r] // K`` (Shazeer 2020, SwiGLU)."""
+    x_RD = x_TD[slot_idx_R.long() // K]
+    out = [F.silu(x_RD[a:b] @ w_gate_EDF[e]) * (x_RD[a:b] @ w_up_EDF[e]) for e, (a, b) in enumerate(_segments(schedule))]
+    return torch.cat(out) if out else x_RD.new_zeros(0, w_gate_EDF.shape[-1])
+
+
+def gather_gmm(a_XD: Tensor, slot_idx_R: Tensor, row_div: int, schedule: TileSchedule, w_EDN: Tensor) -> Tensor:
+    """Plain gathered grouped GEMM: ``c_RN[r] = a_XD[slot_idx_R[r] // row_div] @ w_EDN[e_r]``."""
+    a_RD = a_XD[slot_idx_R.long() // row_div]
+    out = [a_RD[a:b] @ w_EDN[e] for e, (a, b) in enumerate(_segments(schedule))]
+    return torch.cat(out) if out else a_RD.new_zeros(0, w_EDN.shape[-1])
+
+
+def gmm_scatter(h_RF: Tensor, weight_R: Tensor, slot_idx_R: Tensor, schedule: TileSchedule, w_down_EFD: Tensor, num_slots: int) -> Tensor:
+    """``y_SD[slot_idx_R[r]] = weight_R[r] * (h_RF[r] @ Wd[e_r])``; slots without a row are 0."""
+    y_SD = h_RF.new_zeros(num_slots, w_down_EFD.shape[-1])
+    for e, (a, b) in enumerate(_segments(schedule)):
+        rows_D = (h_RF[a:b] @ w_down_EFD[e]).float() * weight_R[a:b, None].float()
+        y_SD = y_SD.index_copy(0, slot_idx_R[a:b].long(), rows_D.to(h_RF.dtype))
+    return y_SD
+
+
+def combine(y_SD: Tensor, K: int) -> Tensor:
+    """``y_TD[t] = sum_j y_SD[t*K + j]``, summed in fp32."""
+    S, D = y_SD.shape
+    return y_SD.float().reshape(S // K, K, D).sum(1).to(y_SD.dtype)
+
+
+def grouped_wgrad(
+    a_XM: Tensor, a_div: int | None, b_YN: Tensor, b_div: int | None, slot_idx_R: Tensor, expert_offsets_E1: Tensor, scale_R: Tensor | None = None,
+) -> Tensor:
+    """``dW_EMN[e] = sum over rows r of e of a[r]^T (scale_R[r] * b[r])`` in fp32, zeros for empty experts.
+
+    Row r of ``a`` is ``a_XM[slot_idx_R[r] // a_div]`` (gathered) or ``a_XM[r]`` when
+    ``a_div`` is None (already expert-sorted); the same for ``b``.
+    """
+    rows = lambda t, div: t.float() if div is None else t[slot_idx_R.long() // div].float()  # noqa: E731
+    a_RM, b_RN = rows(a_XM, a_div), rows(b_YN, b_div)
+    if scale_R is not None:
+        b_RN = b_RN * scale_R.float()[:, None]
+    offsets = expert_offsets_E1.tolist()
+    out = [a_RM[s:t].T @ b_RN[s:t] for s, t in zip(offsets[:-1], offsets[1:])]
+    return torch.stack(out).to(a_XM.dtype)
+
+
+def moe_experts(
+    x_TD: Tensor, slot_idx_R: Tensor, weight_R: Tensor, counts_E: Tensor, K: int, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor,
+) -> Tensor:
+    """Whole expert block: gather -> per-expert SwiGLU -> weighted combine over each token's rows."""
+    T = x_TD.shape[0]
+    x_RD = x_TD[slot_idx_R.long() // K]
+    out = []
+    for e, rows_D in enumerate(torch.split(x_RD, counts_E.tolist())):
+        out.append((F.silu(rows_D @ w_gate_EDF[e]) * (rows_D @ w_up_EDF[e])) @ w_down_EFD[e])
+    y_RD = torch.cat(out) if out else x_RD.new_zeros(0, w_down_EFD.shape[-1])
+    weighted_RD = y_RD.float() * weight_R.float()[:, None]
+    y_TD = torch.zeros(T, y_RD.shape[-1], dtype=torch.float32, device=x_TD.device)
+    return y_TD.index_add(0, slot_idx_R.long() // K, weighted_RD).to(x_TD.dtype)

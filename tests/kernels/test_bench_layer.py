@@ -1,0 +1,73 @@
+"""tools/bench_layer.py on CPU: --help, the no-GPU exit, and the pieces every backend is fed.
+
+Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import reference
+from tools import bench_layer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_runs_on_cpu():
+    out = subprocess.run([sys.executable, "-m", "tools.bench_layer", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--autotune" in out.stdout and "--quick" in out.stdout and "--out" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_exits_with_one_line_without_gpu(tmp_path, capsys):
+    assert bench_layer.main(["--quick", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_useful_flops_is_three_gemms_times_three():
+    # forward: gate, up, down = 3 * 2*T*K*D*F; backward doubles it.
+    assert bench_layer.useful_flops(T=8, K=2, D=4, F_=5) == 3 * (3 * 2 * 8 * 2 * 4 * 5)
+
+
+def test_routings(gen):
+    T, E, K = 96, 8, 2
+    bal = bench_layer.routing_ids(T, E, K, "balanced", 1.2, gen)
+    assert torch.bincount(bal.reshape(-1), minlength=E).tolist() == [T * K // E] * E
+    assert bool((bal[:, 0] != bal[:, 1]).all())
+    zipf = bench_layer.routing_ids(4096, E, K, "zipf", 1.2, gen)
+    counts = torch.bincount(zipf.reshape(-1), minlength=E)
+    assert bool((zipf[:, 0] != zipf[:, 1]).all())
+    assert counts.max() > 2 * counts.float().mean()  # rank 1 of Zipf(1.2) over 8 holds ~39% of first picks
+
+
+@pytest.mark.parametrize("routing", ["balanced", "zipf"])
+def test_every_backend_equals_reference_on_its_plan(kc, gen, routing):
+    """The bench's router follows the drawn routing, and each backend's wiring (CPU: torch,
+    capacity_bmm, grouped_mm, interpreted triton) equals the reference on the plan it gets."""
+    T, D, F, E, K = 32, 16, 32, 4, 2
+    ids = bench_layer.routing_ids(T, E, K, routing, 1.5, gen)
+    bias = torch.zeros(T, E).scatter_(1, ids, bench_layer.ROUTING_BIAS)
+    x = torch.randn(T, D, generator=gen)
+    w_router = torch.randn(D, E, generator=gen) * 0.01
+    weights = tuple(w.detach().cpu() for w in kc.make_weights(E, D, F, gen))
+    plan = bench_layer.route(x, w_router, bias, K, None)
+    expert_S = torch.empty(T * K, dtype=torch.long)
+    expert_S[plan.slot_idx_R] = torch.repeat_interleave(torch.arange(E), plan.counts_E)
+    assert torch.equal(expert_S.reshape(T, K).sort(-1).values, ids.sort(-1).values)
+    backends = bench_layer.build_backends(None)
+    assert {"torch", "capacity_bmm", "grouped_mm", "triton"} <= set(backends)
+    for name, (run, cf) in backends.items():
+        plan = bench_layer.route(x, w_router, bias, K, cf)
+        if cf is not None:
+            assert int(plan.counts_E.max()) <= bench_layer.capacity(T, K, E, cf)
+        y = run(x, plan, weights, K)
+        want = reference.moe_experts(x, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *weights)
+        kc.assert_close(y, want, what=name)

@@ -1,0 +1,26 @@
+"""The optional MegaBlocks backend: a clean one-line reason when absent, the torch loop's result when present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.megablocks_backend as mb
+from moe.errors import EnvironmentError_
+from moe.experts import swiglu_loop
+
+
+def test_unavailable_reason_is_one_line_and_call_raises():
+    if mb.UNAVAILABLE_REASON is None:
+        pytest.skip("megablocks with grouped_gemm is installed; covered by the GPU test below")
+    assert "\n" not in mb.UNAVAILABLE_REASON and "megablocks" in mb.UNAVAILABLE_REASON
+    with pytest.raises(EnvironmentError_, match="experts.backend=megablocks"):
+        mb.swiglu_megablocks(torch.ones(2, 16), torch.tensor([2]), torch.ones(1, 16, 16), torch.ones(1, 16, 16), torch.ones(1, 16, 16))
+
+
+@pytest.mark.skipif(mb.UNAVAILABLE_REASON is not None or not torch.cuda.is_available(), reason=mb.UNAVAILABLE_REASON or "needs a CUDA GPU")
+def test_megablocks_matches_torch_loop(kc, gen):
+    counts_E = torch.tensor([40, 0, 3, 21])
+    x_RD = torch.randn(64, 64, generator=gen).cuda().bfloat16()
+    weights = [w.detach().bfloat16() for w in kc.make_weights(4, 64, 128, gen)]
+    kc.assert_close_scaled(mb.swiglu_megablocks(x_RD, counts_E.cuda(), *weights), swiglu_loop(x_RD.float(), counts_E, *(w.float() for w in weights)))
