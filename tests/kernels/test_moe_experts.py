@@ -28,7 +28,8 @@ def _problem(kc, gen, kind, dtype=torch.float32):
     plan = kc.make_plan(kind, T, K, E, gen)
     x_TD = torch.randn(T, D, generator=gen).to(kc.DEVICE, dtype).requires_grad_()
     weight_R = plan.weight_R.detach().to(kc.DEVICE).requires_grad_()
-    plan = dataclasses.replace(plan, **{f.name: getattr(plan, f.name).to(kc.DEVICE) for f in dataclasses.fields(plan)})
+    plan = dataclasses.replace(plan, **{f.name: getattr(plan, f.name).to(kc.DEVICE) for f in dataclasses.fields(plan)
+                                        if isinstance(getattr(plan, f.name), torch.Tensor)})
     return plan, x_TD, weight_R, kc.make_weights(E, D, F, gen, dtype)
 
 
