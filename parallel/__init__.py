@@ -1,19 +1,26 @@
 """Distributed runtime: process groups / DeviceMesh, expert parallelism, FSSDP, FSDP2 / DDP.
 
-The trainer talks to this package through four names only:
+The trainer talks to this package through these names only:
 
-- ``ParallelConfig``: the ``parallel`` config group's schema (``parallel=none|ddp|fsdp|ep|fssdp``).
+- ``ParallelConfig``: the ``parallel`` config group's schema (``parallel=none|ddp|fsdp|ep|fssdp``,
+  ``parallel.ep_size``, ``parallel.dense=ddp|fsdp``, ``parallel.fssdp.*``).
 - ``setup_runtime(cfg) -> Runtime``: reads the torchrun environment, initialises the process
   group (NCCL on GPUs, gloo on CPUs) and the DeviceMesh; single process when not under torchrun.
 - ``apply_parallel(model, cfg, runtime) -> nn.Module``: rewires a built single-device model.
 - ``Runtime``: rank facts plus the collectives the trainer needs (metric reduction, the
   gradient-norm for clipping, before/after optimizer-step hooks, communication bytes, teardown).
-- ``checkpoint_state`` / ``load_checkpoint_state``: model + optimizer state in DCP form, so a
-  checkpoint written under one layout loads under another.
+- ``checkpoint_state`` / ``load_checkpoint_state``: model + optimizer state in DCP form, experts
+  saved under their global index, so a checkpoint written under one layout loads under another.
+
+Modules: ``config`` (schema, layout rules), ``mesh`` (torchrun env -> process group + mesh),
+``comm`` (differentiable all-to-all, byte meter), ``token_exchange`` (rows to expert holders and
+back), ``expert_parallel``, ``fssdp`` + ``fssdp_plan`` (Hecate), ``dense`` (DDP averaging, FSDP2),
+``checkpoint``, ``runtime``.
 """
 
 from __future__ import annotations
 
+from parallel.config import FSSDPConfig
 from parallel.runtime import (
     ParallelConfig,
     Runtime,
@@ -23,4 +30,4 @@ from parallel.runtime import (
     setup_runtime,
 )
 
-__all__ = ["ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]
+__all__ = ["FSSDPConfig", "ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]

@@ -1,6 +1,19 @@
-"""The trainer's entry into the parallel package (single-process implementation).
+"""The trainer's entry into the parallel package: ``setup_runtime``, ``apply_parallel``, ``Runtime``.
 
-``parallel=none`` runs in one process. Other modes are added by the files beside this one.
+Modes (``parallel=<mode>``):
+
+- ``none``: one process, no process group.
+- ``ddp``: every parameter replicated; gradients averaged over all ranks (``dense.GradAverager``).
+- ``fsdp``: every parameter (experts included, sharded on the expert dim) FSDP2-sharded.
+- ``ep``: experts split over EP groups of ``ep_size`` ranks (``expert_parallel``); dense
+  parameters by ``parallel.dense``; expert grads summed over the expert-data-parallel group.
+- ``fssdp``: experts owned one rank each and sparsely gathered where routing needs them
+  (``fssdp``); dense parameters by ``parallel.dense``.
+
+The trainer's sequence per step: forward/backward on its rows of the global batch with the
+per-rank mean loss, ``before_optimizer_step`` (finish gradient reduction and divide expert
+gradients by the data-parallel size W, so every gradient equals the single-process gradient of
+the global mean loss), ``clip_grad_norm_``, ``optimizer.step``, ``after_optimizer_step``.
 """
 
 from __future__ import annotations
@@ -8,20 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe.errors import check
+from moe.layer import MoELayer
+from parallel.checkpoint import checkpoint_state, load_checkpoint_state
+from parallel.comm import CommMeter
+from parallel.config import ParallelConfig, check_experts
+from parallel.dense import GradAverager, apply_fsdp, is_sharded, local_tensor
+from parallel.expert_parallel import EXPERT_PARAM_NAMES, ExpertParallelRunner, shard_experts
+from parallel.fssdp import FSSDPRunner, FSSDPState
+from parallel.mesh import MeshInfo, init_mesh
 
-MODES = ("none",)
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    mode: str = "none"
-    """none | ddp | fsdp | ep | fssdp."""
-
-    def __post_init__(self) -> None:
-        check(self.mode in MODES, "parallel.mode", self.mode, f"must be one of {list(MODES)}")
+__all__ = ["ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]
 
 
 @dataclass
@@ -32,64 +44,184 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cfg: ParallelConfig = field(default_factory=ParallelConfig)
+    mesh: MeshInfo | None = None
+    meter: CommMeter = field(default_factory=CommMeter)
+    dense_sync: GradAverager | None = None
+    expert_modules: list[nn.Module] = field(default_factory=list)
+    expert_group: dist.ProcessGroup | None = None
+    """EP: the expert-data-parallel group whose ranks hold the same experts (None: no replicas)."""
+    expert_replicas: int = 1
+    fssdp: FSSDPState | None = None
+    _steps: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None and self.world_size > 1
+
+    def expert_params(self) -> list[nn.Parameter]:
+        """This rank's expert weights under ep/fssdp (looked up live: FSSDP re-ownership swaps them)."""
+        return [getattr(m, n) for m in self.expert_modules for n in EXPERT_PARAM_NAMES]
+
+    def _all_reduce_(self, tensors: list[Tensor], op: dist.ReduceOp) -> None:
+        if not self.distributed or not tensors:
+            return
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault((t.dtype, t.device), []).append(t)
+        for ts in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            dist.all_reduce(flat, op=op)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
     def all_reduce_sum_(self, tensors: list[Tensor]) -> None:
-        """Sum each tensor across ranks in place (no-op in one process)."""
+        """Sum each tensor across ranks in place (one collective per dtype; no-op in one process)."""
+        self._all_reduce_(tensors, dist.ReduceOp.SUM)
 
     def all_reduce_max_(self, tensors: list[Tensor]) -> None:
         """Max of each tensor across ranks in place (no-op in one process)."""
+        self._all_reduce_(tensors, dist.ReduceOp.MAX)
 
+    @torch.no_grad()
+    def grad_norm(self, model: nn.Module) -> Tensor:
+        """Global L2 norm of all gradients, each parameter element counted exactly once.
+
+        Replicated gradients count once from this rank; FSDP2 shards and FSSDP-owned experts are
+        summed over ranks; EP experts are summed over ranks and divided by the number of
+        expert-data-parallel copies (each expert lives on ``expert_replicas`` ranks). Expert
+        norms are never averaged as if replicated (research/distributed.md pain point 3).
+        """
+        experts = {id(p) for p in self.expert_params()}
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        spread = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            sq = local_tensor(p.grad).detach().double().pow(2).sum()
+            if id(p) in experts:
+                spread += sq / (self.expert_replicas if self.cfg.mode == "ep" else 1)
+            elif is_sharded(p.grad):
+                spread += sq
+            else:
+                replicated += sq
+        if self.distributed:
+            dist.all_reduce(spread)
+        return (replicated + spread).sqrt().float()
+
+    @torch.no_grad()
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
-        """Clip gradients to ``max_norm`` by their global L2 norm; returns the norm before clipping."""
-        params = [p for p in model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        """Clip gradients to ``max_norm`` by their global L2 norm; returns the norm before clipping.
 
+        Same formula as ``torch.nn.utils.clip_grad_norm_``: grads *= min(1, max_norm / (norm + 1e-6)).
+        """
+        if not self.distributed and self.cfg.mode in ("none", "ddp"):
+            params = [p for p in model.parameters() if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = self.grad_norm(model)
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    local_tensor(p.grad).mul_(coef.to(p.grad.dtype))
+        return norm
+
+    @torch.no_grad()
     def before_optimizer_step(self, model: nn.Module) -> None:
-        """Finish gradient communication the backward did not (no-op in one process)."""
+        """Finish gradient communication: dense averaging (ddp), expert reduction and 1/W scaling."""
+        self._steps += 1
+        if self.mesh is None:
+            return
+        W = self.world_size
+        if self.dense_sync is not None:
+            self.dense_sync.sync(divide_by=W)
+        experts = self.expert_params()
+        for p in experts:
+            if p.grad is None:  # every rank must join the same reductions
+                p.grad = torch.zeros_like(p)
+        if experts and self.cfg.mode == "ep" and self.expert_replicas > 1:
+            GradAverager(experts, self.expert_group, self.cfg.bucket_mb, self.meter, "expert_allreduce").sync(divide_by=W)
+        elif experts:
+            for p in experts:
+                p.grad.div_(W)
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Per-step bookkeeping after ``optimizer.step()`` (e.g. FSSDP re-planning); no-op here."""
+        """FSSDP: all-reduce the step's routing counts, re-own experts when due, plan the next step."""
+        if self.fssdp is not None:
+            self.fssdp.end_step(optimizer)
 
     def comm_metrics(self) -> dict[str, float]:
-        """Bytes sent/received per collective since the last call, as ``comm/<name>_bytes`` keys."""
-        return {}
+        """Bytes sent/received per collective per optimizer step since the last call (``comm/...``)."""
+        steps = max(self._steps, 1)
+        self._steps = 0
+        return {k: v / steps for k, v in self.meter.pop().items()}
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
+        if dist.is_initialized():
+            dist.barrier()
 
     def shutdown(self) -> None:
         """Tear down the process group, if any."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_runtime(cfg: ParallelConfig) -> Runtime:
-    """Single-process runtime on CUDA when available, else CPU."""
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    return Runtime(device=device)
+    """Read the torchrun environment, initialise the process group and mesh for ``cfg.mode``."""
+    info = init_mesh(cfg)
+    return Runtime(
+        rank=info.rank,
+        world_size=info.world_size,
+        local_rank=info.local_rank,
+        device=info.device,
+        cfg=cfg,
+        mesh=info if info.mesh is not None else None,
+    )
 
 
 def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> nn.Module:
-    """``parallel=none``: the model as built."""
+    """Rewire a built model (already on ``runtime.device``) for ``cfg.mode``; refuses bad layouts."""
+    if cfg.mode == "none" or runtime.mesh is None:
+        return model
+    info = runtime.mesh
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        check_experts(cfg, runtime.world_size, layer.num_experts)
+    dp_group = info.group("dp")
+    if cfg.mode == "ddp":
+        runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce")
+        return model
+    if cfg.mode == "fsdp":
+        return apply_fsdp(model, info.mesh, set())
+    if cfg.mode == "ep":
+        ep_group, ep_rank, ep = info.group("ep"), info.ep_mesh.get_local_rank("ep"), info.ep_size
+        for layer in layers:
+            shard_experts(layer.experts, ep_rank, ep)
+            layer.runner = ExpertParallelRunner(layer.num_experts, ep_group, ep_rank, ep, runtime.meter)
+        runtime.expert_replicas = runtime.world_size // ep
+        runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
+    else:  # fssdp
+        state = FSSDPState(cfg.fssdp, dp_group, runtime.rank, runtime.world_size, info.local_world_size, runtime.meter)
+        for layer in layers:
+            runner = FSSDPRunner(state, state.add_layer(layer.experts))
+            layer.runner = runner
+            if cfg.fssdp.prefetch:  # overlap the gather with the attention that precedes the layer
+                for block in model.modules():
+                    if getattr(block, "ffn", None) is layer:
+                        block.register_forward_pre_hook(lambda _m, _a, runner=runner: runner.prefetch())
+        runtime.fssdp = state
+    runtime.expert_modules = [layer.experts for layer in layers]
+    experts = set(runtime.expert_params())
+    if cfg.dense == "fsdp":
+        apply_fsdp(model, info.mesh, experts)
+    else:
+        dense = [p for p in model.parameters() if p not in experts]
+        runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce")
     return model
-
-
-def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> dict[str, object]:
-    """Model and optimizer state in DCP form (fully-qualified parameter names as keys).
-
-    Parallel modes override how sharded/owned tensors appear here so that a checkpoint saved on
-    one layout loads on another.
-    """
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
-
-
-def load_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, object], runtime: Runtime) -> None:
-    """Inverse of ``checkpoint_state``: copy loaded tensors into the model and optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

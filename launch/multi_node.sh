@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train across machines with torchrun's c10d rendezvous. Run the same command on every node:
+#   NNODES=4 NPROC=8 RDZV_HOST=node0.cluster RDZV_PORT=29500 bash launch/multi_node.sh parallel=fssdp
+#   NNODES=2 NPROC=8 RDZV_HOST=10.0.0.1 bash launch/multi_node.sh parallel=ep parallel.ep_size=8 parallel.dense=fsdp
+# RUN_ID names the job (all nodes must agree; the Hydra run directory derives from it).
+# Extra arguments are Hydra overrides for `python -m launch.train`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${NNODES:?set NNODES (number of machines)}"
+: "${RDZV_HOST:?set RDZV_HOST (host name or IP of one node, reachable from all)}"
+RDZV_PORT=${RDZV_PORT:-29500}
+NPROC=${NPROC:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+RUN_ID=${RUN_ID:-moeforge-$(date +%Y%m%d)}
+PYTHON=${PYTHON:-python}
+if [[ -x .venv/bin/python && "$PYTHON" == python ]]; then PYTHON=.venv/bin/python; fi
+export MOEFORGE_RUN_ID="$RUN_ID"
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --nproc-per-node "$NPROC" \
+  --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RUN_ID" \
+  -m launch.train "$@"

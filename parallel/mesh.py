@@ -1,0 +1,105 @@
+"""Process group and DeviceMesh from the torchrun environment.
+
+This is the only module that reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+``LOCAL_WORLD_SIZE``. The backend follows the device: NCCL when CUDA is available, gloo on CPU.
+Without torchrun (no ``WORLD_SIZE``) a parallel mode still gets a one-rank gloo/NCCL group, so
+every code path is the same in one process and in many.
+
+Layout (the mesh dims, outer to inner):
+
+- ``ep`` mode: ``("edp", "ep")`` of shape ``(W / ep_size, ep_size)``. Expert-parallel groups are
+  blocks of consecutive ranks (on one node when ep_size <= GPUs per node); expert-data-parallel
+  groups are strided (DeepSpeed's ``_create_expert_and_data_parallel`` layout).
+- every other mode: ``("dp",)`` of shape ``(W,)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moe.errors import EnvironmentError_
+from parallel.config import ParallelConfig, check_world, resolved_ep_size
+
+
+@dataclass
+class MeshInfo:
+    """Where this process sits, and the groups each parallel mode communicates over."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    mesh: DeviceMesh | None
+    """1-D ``("dp",)`` mesh over every rank (dense data parallelism, FSSDP), None in mode none."""
+    ep_mesh: DeviceMesh | None = None
+    """2-D ``("edp", "ep")`` mesh in mode ep."""
+    ep_size: int = 1
+
+    @property
+    def node(self) -> int:
+        """Index of this rank's node (ranks are numbered node-major by torchrun)."""
+        return self.rank // self.local_world_size
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group of mesh dim ``dim`` (``dp``, ``ep``, ``edp``), or None without a mesh."""
+        mesh = self.ep_mesh if dim in ("ep", "edp") else self.mesh
+        return None if mesh is None else mesh.get_group(dim)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise EnvironmentError_(f"environment variable {name} ({raw!r}) must be an integer") from None
+
+
+def torchrun_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's variables; (0, 1, 0, 1) without."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if not (0 <= rank < world) or not (0 <= local_rank < local_world) or world % local_world:
+        raise EnvironmentError_(
+            f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world}"
+        )
+    return rank, world, local_rank, local_world
+
+
+def init_mesh(cfg: ParallelConfig) -> MeshInfo:
+    """Initialise the default process group (if a parallel mode asks for one) and the DeviceMesh."""
+    rank, world, local_rank, local_world = torchrun_env()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    if cfg.mode == "none":
+        if world > 1:
+            raise EnvironmentError_(f"parallel.mode ('none') runs one process but WORLD_SIZE is {world}; pick parallel=ddp|fsdp|ep|fssdp")
+        return MeshInfo(rank, world, local_rank, local_world, device, backend, None)
+    check_world(cfg, world)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=cfg.timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, device_id=device if cuda else None)
+        else:  # one process outside torchrun: an in-memory store is enough
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    device_type = "cuda" if cuda else "cpu"
+    mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    ep, ep_mesh = 1, None
+    if cfg.mode == "ep":
+        ep = resolved_ep_size(cfg, world)
+        ep_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    return MeshInfo(rank, world, local_rank, local_world, device, backend, mesh, ep_mesh, ep_size=ep)

@@ -1,0 +1,134 @@
+"""Every parallel mode on a tiny transformer equals the single-process model; checkpoints relabel.
+
+Each rank trains on its rows of a global batch with the per-rank mean loss (the trainer's rule);
+the reference is the single-process model with the mean of those per-rank losses. Router aux
+(balance) loss is off: it is a per-rank statistic in every mode, so it has no single-process twin.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from dist_harness import run_distributed
+from test_parallel_ep import TOL
+from test_parallel_fssdp import lm_loss, tiny_model
+
+from moe.experts import Experts
+from parallel import ParallelConfig, apply_parallel, checkpoint_state, load_checkpoint_state, setup_runtime
+
+ROWS = 2
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def expected(model: torch.nn.Module, name: str, ref_value: torch.Tensor) -> torch.Tensor:
+    """The rows of the single-process tensor this rank holds for parameter ``name``."""
+    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    ids = getattr(module, "expert_ids", None) if isinstance(module, Experts) else None
+    return ref_value if ids is None else ref_value[ids]
+
+
+def batch(world: int) -> torch.Tensor:
+    return torch.randint(0, 32, (world * ROWS, 9), generator=torch.Generator().manual_seed(11))
+
+
+def _modes_worker() -> None:
+    for mode, dense in (("ddp", "ddp"), ("fsdp", "ddp"), ("ep", "fsdp"), ("fssdp", "fsdp")):
+        cfg = ParallelConfig(mode=mode, dense=dense, timeout_s=60)
+        rt = setup_runtime(cfg)
+        W, r = rt.world_size, rt.rank
+        tokens = batch(W)
+        ref = tiny_model()
+        model = apply_parallel(copy.deepcopy(ref), cfg, rt)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in (1, 2):
+            ref_opt.zero_grad(set_to_none=True)
+            ref_losses = [lm_loss(ref, tokens[s * ROWS : (s + 1) * ROWS]) for s in range(W)]
+            (sum(ref_losses) / W).backward()
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            opt.zero_grad(set_to_none=True)
+            loss = lm_loss(model, tokens[r * ROWS : (r + 1) * ROWS])
+            loss.backward()
+            rt.before_optimizer_step(model)
+            ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+            norm = rt.clip_grad_norm_(model, 1.0)
+            torch.testing.assert_close(loss, ref_losses[r], **TOL, msg=lambda m: f"{mode} step {step} loss: {m}")
+            torch.testing.assert_close(norm, ref_norm, **TOL, msg=lambda m: f"{mode} step {step} norm: {m}")
+            for name, p in model.named_parameters():  # grads after clipping (both clipped at 1.0)
+                torch.testing.assert_close(full(p.grad), expected(model, name, ref_grads[name]), **TOL, msg=lambda m: f"{mode} {name}: {m}")
+            ref_opt.step()
+            opt.step()
+            rt.after_optimizer_step(model, opt, step)
+
+
+def test_ddp_fsdp_ep_fssdp_match_single_process_transformer() -> None:
+    """Loss, clip norm and every (clipped) gradient for two steps, in four layouts on 2 ranks."""
+    run_distributed(_modes_worker, 2)
+
+
+def _one_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, rt=None) -> None:
+    opt.zero_grad(set_to_none=True)
+    lm_loss(model, tokens).backward()
+    if rt is not None:
+        rt.before_optimizer_step(model)
+    opt.step()
+
+
+def _save_ep_load_fssdp_worker(directory: str) -> None:
+    cfg = ParallelConfig(mode="ep", timeout_s=60)
+    rt = setup_runtime(cfg)
+    W, r = rt.world_size, rt.rank
+    tokens = batch(W)
+    ref = tiny_model()
+    model = apply_parallel(copy.deepcopy(ref), cfg, rt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _one_step(model, opt, tokens[r * ROWS : (r + 1) * ROWS], rt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(checkpoint_state(model, opt, rt), checkpoint_id=directory)
+    if r == 0:  # the single-process twin of that step, for the loaders to compare with
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        _one_step(ref, ref_opt, tokens)
+        torch.save({"model": ref.state_dict(), "exp_avg": {n: ref_opt.state[p]["exp_avg"] for n, p in ref.named_parameters()}}, Path(directory) / "ref.pt")
+    rt.barrier()
+    # Load the EP checkpoint into FSSDP on the same ranks (a relabelling of the expert rows).
+    cfg = ParallelConfig(mode="fssdp", timeout_s=60)
+    rt = setup_runtime(cfg)
+    model = apply_parallel(tiny_model(seed=5), cfg, rt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = checkpoint_state(model, opt, rt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=directory)
+    load_checkpoint_state(model, opt, state, rt)
+    check_against_reference(model, opt, Path(directory) / "ref.pt")
+
+
+def check_against_reference(model: torch.nn.Module, opt: torch.optim.Optimizer, ref_file: Path) -> None:
+    saved = torch.load(ref_file, weights_only=False)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected(model, name, saved["model"][name]), **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(opt.state[p]["exp_avg"], expected(model, name, saved["exp_avg"][name]), **TOL, msg=lambda m: f"{name} exp_avg: {m}")
+
+
+def test_checkpoint_from_two_rank_ep_loads_into_fssdp_and_one_process(tmp_path: Path) -> None:
+    directory = str(tmp_path / "ckpt")
+    run_distributed(_save_ep_load_fssdp_worker, 2, directory)
+    model = tiny_model(seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = checkpoint_state(model, opt)
+    assert "blocks.0.ffn.experts.w_gate_EDF.3" in state["model"] and "blocks.0.ffn.experts.w_gate_EDF" not in state["model"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=directory)
+    load_checkpoint_state(model, opt, state)
+    check_against_reference(model, opt, tmp_path / "ckpt" / "ref.pt")
