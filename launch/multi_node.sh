@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train across machines with torchrun's c10d rendezvous. Run the same command on every node:
-#   NNODES=4 NPROC=8 RDZV_HOST=node0.cluster RDZV_PORT=29500 bash launch/multi_node.sh parallel=fssdp
-#   NNODES=2 NPROC=8 RDZV_HOST=10.0.0.1 bash launch/multi_node.sh parallel=ep parallel.ep_size=8 parallel.dense=fsdp
-# RUN_ID names the job (all nodes must agree; the Hydra run directory derives from it).
+#   RUN_ID=exp1 NNODES=4 NPROC=8 RDZV_HOST=node0.cluster RDZV_PORT=29500 bash launch/multi_node.sh parallel=fssdp
+#   RUN_ID=exp2 NNODES=2 NPROC=8 RDZV_HOST=10.0.0.1 bash launch/multi_node.sh parallel=ep parallel.ep_size=8 parallel.dense=fsdp
+# RUN_ID (required) names the job: every node must get the same value; the run directory derives from it.
 # Extra arguments are Hydra overrides for `python -m launch.train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 : "${RDZV_HOST:?set RDZV_HOST (host name or IP of one node, reachable from all)}"
 RDZV_PORT=${RDZV_PORT:-29500}
 NPROC=${NPROC:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-RUN_ID=${RUN_ID:-moeforge-$(date +%Y%m%d)}
+: "${RUN_ID:?set RUN_ID (the same on every node; names the run directory)}"
 PYTHON=${PYTHON:-python}
 if [[ -x .venv/bin/python && "$PYTHON" == python ]]; then PYTHON=.venv/bin/python; fi
 export MOEFORGE_RUN_ID="$RUN_ID"

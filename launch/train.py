@@ -35,6 +35,7 @@ from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
 from moe.stats import RoutingStats, routing_flip_fraction
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state, setup_runtime
+from parallel.config import check_experts
 
 VAL_SPLIT = 1
 
@@ -171,6 +172,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     tr = job.train
     if tr.batch_size % runtime.world_size:
         raise ConfigError(f"train.batch_size ({tr.batch_size}) must be divisible by the world size ({runtime.world_size})")
+    check_experts(job.parallel, runtime.world_size, job.model.num_experts)
     if tr.device == "cuda" and runtime.device.type != "cuda":
         raise ConfigError("train.device ('cuda') was asked for but no CUDA device is available")
     if tr.threads:
