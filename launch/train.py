@@ -274,8 +274,9 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
         scalars = {k: v for k, v in summary.items() if not isinstance(v, list)}
         (run_dir / "summary.json").write_text(json.dumps(scalars, indent=1))
         if "val_loss" in summary:
-            print(f"moeforge: step {summary['step']} val_loss {summary['val_loss']:.4f} (uniform bytes: ln 256 = 5.545) "
-                  f"in {summary['wall_s']:.0f}s", file=sys.stderr)
+            uniform = math.log(job.model.vocab_size)
+            print(f"moeforge: step {summary['step']} val_loss {summary['val_loss']:.4f} (uniform over the vocabulary: "
+                  f"ln {job.model.vocab_size} = {uniform:.3f}) in {summary['wall_s']:.0f}s", file=sys.stderr)
         else:
             print(f"moeforge: nothing to do, checkpoint already at step {start} >= train.steps ({tr.steps})", file=sys.stderr)
     return summary

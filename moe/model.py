@@ -143,7 +143,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.embed.weight, std=1.0)
+        # A tied embedding is also the output head: scale it like one so initial logits are O(1).
+        nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5 if cfg.tie_embeddings else 1.0)
         blocks = []
         for i in range(cfg.num_layers):
             if (i + 1) % cfg.moe_every == 0:
