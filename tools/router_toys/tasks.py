@@ -1,0 +1,165 @@
+"""The two toy tasks: clustered mixture of regressions, and the routing-fluctuation task.
+
+Shape legend: T tokens, B batch (sequences), S sequence, D model dim, C clusters, X input dim.
+
+Regression (research/routers.md §2, "Toy experiment"): ``x in R^8`` from 8 Gaussian clusters, each
+cluster with its own affine map ``y = A_c (x - mu_c) / sigma + b_c``; the model is one MoE layer of
+8 small SwiGLU experts, ``y_hat = MoELayer(x)``, trained on MSE. Routing is easy to read: the ideal
+router sends each cluster to its own expert (NMI 1).
+
+Fluctuation (research/routers.md §6): sequences of 32 tokens, all from one of 8 clusters, each token
+``mu_c + noise`` with heavy noise, labelled with the sequence's cluster. Model: linear embedding,
+one pre-norm transformer block (causal attention, then the MoE layer), a linear classifier per
+token, cross-entropy. A single token is ambiguous; the attention averages evidence along the
+sequence, and routers that mix routing over tokens (similarity-, attention-aware) should flip less.
+
+Both models give every router the same ``RouterContext`` fields: ``step``, ``batch_size``/``seq_len``
+(per-sequence routers), ``token_ids_T`` (hash routing: a locality-sensitive hash of the raw input,
+the sign pattern against 8 fixed random hyperplanes, since the toys have no vocabulary), and for
+the fluctuation task the attention probabilities when the router asks (``needs_attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moe.experts import ExpertsConfig
+from moe.layer import MoELayer
+from moe.model import Block, ModelConfig, RMSNorm, rope_tables
+from moe.routers import RouterContext
+
+NUM_CLUSTERS = 8
+LSH_BITS = 8
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: Tensor
+    """Inputs: ``x_TX`` (regression) or ``x_BSX`` (fluctuation)."""
+    y: Tensor
+    """Targets: ``y_TD`` (regression) or class ids ``y_BS`` (fluctuation)."""
+    cluster: Tensor
+    """True cluster of every token, flattened ``[T]``."""
+
+
+def lsh_ids(x_TX: Tensor, planes_XL: Tensor) -> Tensor:
+    """Token ids for hash routing: bit l is ``x . plane_l > 0`` (sign random projections)."""
+    bits_TL = (x_TX @ planes_XL > 0).long()
+    return (bits_TL << torch.arange(planes_XL.shape[1], device=x_TX.device)).sum(dim=-1)
+
+
+class RegressionTask:
+    """Clustered mixture of regressions in ``R^dim`` (module docstring); all draws from ``seed``."""
+
+    loss_name = "mse"
+
+    def __init__(self, seed: int, dim: int = 8, num_clusters: int = NUM_CLUSTERS, spread: float = 3.0, sigma: float = 0.7) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.dim, self.num_clusters, self.sigma = dim, num_clusters, sigma
+        self.mu_CX = torch.randn(num_clusters, dim, generator=g) * spread
+        self.A_CXX = torch.randn(num_clusters, dim, dim, generator=g) * dim**-0.5
+        self.b_CX = torch.randn(num_clusters, dim, generator=g)
+        self.planes_XL = torch.randn(dim, LSH_BITS, generator=g)
+        self.generator = g
+
+    def sample(self, num_tokens: int, generator: torch.Generator | None = None) -> Batch:
+        """``num_tokens`` points, clusters uniform; ``y = A_c (x - mu_c)/sigma + b_c`` exactly."""
+        g = generator or self.generator
+        c_T = torch.randint(self.num_clusters, (num_tokens,), generator=g)
+        z_TX = torch.randn(num_tokens, self.dim, generator=g)
+        x_TX = self.mu_CX[c_T] + self.sigma * z_TX
+        y_TX = torch.einsum("tij,tj->ti", self.A_CXX[c_T], z_TX) + self.b_CX[c_T]
+        return Batch(x=x_TX, y=y_TX, cluster=c_T)
+
+    def build_model(self, router_cfg: object, num_experts: int, d_ff: int) -> "RegressionModel":
+        return RegressionModel(self.dim, d_ff, num_experts, router_cfg, self.planes_XL)
+
+
+class RegressionModel(nn.Module):
+    """``y_hat = MoELayer(x)``; the batch is cut into pseudo-sequences of ``seq_len`` iid points."""
+
+    seq_len = 32
+
+    def __init__(self, dim: int, d_ff: int, num_experts: int, router_cfg: object, planes_XL: Tensor) -> None:
+        super().__init__()
+        self.moe = MoELayer(dim, d_ff, num_experts, router_cfg, ExpertsConfig(backend="torch"))
+        self.register_buffer("planes_XL", planes_XL.clone())
+
+    def forward(self, batch: Batch, step: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(prediction, task loss, aux losses)."""
+        x_TD = batch.x
+        T = x_TD.shape[0]
+        S = self.seq_len if T % self.seq_len == 0 else T
+        context = RouterContext(step=step, token_ids_T=lsh_ids(x_TD, self.planes_XL), batch_size=T // S, seq_len=S, training=self.training)
+        y_TD, aux = self.moe(x_TD, context)
+        return y_TD, nn.functional.mse_loss(y_TD, batch.y), aux
+
+
+class FluctuationTask:
+    """Noisy-token sequence classification (module docstring); all draws from ``seed``."""
+
+    loss_name = "cross-entropy"
+
+    def __init__(self, seed: int, dim: int = 16, num_clusters: int = NUM_CLUSTERS, seq_len: int = 32, noise: float = 3.0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.dim, self.num_clusters, self.seq_len, self.noise = dim, num_clusters, seq_len, noise
+        self.mu_CX = torch.randn(num_clusters, dim, generator=g)
+        self.planes_XL = torch.randn(dim, LSH_BITS, generator=g)
+        self.generator = g
+
+    def sample(self, num_tokens: int, generator: torch.Generator | None = None) -> Batch:
+        """``num_tokens // seq_len`` sequences; each token ``mu_c + noise * N(0, I)``."""
+        g = generator or self.generator
+        B, S = max(1, num_tokens // self.seq_len), self.seq_len
+        c_B = torch.randint(self.num_clusters, (B,), generator=g)
+        x_BSX = self.mu_CX[c_B].unsqueeze(1) + self.noise * torch.randn(B, S, self.dim, generator=g)
+        y_BS = c_B.unsqueeze(1).expand(B, S).contiguous()
+        return Batch(x=x_BSX, y=y_BS, cluster=y_BS.reshape(-1))
+
+    def build_model(self, router_cfg: object, num_experts: int, d_ff: int) -> "FluctuationModel":
+        return FluctuationModel(self.dim, self.num_clusters, d_ff, num_experts, router_cfg, self.planes_XL)
+
+
+class FluctuationModel(nn.Module):
+    """Embedding -> one pre-norm block (causal attention + MoE, ``moe.model.Block``) -> classifier."""
+
+    def __init__(
+        self, in_dim: int, num_classes: int, d_ff: int, num_experts: int, router_cfg: object, planes_XL: Tensor,
+        d_model: int = 32, num_heads: int = 2,
+    ) -> None:
+        super().__init__()
+        self.cfg = ModelConfig(d_model=d_model, num_heads=num_heads, num_layers=1, num_experts=num_experts, d_ff=d_ff)
+        self.embed = nn.Linear(in_dim, d_model)
+        self.moe = MoELayer(d_model, d_ff, num_experts, router_cfg, ExpertsConfig(backend="torch"))
+        self.block = Block(self.cfg, self.moe)
+        self.norm = RMSNorm(d_model, self.cfg.norm_eps)
+        self.head = nn.Linear(d_model, num_classes)
+        self.register_buffer("planes_XL", planes_XL.clone())
+
+    def forward(self, batch: Batch, step: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(logits ``[B, S, C]``, task loss, aux losses). ``Block`` adds ``attn_probs_BSS`` when asked."""
+        x_BSX = batch.x
+        B, S, _ = x_BSX.shape
+        ids_T = lsh_ids(x_BSX.reshape(B * S, -1), self.planes_XL)
+        context = RouterContext(step=step, token_ids_T=ids_T, batch_size=B, seq_len=S, training=self.training)
+        cos, sin = rope_tables(S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, x_BSX.device)
+        h_BSD, aux = self.block(self.embed(x_BSX), cos, sin, context)
+        logits_BSC = self.head(self.norm(h_BSD))
+        loss = nn.functional.cross_entropy(logits_BSC.reshape(B * S, -1), batch.y.reshape(-1))
+        return logits_BSC, loss, aux
+
+
+TASKS = {"regression": RegressionTask, "fluctuation": FluctuationTask}
+
+
+def accuracy(output: Tensor, batch: Batch) -> float | None:
+    """Token accuracy for the classification task; None for regression."""
+    if batch.y.dtype != torch.long:
+        return None
+    return float((output.argmax(dim=-1) == batch.y).float().mean())
+
+
+__all__ = ["Batch", "TASKS", "RegressionTask", "FluctuationTask", "accuracy", "lsh_ids"]
