@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.errors import ConfigError, check
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
-from moe.routers import ROUTERS
+from moe.routers import ROUTERS, router_class
 from parallel import ParallelConfig
 
 DATA_NAMES = ("stdlib_bytes", "memmap")
@@ -200,9 +200,7 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
 
 def _instantiate(group: str, node: DictConfig) -> Any:
     if group == "router":
-        name = node.get("name")
-        if name not in ROUTERS:
-            raise ConfigError(f"router.name ({name!r}) is not a known router; choose one of {sorted(ROUTERS)}")
+        router_class(node.get("name"))  # an unknown name fails here, naming router.name
     try:
         return OmegaConf.to_object(node)
     except ConfigError:

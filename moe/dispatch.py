@@ -62,7 +62,8 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     ids_TK = decision.expert_ids_TK
     T, K = ids_TK.shape
     E = num_experts
-    valid_TK = decision.valid_mask()
+    used_TK = decision.valid_mask()
+    valid_TK = used_TK
     if capacity_factor is not None:
         valid_TK = valid_TK & _within_capacity(ids_TK, valid_TK, E, capacity(T, K, E, capacity_factor))
     # Unused slots get key E so the stable sort puts them after every real expert.
@@ -73,7 +74,7 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     slot_idx_R = order_S[:num_rows]
     offsets_E1 = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device)
     offsets_E1[1:] = torch.cumsum(counts_E, dim=0)
-    num_routed = decision.valid_mask().sum()
+    num_routed = used_TK.sum()
     return DispatchPlan(
         slot_idx_R=slot_idx_R,
         token_idx_R=torch.div(slot_idx_R, K, rounding_mode="floor"),

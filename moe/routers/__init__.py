@@ -35,13 +35,17 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
+def router_class(name: str) -> type[Router]:
+    """The router class registered as ``name``; a ConfigError naming router.name otherwise."""
+    try:
+        return ROUTERS[name]
+    except KeyError:
+        raise ConfigError(f"router.name ({name!r}) is not a known router; choose one of {sorted(ROUTERS)}") from None
+
+
 def build_router(cfg: Any, d_model: int, num_experts: int) -> Router:
     """Build the router named by ``cfg.name`` from its own config dataclass."""
-    try:
-        cls = ROUTERS[cfg.name]
-    except KeyError:
-        raise ConfigError(f"router.name ({cfg.name!r}) is not a known router; choose one of {sorted(ROUTERS)}") from None
-    return cls(cfg, d_model, num_experts)
+    return router_class(cfg.name)(cfg, d_model, num_experts)
 
 
-__all__ = ["ROUTERS", "Router", "RouterContext", "RoutingDecision", "build_router"]
+__all__ = ["ROUTERS", "Router", "RouterContext", "RoutingDecision", "build_router", "router_class"]
