@@ -31,7 +31,7 @@ from kernels.combine import combine_slots
 from kernels.gmm_scatter import gmm_scatter_raw
 from kernels.grouped_wgrad import grouped_wgrad
 from kernels.layout import BlockSizes, TileSchedule
-from kernels.tile_matmul import source_rows, tile_matmul, tile_matmul_pair, tile_rows
+from kernels.tile_matmul import grouped_program, source_rows, tile_matmul, tile_matmul_pair, tile_rows
 
 
 @triton.jit
@@ -39,14 +39,15 @@ def _swiglu_fwd_kernel(
     x_ptr, stride_xm, stride_xk, slot_ptr, row_div,
     wg_ptr, wu_ptr, stride_we, stride_wk, stride_wn,
     h_ptr, g_ptr, u_ptr, stride_hm,
-    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, n_dim, k_dim,
+    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
     STORE_H: tl.constexpr, STORE_PRE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    expert, rows, row_mask = tile_rows(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_dim
     a_rows = source_rows(slot_ptr, rows, row_mask, row_div, True)
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -70,13 +71,14 @@ def _swiglu_fwd_kernel(
 def _plain_kernel(
     a_ptr, stride_am, stride_ak, slot_ptr, row_div,
     w_ptr, stride_we, stride_wk, stride_wn, c_ptr, stride_cm,
-    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, n_dim, k_dim,
-    GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
+    GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    expert, rows, row_mask = tile_rows(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_dim
     a_rows = source_rows(slot_ptr, rows, row_mask, row_div, GATHER)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -89,13 +91,13 @@ def _swiglu_bwd_kernel(
     dy_ptr, stride_dym, stride_dyk, slot_ptr, row_div,
     wd_ptr, stride_we, stride_wk, stride_wn, weight_ptr,
     g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, stride_m, dw_ptr, num_rows,
-    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, n_dim, k_dim,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    expert, rows, row_mask = tile_rows(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_dim
     a_rows = source_rows(slot_ptr, rows, row_mask, row_div, True)
@@ -116,15 +118,6 @@ def _swiglu_bwd_kernel(
     tl.store(dg_ptr + out, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(schedule: TileSchedule, n_dim: int, blocks: BlockSizes) -> tuple[int, int]:
-    assert schedule.block_m == blocks.block_m, "schedule built for another BLOCK_M"
-    return (schedule.num_tiles, triton.cdiv(n_dim, blocks.block_n))
-
-
-def _launch_opts(blocks: BlockSizes) -> dict:
-    return dict(BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, PRECISION=blocks.precision, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-
-
 def swiglu_fwd(
     x_TD: Tensor, slot_idx_R: Tensor, schedule: TileSchedule, K: int, w_gate_EDF: Tensor, w_up_EDF: Tensor, blocks: BlockSizes,
     *, store_h: bool = True, store_pre: bool = False,
@@ -135,12 +128,12 @@ def swiglu_fwd(
     new = lambda on: torch.empty(R, Fd, dtype=x_TD.dtype, device=x_TD.device) if on else None  # noqa: E731
     h_RF, g_RF, u_RF = new(store_h), new(store_pre), new(store_pre)
     dummy = h_RF if h_RF is not None else g_RF
-    _swiglu_fwd_kernel[_grid(schedule, Fd, blocks)](
+    _swiglu_fwd_kernel[blocks.gemm_grid(schedule, Fd)](
         x_TD, x_TD.stride(0), x_TD.stride(1), slot_idx_R, K,
         w_gate_EDF, w_up_EDF, *w_gate_EDF.stride(),
         dummy if h_RF is None else h_RF, dummy if g_RF is None else g_RF, dummy if u_RF is None else u_RF, Fd,
-        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, Fd, D,
-        STORE_H=store_h, STORE_PRE=store_pre, **_launch_opts(blocks),
+        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, schedule.num_tiles, Fd, D,
+        STORE_H=store_h, STORE_PRE=store_pre, **blocks.gemm_launch(),
     )
     return h_RF, g_RF, u_RF
 
@@ -149,10 +142,10 @@ def gather_gmm(a_XD: Tensor, slot_idx_R: Tensor, row_div: int | None, schedule: 
     """``c_RN[r] = a[slot_idx_R[r] // row_div] @ w_EDN[e_r]`` (``row_div=None``: a is already expert-sorted)."""
     R, (E, D, N) = slot_idx_R.shape[0], w_EDN.shape
     c_RN = torch.empty(R, N, dtype=a_XD.dtype, device=a_XD.device)
-    _plain_kernel[_grid(schedule, N, blocks)](
+    _plain_kernel[blocks.gemm_grid(schedule, N)](
         a_XD, a_XD.stride(0), a_XD.stride(1), slot_idx_R, row_div or 1, w_EDN, *w_EDN.stride(), c_RN, N,
-        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, N, D,
-        GATHER=row_div is not None, **_launch_opts(blocks),
+        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, schedule.num_tiles, N, D,
+        GATHER=row_div is not None, **blocks.gemm_launch(),
     )
     return c_RN
 
@@ -163,15 +156,15 @@ def swiglu_bwd(
     """Down-projection dgrad fused with the SwiGLU backward: ``(dg_RF, du_RF, h_RF, dweight_R)``."""
     R, Fd, D = slot_idx_R.shape[0], w_down_EFD.shape[1], w_down_EFD.shape[2]
     dg_RF, du_RF, h_RF = torch.empty_like(g_RF), torch.empty_like(u_RF), torch.empty_like(g_RF)
-    grid = _grid(schedule, Fd, blocks)
-    dw_partial = torch.empty(grid[1], R, dtype=torch.float32, device=dy_TD.device)
+    block_n = blocks.swiglu_bwd_block_n
+    dw_partial = torch.empty(triton.cdiv(Fd, block_n), R, dtype=torch.float32, device=dy_TD.device)
     s_e, s_f, s_d = w_down_EFD.stride()
-    _swiglu_bwd_kernel[grid](
+    _swiglu_bwd_kernel[blocks.gemm_grid(schedule, Fd, block_n)](
         dy_TD, dy_TD.stride(0), dy_TD.stride(1), slot_idx_R, K,
         w_down_EFD, s_e, s_d, s_f, weight_R,  # Wd[e]^T: reduce over D, output columns F
         g_RF, u_RF, dg_RF, du_RF, h_RF, Fd, dw_partial, R,
-        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, Fd, D,
-        **_launch_opts(blocks),
+        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, schedule.num_tiles, Fd, D,
+        **blocks.gemm_launch(block_n),
     )
     return dg_RF, du_RF, h_RF, dw_partial.sum(0).to(weight_R.dtype)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kernels.grouped_wgrad import grouped_wgrad
 from kernels.layout import BlockSizes, TileSchedule
-from kernels.tile_matmul import tile_matmul, tile_rows
+from kernels.tile_matmul import grouped_program, tile_matmul, tile_rows
 
 
 @triton.jit
@@ -31,14 +31,15 @@ def _gmm_scatter_kernel(
     a1_ptr, a2_ptr, stride_am, stride_ak,
     b1_ptr, b2_ptr, stride_be, stride_bk, stride_bn,
     scale_ptr, slot_ptr, y_ptr, stride_ym,
-    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, n_dim, k_dim,
+    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
     HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    expert, rows, row_mask = tile_rows(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_dim
     b_off = expert.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -56,20 +57,17 @@ def gmm_scatter_raw(
     slot_idx_R: Tensor, schedule: TileSchedule, num_slots: int, blocks: BlockSizes,
 ) -> Tensor:
     """Launch ``y_SN[slot_r] = scale_r * (a1[r] @ b1[e_r] + a2[r] @ b2[e_r])``; rows of ``a`` are expert-sorted."""
-    assert schedule.block_m == blocks.block_m, "schedule built for another BLOCK_M"
     R, (E, Kd, N) = slot_idx_R.shape[0], b1_EKN.shape
     a2, b2 = (a1_RK, b1_EKN) if a2_RK is None else (a2_RK, b2_EKN)
     assert a1_RK.stride() == a2.stride() and b1_EKN.stride() == b2.stride(), "paired operands must share a layout"
     alloc = torch.empty if R == num_slots else torch.zeros
     y_SN = alloc(num_slots, N, dtype=a1_RK.dtype, device=a1_RK.device)
-    _gmm_scatter_kernel[(schedule.num_tiles, triton.cdiv(N, blocks.block_n))](
+    _gmm_scatter_kernel[blocks.gemm_grid(schedule, N)](
         a1_RK, a2, a1_RK.stride(0), a1_RK.stride(1),
         b1_EKN, b2, *b1_EKN.stride(),
         a1_RK if scale_R is None else scale_R, slot_idx_R, y_SN, y_SN.stride(0),
-        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, N, Kd,
-        HAS_SECOND=a2_RK is not None, HAS_SCALE=scale_R is not None,
-        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, PRECISION=blocks.precision,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, schedule.num_tiles, N, Kd,
+        HAS_SECOND=a2_RK is not None, HAS_SCALE=scale_R is not None, **blocks.gemm_launch(),
     )
     return y_SN
 

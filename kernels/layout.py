@@ -66,25 +66,57 @@ class BlockSizes:
     """Launch parameters of the grouped-GEMM kernels (``tools/bench_layer.py --autotune`` sweeps them).
 
     block_m/block_n/block_k tile the row, output-column and reduction dims of the forward and
-    dgrad GEMMs; block_r is the row chunk of ``grouped_wgrad``'s reduction over an expert's rows.
+    dgrad GEMMs; block_r is the row chunk of ``grouped_wgrad``'s reduction over an expert's rows
+    (its output tiles are block_n square); group_m is how many row tiles share an L2-friendly
+    program group (``kernels.tile_matmul.grouped_program``); bwd_block_n narrows the column block
+    of the fused down-dgrad + SwiGLU-backward kernel, whose epilogue holds five fp32 tiles.
+
+    Defaults (128/128/64, 8 warps, 3 stages; backward columns 64): the canonical Hopper tile with
+    two warpgroups per block, chosen by ``python -m kernels.compile_check`` for sm_90 on the four
+    reference shapes as the configuration with no register spills in any kernel and at least 8
+    resident warps per SM in every GEMM. With block_n 128 the backward kernel spills 1.6 KB per
+    thread; the previous default (64/128/64, 4 warps) left the forward kernel at one 4-warp block
+    per SM. This is a static choice: no GPU timing has picked it yet (see ``tools/bench_layer.py``).
     ``allow_tf32`` lets fp32 inputs use TF32 tensor cores (opt-in: ScatterMoE issue #5 traced
     logit mismatches to TF32 being on by default).
     """
 
-    block_m: int = 64
+    block_m: int = 128
     block_n: int = 128
     block_k: int = 64
-    block_r: int = 32
-    num_warps: int = 4
+    block_r: int = 64
+    num_warps: int = 8
     num_stages: int = 3
+    group_m: int = 8
+    bwd_block_n: int | None = 64
     allow_tf32: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("block_m", "block_n", "block_k", "block_r"):
+        for key in ("block_m", "block_n", "block_k", "block_r", "bwd_block_n"):
             value = getattr(self, key)
+            if value is None:
+                continue
             check(value >= 16 and value & (value - 1) == 0, f"kernels.{key}", value, "must be a power of two >= 16 (tl.dot's minimum)")
         check(self.num_warps in (1, 2, 4, 8, 16), "kernels.num_warps", self.num_warps, "must be one of 1, 2, 4, 8, 16")
         check(self.num_stages >= 1, "kernels.num_stages", self.num_stages, "must be >= 1")
+        check(self.group_m >= 1, "kernels.group_m", self.group_m, "must be >= 1")
+
+    @property
+    def swiglu_bwd_block_n(self) -> int:
+        """Column block of the fused down-dgrad + SwiGLU-backward kernel (``bwd_block_n``, else ``block_n``)."""
+        return self.bwd_block_n or self.block_n
+
+    def gemm_grid(self, schedule: TileSchedule, n_dim: int, block_n: int | None = None) -> tuple[int]:
+        """1-D grid of a grouped GEMM over ``schedule``: one program per (tile, column block)."""
+        assert schedule.block_m == self.block_m, "schedule built for another BLOCK_M"
+        return (schedule.num_tiles * -(-n_dim // (block_n or self.block_n)),)
+
+    def gemm_launch(self, block_n: int | None = None) -> dict[str, object]:
+        """Constexprs and launch options every grouped-GEMM kernel takes."""
+        return dict(
+            BLOCK_M=self.block_m, BLOCK_N=block_n or self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+            PRECISION=self.precision, num_warps=self.num_warps, num_stages=self.num_stages,
+        )
 
     @property
     def precision(self) -> str:

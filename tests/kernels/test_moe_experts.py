@@ -20,6 +20,9 @@ from moe.experts import Experts, swiglu_loop
 from moe.layer import local_runner
 
 TINY = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16)
+# Program groups of 3 tiles: with 8 schedule tiles and 2 column blocks the last group is ragged
+# (3 + 3 + 2), and the backward kernel runs its own 16-wide column block.
+TINY_GROUPED = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16, group_m=3, bwd_block_n=16)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,11 +47,15 @@ def _local_runner(plan, x_TD, weight_R, weights):
     return y, (x_ref, w_ref, experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD)
 
 
-@pytest.mark.parametrize("kind,recompute", [("random", False), ("straddle", True), ("masked", False), ("capacity", True)])
-def test_fused_matches_local_runner(kc, gen, kind, recompute):
+@pytest.mark.parametrize(
+    "kind,recompute,blocks",
+    [("random", False, TINY), ("straddle", True, TINY), ("masked", False, TINY), ("capacity", True, TINY), ("random", False, TINY_GROUPED), ("straddle", True, TINY_GROUPED)],
+    ids=["random", "straddle-recompute", "masked", "capacity-recompute", "random-group3", "straddle-recompute-group3"],
+)
+def test_fused_matches_local_runner(kc, gen, kind, recompute, blocks):
     plan, x_TD, weight_R, weights = _problem(kc, gen, kind)
     K = kc.SMALL["K"]
-    y = moe_experts.fused_moe_experts(x_TD, plan.slot_idx_R, weight_R, plan.counts_E, K, *weights, recompute=recompute, blocks=TINY)
+    y = moe_experts.fused_moe_experts(x_TD, plan.slot_idx_R, weight_R, plan.counts_E, K, *weights, recompute=recompute, blocks=blocks)
     y_ref, ref_leaves = _local_runner(plan, x_TD, weight_R, weights)
     kc.assert_close(y, y_ref, what="y")
     dy = torch.randn(y.shape, generator=gen).to(kc.DEVICE)
