@@ -4,6 +4,8 @@ Usage:
     python -m tools.bench_layer --out bench_out            # the four reference shapes
     python -m tools.bench_layer --quick --out bench_out    # small shapes, a smoke run
     python -m tools.bench_layer --autotune --out bench_out # also sweep the Triton block sizes
+    TRITON_INTERPRET=1 python -m tools.bench_layer --device cpu --dtype fp32 --shape 32 64 4 2 64 --autotune
+        # a CPU smoke run of the whole bench (tests run it; its times mean nothing)
 
 Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k, R routed rows.
 
@@ -18,7 +20,11 @@ groups, no routing) and ``dense_gemm`` (one bf16 GEMM [T*K, D] x [D, 3F] forward
 same 18*T*K*D*F useful FLOPs). Times are CUDA-event medians after warm-up; TFLOP/s counts the
 useful 18*T*K*D*F; ``vs_dense`` = dense GEMM time / backend time; peak memory is above what was
 allocated before the timed loop; the error is max |y - y_fp32| / max |y_fp32| against the fp32
-reference on the backend's own plan. Writes ``results.json`` and ``results.md`` to ``--out``.
+reference on the backend's own plan. Writes ``results.json`` and ``results.md`` to ``--out``;
+the markdown ends with the kernel issue's targets per (shape, routing): triton's speedup over
+grouped_mm (target >= 1.15x) and the bmm ceiling's time over triton's (stretch: >= 1).
+``--autotune`` times every ``AUTOTUNE_BLOCKS`` configuration on the first routing of each shape
+and uses the fastest for all routings of that shape.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from moe.routers.base import RoutingDecision
 
 ROUTING_BIAS = 8.0
 CAPACITY_FACTOR = 1.25
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 AUTOTUNE_BLOCKS = [  # "bm,bn,bk,warps,stages,br,bwd_bn" (kernels.compile_check.parse_blocks)
     # Each compiles for sm_90 with no register spills and >= 8 resident warps per SM in every
     # GEMM kernel at the four reference shapes (python -m kernels.compile_check --blocks ...);
@@ -129,47 +136,73 @@ def build_backends(blocks: object | None) -> dict[str, tuple[ExpertRun, float | 
     return backends
 
 
+class Clock:
+    """Timestamps and peak memory on one device: CUDA events and the caching allocator's peak on a
+    GPU; ``time.perf_counter`` and no memory figure on the CPU (the CPU mode is a smoke run)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start: object, end: object) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3  # type: ignore[attr-defined, operator]
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> int:
+        if not self.cuda:
+            return 0
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    def peak_mib(self, base: int) -> float:
+        return (torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else float("nan")
+
+
 def time_fwd_bwd(fn: Callable[[], Tensor], params: list[Tensor], dy: Tensor, warmup: int, iters: int) -> dict[str, float]:
-    """Median forward and forward+backward milliseconds (CUDA events) and peak extra memory (MiB)."""
+    """Median forward and forward+backward milliseconds and peak extra memory (MiB; NaN on CPU)."""
+    clock = Clock(dy.device)
     for _ in range(warmup):
         fn().backward(dy)
-    torch.cuda.synchronize()
+    clock.sync()
     for p in params:
         p.grad = None
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    events = []
+    base = clock.reset_peak()
+    marks = []
     for _ in range(iters):
         for p in params:
             p.grad = None
-        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
+        start = clock.mark()
         y = fn()
-        mid.record()
+        mid = clock.mark()
         y.backward(dy)
-        end.record()
-        events.append((start, mid, end))
-    torch.cuda.synchronize()
+        marks.append((start, mid, clock.mark()))
+    clock.sync()
     return {
-        "fwd_ms": statistics.median(s.elapsed_time(m) for s, m, _ in events),
-        "fwd_bwd_ms": statistics.median(s.elapsed_time(e) for s, _, e in events),
-        "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
+        "fwd_ms": statistics.median(clock.ms(s, m) for s, m, _ in marks),
+        "fwd_bwd_ms": statistics.median(clock.ms(s, e) for s, _, e in marks),
+        "peak_mib": clock.peak_mib(base),
     }
 
 
-def reference_columns(T: int, K: int, D: int, F_: int, E: int, warmup: int, iters: int) -> dict[str, dict[str, float]]:
+def reference_columns(T: int, K: int, D: int, F_: int, E: int, warmup: int, iters: int, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     """The bmm ceiling (balanced equal groups, no routing) and the dense GEMM with the same FLOPs."""
-    dev, bf16 = "cuda", torch.bfloat16
     rows = T * K // E
-    x = torch.randn(E, rows, D, device=dev, dtype=bf16, requires_grad=True)
-    wg, wu = (torch.randn(E, D, F_, device=dev, dtype=bf16, requires_grad=True) for _ in range(2))
-    wd = torch.randn(E, F_, D, device=dev, dtype=bf16, requires_grad=True)
+    new = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    x, wg, wu, wd = (t.requires_grad_() for t in (new(E, rows, D), new(E, D, F_), new(E, D, F_), new(E, F_, D)))
     ceiling = lambda: torch.bmm(F.silu(torch.bmm(x, wg)) * torch.bmm(x, wu), wd)  # noqa: E731
-    out = {"bmm_ceiling": time_fwd_bwd(ceiling, [x, wg, wu, wd], torch.randn(E, rows, D, device=dev, dtype=bf16), warmup, iters)}
+    out = {"bmm_ceiling": time_fwd_bwd(ceiling, [x, wg, wu, wd], new(E, rows, D), warmup, iters)}
     del x, wg, wu, wd
-    a = torch.randn(T * K, D, device=dev, dtype=bf16, requires_grad=True)
-    w = torch.randn(D, 3 * F_, device=dev, dtype=bf16, requires_grad=True)
-    out["dense_gemm"] = time_fwd_bwd(lambda: a @ w, [a, w], torch.randn(T * K, 3 * F_, device=dev, dtype=bf16), warmup, iters)
+    a, w = new(T * K, D).requires_grad_(), new(D, 3 * F_).requires_grad_()
+    out["dense_gemm"] = time_fwd_bwd(lambda: a @ w, [a, w], new(T * K, 3 * F_), warmup, iters)
     return out
 
 
@@ -190,14 +223,14 @@ class Problem:
     dy: Tensor
 
     @staticmethod
-    def make(shape: tuple[int, int, int, int, int], routing: str, zipf_s: float, seed: int) -> Problem:
+    def make(shape: tuple[int, int, int, int, int], routing: str, zipf_s: float, seed: int, device: torch.device, dtype: torch.dtype) -> Problem:
         D, F_, E, K, T = shape
         gen = torch.Generator().manual_seed(seed)
         ids = routing_ids(T, E, K, routing, zipf_s, gen)
         bias = torch.zeros(T, E).scatter_(1, ids, ROUTING_BIAS)
-        rnd = lambda *s, std: (torch.randn(*s, generator=gen) * std).to("cuda", torch.bfloat16)  # noqa: E731
+        rnd = lambda *s, std: (torch.randn(*s, generator=gen) * std).to(device, dtype)  # noqa: E731
         weights = (rnd(E, D, F_, std=D**-0.5), rnd(E, D, F_, std=D**-0.5), rnd(E, F_, D, std=F_**-0.5))
-        return Problem(T, D, F_, E, K, routing, rnd(T, D, std=1.0), rnd(D, E, std=0.1 * D**-0.5), bias.cuda(), weights, rnd(T, D, std=1.0))
+        return Problem(T, D, F_, E, K, routing, rnd(T, D, std=1.0), rnd(D, E, std=0.1 * D**-0.5), bias.to(device), weights, rnd(T, D, std=1.0))
 
 
 def run_backend(p: Problem, run: ExpertRun, cf: float | None, warmup: int, iters: int) -> dict[str, float]:
@@ -266,16 +299,17 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """Table records, and the autotune sweeps (empty without --autotune)."""
     records: list[dict] = []
     sweeps: list[dict] = []
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = [tuple(s) for s in args.shape] if args.shape else QUICK_SHAPES if args.quick else SHAPES
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     for si, shape in enumerate(shapes):
         D, F_, E, K, T = shape
         dims = dict(D=D, F=F_, E=E, K=K, T=T)
         flops = useful_flops(T, K, D, F_)
         blocks = None
-        refs = reference_columns(T, K, D, F_, E, args.warmup, args.iters)
+        refs = reference_columns(T, K, D, F_, E, args.warmup, args.iters, device, dtype)
         dense_ms = refs["dense_gemm"]["fwd_bwd_ms"]
         for routing in args.routing:
-            p = Problem.make(shape, routing, args.zipf_s, args.seed + si)
+            p = Problem.make(shape, routing, args.zipf_s, args.seed + si, device, dtype)
             if args.autotune and routing == args.routing[0]:  # tuned once per shape, on the first routing
                 blocks, tuned = autotune(p, args.warmup, args.iters)
                 sweeps.append({**dims, "routing": routing, "results": tuned})
@@ -289,7 +323,7 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     rows.append((name, run_backend(p, run, cf, args.warmup, args.iters)))
                 except Exception as exc:  # one backend failing (OOM, unsupported) must not stop the others
                     rows.append((name, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}))
-                torch.cuda.empty_cache()
+                _free(device)
             for name, stats in rows:
                 rec = {**dims, "routing": routing, "backend": name, **stats}
                 if "error" not in stats:
@@ -300,14 +334,45 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 records.append(rec)
                 print(json.dumps(rec, default=str)[:300], flush=True)
             del p
-            torch.cuda.empty_cache()
+            _free(device)
     return records, sweeps
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def summary(records: list[dict]) -> str:
+    """Per (shape, routing): triton's speedup over grouped_mm and its time against the bmm ceiling,
+    with the kernel issue's targets (>= 1.15x grouped_mm; stretch: at or above the ceiling)."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if "error" not in r:
+            by.setdefault((r["D"], r["F"], r["E"], r["K"], r["T"], r["routing"]), {})[r["backend"]] = r
+    lines = [
+        "| D | F | E | K | T | routing | triton / grouped_mm speedup | >= 1.15x | ceiling / triton time | >= ceiling | triton vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, rows in by.items():
+        if "triton" not in rows:
+            continue
+        ms = rows["triton"]["fwd_bwd_ms"]
+        speed = rows["grouped_mm"]["fwd_bwd_ms"] / ms if "grouped_mm" in rows else float("nan")
+        ceil = rows["bmm_ceiling"]["fwd_bwd_ms"] / ms if "bmm_ceiling" in rows else float("nan")
+        lines.append(
+            "| " + " | ".join(map(str, key)) + f" | {speed:.2f}x | {'yes' if speed >= 1.15 else 'no'} | {ceil:.2f} | {'yes' if ceil >= 1.0 else 'no'} | {rows['triton']['vs_dense']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_layer", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="directory for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES} instead of {SHAPES}")
+    parser.add_argument("--shape", type=int, nargs=5, action="append", metavar=("D", "F", "E", "K", "T"), help="repeatable; replaces the shape list")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the whole bench (triton needs TRITON_INTERPRET=1); its times mean nothing")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="bf16 is the benchmark; fp32 for CPU smoke runs")
     parser.add_argument("--autotune", action="store_true", help="sweep the Triton block sizes per shape (on the first --routing); the fastest is used for every routing")
     parser.add_argument("--routing", nargs="+", default=["balanced", "zipf"], choices=["balanced", "zipf"])
     parser.add_argument("--zipf-s", type=float, default=1.2, help="Zipf exponent of expert popularity")
@@ -320,18 +385,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_layer: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured", file=sys.stderr)
         return 1
+    if args.device == "cpu":
+        print("bench_layer: CPU smoke run: checks the whole bench runs; its times are not GPU numbers", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     records, sweeps = bench(args)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run, not a benchmark)"
     meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": _version("triton"), "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.time() - start,
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "records": records, "autotune": sweeps}, indent=1, default=str))
-    (args.out / "results.md").write_text(f"# MoE layer benchmark ({meta['device']}, bf16, fwd+bwd)\n\n" + markdown(records))
+    title = f"# MoE layer benchmark ({meta['device']}, {args.dtype}, fwd+bwd)\n\n"
+    (args.out / "results.md").write_text(title + markdown(records) + "\n## Targets\n\n" + summary(records))
     print(f"bench_layer: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return 0
 

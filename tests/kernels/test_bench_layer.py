@@ -71,3 +71,36 @@ def test_every_backend_equals_reference_on_its_plan(kc, gen, routing):
         y = run(x, plan, weights, K)
         want = reference.moe_experts(x, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *weights)
         kc.assert_close(y, want, what=name)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_writes_every_backend_and_the_autotune_sweep(tmp_path):
+    """The whole bench (autotune included) on a tiny fp32 shape, Triton interpreted: the run a GPU
+    lease would make, minus the GPU, so a bench bug never costs device time."""
+    import json
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "tools.bench_layer", "--device", "cpu", "--dtype", "fp32", "--shape", "32", "64", "4", "2", "64",
+           "--warmup", "0", "--iters", "1", "--autotune", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "smoke run" in done.stderr
+    result = json.loads((out / "results.json").read_text())
+    records = result["records"]
+    want = {"bmm_ceiling", "dense_gemm", "torch", "capacity_bmm", "grouped_mm", "triton"}
+    for routing in ("balanced", "zipf"):
+        rows = {r["backend"]: r for r in records if r["routing"] == routing}
+        assert want <= set(rows), (routing, sorted(rows))
+        for name in want - {"bmm_ceiling", "dense_gemm"}:
+            assert "error" not in rows[name], rows[name]
+            assert rows[name]["max_rel_err"] < 1e-5, (routing, name, rows[name]["max_rel_err"])
+            assert rows[name]["fwd_bwd_ms"] > 0
+        assert rows["dense_gemm"]["vs_dense"] == 1.0
+    assert [r for r in records if r["backend"] == "capacity_bmm" and r["routing"] == "zipf"][0]["dropped_frac"] > 0
+    (sweep,) = result["autotune"]  # one shape, tuned on the first routing only
+    assert sweep["routing"] == "balanced" and len(sweep["results"]) == len(bench_layer.AUTOTUNE_BLOCKS)
+    assert all("error" not in r for r in sweep["results"])
+    md = (out / "results.md").read_text()
+    assert "## Targets" in md and md.count("| triton |") == 2
