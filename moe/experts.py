@@ -115,8 +115,19 @@ def _register_triton() -> bool:
     return True
 
 
+EXPERT_WEIGHT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+"""The stacked weights of ``Experts``, in the order every backend takes them."""
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts of width F over model dim D, weights stacked per expert."""
+    """E SwiGLU experts of width F over model dim D, weights stacked per expert.
+
+    In one process the module holds all E experts. The parallel runtime may leave it only some
+    rows: ``parallel=ep``/``fssdp`` keep this rank's experts and name them in ``expert_ids``
+    (global ids, in row order) and set ``expert_group``, the process group in which every
+    expert is held exactly once; ``parallel=fsdp`` turns the weights into DTensors sharded on
+    the expert dim. ``local_rows`` and ``read_expert`` work the same in every case.
+    """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, backend: str = "torch") -> None:
         super().__init__()
@@ -125,7 +136,44 @@ class Experts(nn.Module):
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.backend = backend
+        self.expert_ids: list[int] | None = None
+        self.expert_group: torch.distributed.ProcessGroup | None = None
         self.reset_parameters()
+
+    def rows_of(self, t: Tensor) -> tuple[list[int], Tensor]:
+        """(global expert id of each local row, the local rows, writable in place) of a tensor laid
+        out like a stacked weight: the weight itself or its optimizer state."""
+        from moe.dtensor_io import local_rows
+
+        start, rows = local_rows(t)
+        ids = self.expert_ids if self.expert_ids is not None else list(range(start, start + rows.shape[0]))
+        assert len(ids) == rows.shape[0], (len(ids), rows.shape)
+        return list(ids), rows
+
+    def local_rows(self, name: str) -> tuple[list[int], Tensor]:
+        """``rows_of`` the weight ``name``."""
+        return self.rows_of(getattr(self, name))
+
+    @torch.no_grad()
+    def read_expert(self, e: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of global expert ``e``'s (gate, up, down) weights, identical on every rank.
+
+        Where the experts are split over ranks, each rank contributes the row it holds (zeros
+        elsewhere) to an all-reduce over the group in which every expert lives exactly once;
+        adding zeros is exact, so every rank gets the owner's bits. All ranks of that group
+        must call it together.
+        """
+        from moe.dtensor_io import shard_group
+
+        out = []
+        for name in EXPERT_WEIGHT_NAMES:
+            ids, rows = self.local_rows(name)
+            row = rows[ids.index(e)].clone() if e in ids else rows.new_zeros(rows.shape[1:])
+            group = shard_group(getattr(self, name)) or self.expert_group
+            if group is not None:
+                torch.distributed.all_reduce(row, group=group)
+            out.append(row)
+        return out[0], out[1], out[2]
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_gate_EDF, std=self.d_model**-0.5)

@@ -22,32 +22,19 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from moe.experts import Experts
-from parallel.expert_parallel import EXPERT_PARAM_NAMES
+from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 
 
 def _expert_rows(experts: Experts, t: Tensor) -> tuple[list[int], Tensor]:
     """(global expert ids of the local rows, the local rows) of a stacked expert tensor."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        local = t.to_local()
-        return list(range(offset[0], offset[0] + shape[0])), local
-    ids = getattr(experts, "expert_ids", None)
-    if ids is None:
-        ids = list(range(t.shape[0]))
-    assert len(ids) == t.shape[0], (len(ids), t.shape)
-    return list(ids), t
+    return experts.rows_of(t)
 
 
 def _expert_params(model: nn.Module) -> Iterator[tuple[str, Experts, str, nn.Parameter]]:
     """(fqn of the Experts module, module, param name, param) for every stacked expert weight."""
     for fqn, mod in model.named_modules():
         if isinstance(mod, Experts):
-            for name in EXPERT_PARAM_NAMES:
+            for name in EXPERT_WEIGHT_NAMES:
                 yield fqn, mod, name, getattr(mod, name)
 
 

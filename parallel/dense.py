@@ -4,7 +4,10 @@
   of the given parameters are flattened into buckets of ``bucket_mb`` and all-reduced (SUM, then
   divided by the data-parallel size): the same arithmetic as ``DistributedDataParallel``, done in
   place on the model so it keeps its class and attributes (``after_step``, ``moe_layers``). A
-  parameter without a gradient on some rank counts as zeros, so every rank runs the same buckets.
+  parameter without a gradient on some ranks counts as zeros there, so every rank runs the same
+  buckets; one without a gradient on every rank keeps none, as in one process (AdamW then skips
+  it; a zero gradient would advance its step count and decay it). Which is which costs one
+  small all-reduce of per-parameter flags per step.
 - ``apply_fsdp`` (``parallel.dense=fsdp`` and ``parallel=fsdp``): ``fully_shard`` on each
   transformer block and on the root, with the expert parameters of EP/FSSDP left out
   (``ignored_params``); FSDP2 reduce-scatters (averaging) gradients during backward.
@@ -27,11 +30,21 @@ class GradAverager:
         self.params, self.group, self.meter, self.name = params, group, meter, name
         self.bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
 
-    def _buckets(self) -> list[list[nn.Parameter]]:
+    def _with_grad_anywhere(self, world: int) -> list[nn.Parameter]:
+        """The parameters that have a gradient on at least one rank of the group."""
+        flags = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=self.params[0].device if self.params else "cpu")
+        if world > 1 and self.params:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            if self.meter is not None:
+                nbytes = 2 * (world - 1) / world * flags.numel() * flags.element_size()
+                self.meter.add(self.name, nbytes, nbytes)
+        return [p for p, f in zip(self.params, flags.tolist()) if f]
+
+    def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
         buckets: list[list[nn.Parameter]] = []
         current: list[nn.Parameter] = []
         size = 0
-        for p in self.params:
+        for p in params:
             if current and (size + p.numel() > self.bucket_elems or p.dtype != current[0].dtype):
                 buckets.append(current)
                 current, size = [], 0
@@ -45,7 +58,7 @@ class GradAverager:
     def sync(self, divide_by: int) -> None:
         """All-reduce SUM the gradients and divide them by ``divide_by`` (the data-parallel size)."""
         world = group_size(self.group)
-        for bucket in self._buckets():
+        for bucket in self._buckets(self._with_grad_anywhere(world)):
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
             if world > 1:
                 dist.all_reduce(flat, group=self.group)

@@ -22,11 +22,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe.dispatch import DispatchPlan, combine, gather_rows
-from moe.experts import Experts
+from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from parallel.comm import CommMeter
 from parallel.token_exchange import exchange_and_run
 
-EXPERT_PARAM_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 def shard_experts(experts: Experts, ep_rank: int, ep_size: int) -> list[int]:
@@ -34,7 +33,7 @@ def shard_experts(experts: Experts, ep_rank: int, ep_size: int) -> list[int]:
     E = experts.num_experts
     L = E // ep_size
     lo = ep_rank * L
-    for name in EXPERT_PARAM_NAMES:
+    for name in EXPERT_WEIGHT_NAMES:
         full = getattr(experts, name)
         setattr(experts, name, nn.Parameter(full.detach()[lo : lo + L].clone(), requires_grad=full.requires_grad))
     experts.expert_ids = list(range(lo, lo + L))  # global id of each local row, for checkpoints

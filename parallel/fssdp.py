@@ -35,10 +35,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe.dispatch import DispatchPlan, combine, gather_rows
-from moe.experts import BACKENDS, Experts
+from moe.experts import BACKENDS, EXPERT_WEIGHT_NAMES, Experts
 from parallel.comm import CommMeter, all_to_all_raw
 from parallel.config import FSSDPConfig
-from parallel.expert_parallel import EXPERT_PARAM_NAMES
 from parallel.fssdp_plan import heterogeneous_shard, initial_owners, plan_digest, sparse_materialize
 from parallel.token_exchange import exchange_and_run
 
@@ -235,7 +234,7 @@ class FSSDPRunner:
     def prefetch(self) -> None:
         """Start this layer's spAG now (called before the block's attention, so the two overlap)."""
         experts = self.layer.experts
-        owned = tuple(getattr(experts, n) for n in EXPERT_PARAM_NAMES)
+        owned = tuple(getattr(experts, n) for n in EXPERT_WEIGHT_NAMES)
         self.pending = PendingGather(self._meta(owned[0].device), owned, self.state.group, self.state.meter)
 
     def __call__(self, experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
@@ -250,7 +249,7 @@ class FSSDPRunner:
         base_E, rem_E = counts_E // n_E, counts_E % n_E
         share_EW = torch.where(pos_EW >= 0, base_E[:, None] + (pos_EW < rem_E[:, None]).long(), torch.zeros_like(pos_EW))
         held_H = torch.tensor(lay.held(), dtype=torch.int64, device=device)
-        owned = tuple(getattr(experts, n) for n in EXPERT_PARAM_NAMES)
+        owned = tuple(getattr(experts, n) for n in EXPERT_WEIGHT_NAMES)
 
         def run_held(x_ND: Tensor, counts_H: Tensor) -> Tensor:
             if st.cfg.rematerialize:
@@ -285,7 +284,7 @@ class FSSDPState:
         layer = FSSDPLayer(experts, owner, self.rank, self.world)
         owned = layer.owned()
         idx = torch.tensor(owned, dtype=torch.int64)
-        for name in EXPERT_PARAM_NAMES:
+        for name in EXPERT_WEIGHT_NAMES:
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach().index_select(0, idx.to(full.device)).clone(), requires_grad=full.requires_grad))
         experts.expert_ids = owned
@@ -357,7 +356,7 @@ def move_ownership(lay: FSSDPLayer, new_owner: list[int], optimizer: torch.optim
     """Move parameters and optimizer state of experts whose owner changes (one all-to-all)."""
     experts, rank, world = lay.experts, lay.rank, lay.world
     old_owner = lay.owner_E
-    params = [getattr(experts, n) for n in EXPERT_PARAM_NAMES]
+    params = [getattr(experts, n) for n in EXPERT_WEIGHT_NAMES]
     keys_and_other = [_state_keys(optimizer, p) for p in params]
     keys = keys_and_other[0][0]
     # One chunk per expert: [params..., state[k] of each param for each per-expert key k].
@@ -387,7 +386,7 @@ def move_ownership(lay: FSSDPLayer, new_owner: list[int], optimizer: torch.optim
         pieces.append(new_NC[:, offset : offset + size].reshape(len(new_ids), *t.shape[1:]).clone())
         offset += size
     new_params = []
-    for i, (name, old) in enumerate(zip(EXPERT_PARAM_NAMES, params)):
+    for i, (name, old) in enumerate(zip(EXPERT_WEIGHT_NAMES, params)):
         new = nn.Parameter(pieces[i], requires_grad=old.requires_grad)
         setattr(experts, name, new)
         new_params.append(new)

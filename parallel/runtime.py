@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe.experts import EXPERT_WEIGHT_NAMES
 from moe.layer import MoELayer
 from parallel.checkpoint import checkpoint_state, load_checkpoint_state
 from parallel.comm import CommMeter
 from parallel.config import ParallelConfig, check_experts
 from parallel.dense import GradAverager, apply_fsdp, is_sharded, local_tensor
-from parallel.expert_parallel import EXPERT_PARAM_NAMES, ExpertParallelRunner, shard_experts
+from parallel.expert_parallel import ExpertParallelRunner, shard_experts
 from parallel.fssdp import FSSDPRunner, FSSDPState
 from parallel.mesh import MeshInfo, init_mesh
 
@@ -65,7 +66,7 @@ class Runtime:
 
     def expert_params(self) -> list[nn.Parameter]:
         """This rank's expert weights under ep/fssdp (looked up live: FSSDP re-ownership swaps them)."""
-        return [getattr(m, n) for m in self.expert_modules for n in EXPERT_PARAM_NAMES]
+        return [getattr(m, n) for m in self.expert_modules for n in EXPERT_WEIGHT_NAMES]
 
     def _all_reduce_(self, tensors: list[Tensor], op: dist.ReduceOp) -> None:
         if not self.distributed or not tensors:
@@ -204,6 +205,7 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         ep_group, ep_rank, ep = info.group("ep"), info.ep_mesh.get_local_rank("ep"), info.ep_size
         for layer in layers:
             shard_experts(layer.experts, ep_rank, ep)
+            layer.experts.expert_group = ep_group  # each expert lives once per EP group
             layer.runner = ExpertParallelRunner(layer.num_experts, ep_group, ep_rank, ep, runtime.meter)
         runtime.expert_replicas = runtime.world_size // ep
         runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
@@ -211,6 +213,7 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         state = FSSDPState(cfg.fssdp, dp_group, runtime.rank, runtime.world_size, info.local_world_size, runtime.meter)
         for layer in layers:
             runner = FSSDPRunner(state, state.add_layer(layer.experts))
+            layer.experts.expert_group = dp_group  # owner-only: each expert lives on one rank
             layer.runner = runner
             if cfg.fssdp.prefetch:  # overlap the gather with the attention that precedes the layer
                 for block in model.modules():

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moe.dtensor_io import copy_full_
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
 from moe.routers.evolve import EvolveConfig, base_expert_decision, spawn_experts, stream_generator
@@ -167,10 +168,9 @@ class DTSRouter(Router):
     def reset_gate(self, generator: torch.Generator | None = None) -> None:
         """``W_g ~ N(0, 1/D)`` (as the top-k router), bias 0; drawn on the CPU when seeded."""
         w = torch.randn(self.gate.weight.shape, generator=generator) * self.d_model**-0.5
-        with torch.no_grad():
-            self.gate.weight.copy_(w)
-            if self.gate.bias is not None:
-                self.gate.bias.zero_()
+        copy_full_(self.gate.weight, w)  # an FSDP2 shard under parallel=fsdp
+        if self.gate.bias is not None:
+            copy_full_(self.gate.bias, torch.zeros(self.gate.bias.shape))
 
     def scores(self, h_TE: Tensor) -> Tensor:
         """Map gate logits to the scores the DTS logic runs on (identity here; σ in activation DTS)."""

@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
+from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from moe.routers.base import RoutingDecision
 
 # Seeds of the per-expert mask streams are ``seed * _SEED_STRIDE + e``; stream E re-initialises the gate.
 _SEED_STRIDE = 1_000_003
-EXPERT_WEIGHT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 @dataclass(kw_only=True)
@@ -62,19 +62,23 @@ def keep_mask(shape: torch.Size, mask_ratio: float, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def spawn_experts(experts: nn.Module, cfg: EvolveConfig) -> None:
+def spawn_experts(experts: Experts, cfg: EvolveConfig) -> None:
     """Overwrite every expert e with ``W_base ⊙ M_e``, ``W_base`` = expert 0's weights (EvoMoE §3).
 
-    Masks are drawn on the CPU from ``stream_generator(cfg.seed, e)`` so every rank and device
-    builds the same experts. Each of the three SwiGLU matrices gets its own mask.
+    Masks are drawn on the CPU from ``stream_generator(cfg.seed, e)`` for global expert id e, so
+    every rank and device builds the same experts, however they are split: each rank reads
+    expert 0 (``Experts.read_expert``, a collective where experts are sharded) and rewrites only
+    the rows it holds. Each of the three SwiGLU matrices gets its own mask, drawn in the order
+    gate, up, down from expert e's stream.
     """
-    gens = [stream_generator(cfg.seed, e) for e in range(experts.num_experts)]
-    for name in EXPERT_WEIGHT_NAMES:
-        w_E__ = getattr(experts, name)
-        base = w_E__[0].detach().clone()
-        for e, gen in enumerate(gens):
-            mask = keep_mask(base.shape, cfg.mask_ratio, gen).to(device=base.device, dtype=base.dtype)
-            w_E__[e].copy_(base * mask)
+    base = experts.read_expert(0)
+    gens: dict[int, torch.Generator] = {}
+    for name, w_base in zip(EXPERT_WEIGHT_NAMES, base):
+        ids, rows = experts.local_rows(name)
+        for row, e in enumerate(ids):
+            gen = gens.setdefault(e, stream_generator(cfg.seed, e))
+            mask = keep_mask(w_base.shape, cfg.mask_ratio, gen).to(device=w_base.device, dtype=w_base.dtype)
+            rows[row].copy_(w_base * mask)
 
 
 def base_expert_decision(num_tokens: int, num_experts: int, device: torch.device) -> RoutingDecision:

@@ -2,7 +2,8 @@
 
 12 steps of the tiny model on the embedded stdlib corpus; the per-step loss in
 ``metrics.jsonl`` must match ``parallel=ddp`` (relative 1e-3) for ``ep`` and ``fssdp``, and a
-2-rank ``ep`` checkpoint resumed by one process must continue the same loss curve.
+2-rank ``ep`` checkpoint resumed by one process must continue the same loss curve. EvoMoE (base
+expert, then a spawn of every expert from it) must match ``ddp`` under ``ep``, ``fssdp`` and ``fsdp``.
 """
 
 from __future__ import annotations
@@ -75,3 +76,22 @@ def test_two_rank_ep_checkpoint_resumes_in_one_process(ddp_curve: dict[int, floa
     one = train(tmp_path / "one", "parallel=none", "checkpoint.resume=auto", f"checkpoint.dir={ckpt}", nproc=1)
     assert min(one) == 7, f"resume should start after step 6, got steps {sorted(one)}"
     assert_same_curve(one, ep, range(7, STEPS + 1))
+
+
+EVOLVE = ["router=dts", "router.evolve.enabled=true", "router.evolve.base_steps=4", "router.decay_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def ddp_evolve_curve(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    d = tmp_path_factory.mktemp("ddp_evolve")
+    return train(d, "parallel=ddp", *EVOLVE, "checkpoint.resume=never", f"checkpoint.dir={d}/ckpt")
+
+
+@pytest.mark.parametrize("mode", ["ep", "fssdp", "fsdp"])
+def test_evomoe_spawn_under_sharded_experts_matches_ddp(mode: str, ddp_evolve_curve: dict[int, float], tmp_path: Path) -> None:
+    """EvoMoE trains one base expert for 4 steps, then spawns all experts from it; with the
+    experts split over ranks the spawn must read expert 0 from its owner (it used to crash)."""
+    got = train(tmp_path, f"parallel={mode}", *EVOLVE, "checkpoint.resume=never", f"checkpoint.dir={tmp_path}/ckpt")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_same_curve(got, ddp_evolve_curve, range(1, STEPS + 1))
+    assert got[STEPS] < got[4] - 0.5  # still learning after the spawn

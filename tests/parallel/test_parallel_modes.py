@@ -132,3 +132,35 @@ def test_checkpoint_from_two_rank_ep_loads_into_fssdp_and_one_process(tmp_path: 
         dcp.load(state, checkpoint_id=directory)
     load_checkpoint_state(model, opt, state)
     check_against_reference(model, opt, tmp_path / "ckpt" / "ref.pt")
+
+
+def _spawn_worker() -> None:
+    from moe.dtensor_io import copy_full_
+    from moe.routers.evolve import EvolveConfig, spawn_experts
+
+    evolve = EvolveConfig(enabled=True, mask_ratio=0.5, seed=3)
+    for mode in ("fsdp", "ep", "fssdp"):
+        cfg = ParallelConfig(mode=mode, timeout_s=60)
+        rt = setup_runtime(cfg)
+        ref = tiny_model(num_experts=4)
+        model = apply_parallel(copy.deepcopy(ref), cfg, rt)
+        for twin in (ref, model):
+            for m in twin.modules():
+                if isinstance(m, Experts):
+                    spawn_experts(m, evolve)
+        for name, p in model.named_parameters():
+            want = expected(model, name, dict(ref.named_parameters())[name].detach())
+            assert torch.equal(full(p.detach()), want), f"{mode} {name}: spawned rows differ from one process"
+        base = [m for m in ref.modules() if isinstance(m, Experts)][0].w_gate_EDF[0]
+        assert not torch.equal(base, [m for m in ref.modules() if isinstance(m, Experts)][0].w_gate_EDF[1])  # masks differ
+        # A gate rewritten whole (DTS's reset at the spawn) lands in FSDP2 shards too.
+        gate = model.blocks[0].ffn.router.gate.weight
+        value = torch.randn(gate.shape, generator=torch.Generator().manual_seed(4))
+        copy_full_(gate, value)
+        assert torch.equal(full(gate.detach()), value), mode
+
+
+def test_evomoe_spawn_matches_single_process_in_sharded_modes() -> None:
+    """EvoMoE's spawn reads expert 0 from its owner and writes each rank's rows: fsdp (DTensor
+    shards), ep (E/2 experts per rank) and fssdp (owner-only rows) equal the one-process spawn bit for bit."""
+    run_distributed(_spawn_worker, 2)
