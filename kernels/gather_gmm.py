@@ -31,7 +31,7 @@ from kernels.combine import combine_slots
 from kernels.gmm_scatter import gmm_scatter_raw
 from kernels.grouped_wgrad import grouped_wgrad
 from kernels.layout import BlockSizes, TileSchedule
-from kernels.tile_matmul import grouped_program, source_rows, tile_matmul, tile_matmul_pair, tile_rows
+from kernels.tile_matmul import program_tile, source_rows, tile_matmul, tile_matmul_pair
 
 
 @triton.jit
@@ -43,12 +43,9 @@ def _swiglu_fwd_kernel(
     STORE_H: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    expert, rows, row_mask, pid_n, offs_n, n_mask = program_tile(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_dim
     a_rows = source_rows(slot_ptr, rows, row_mask, row_div, True)
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_off = expert.to(tl.int64) * stride_we
@@ -74,12 +71,9 @@ def _plain_kernel(
     tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
     GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    expert, rows, row_mask, pid_n, offs_n, n_mask = program_tile(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_dim
     a_rows = source_rows(slot_ptr, rows, row_mask, row_div, GATHER)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = tile_matmul(acc, a_ptr, a_rows, row_mask, stride_am, stride_ak, w_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, offs_n, n_mask, k_dim, BLOCK_K, PRECISION)
@@ -94,12 +88,9 @@ def _swiglu_bwd_kernel(
     tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    expert, rows, row_mask, pid_n, offs_n, n_mask = program_tile(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_dim
     a_rows = source_rows(slot_ptr, rows, row_mask, row_div, True)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a = tile_matmul(acc, dy_ptr, a_rows, row_mask, stride_dym, stride_dyk, wd_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, offs_n, n_mask, k_dim, BLOCK_K, PRECISION)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kernels.grouped_wgrad import grouped_wgrad
 from kernels.layout import BlockSizes, TileSchedule
-from kernels.tile_matmul import grouped_program, tile_matmul, tile_rows
+from kernels.tile_matmul import program_tile, tile_matmul
 
 
 @triton.jit
@@ -35,12 +35,9 @@ def _gmm_scatter_kernel(
     HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    expert, rows, row_mask, pid_n, offs_n, n_mask = program_tile(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_dim
     b_off = expert.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = tile_matmul(acc, a1_ptr, rows, row_mask, stride_am, stride_ak, b1_ptr + b_off, stride_bk, stride_bn, offs_n, n_mask, k_dim, BLOCK_K, PRECISION)

@@ -68,6 +68,16 @@ def tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M: tl
 
 
 @triton.jit
+def program_tile(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile and column block in grouped order (the prologue of every grouped GEMM):
+    ``(expert, rows, row mask, column block, columns, column mask)``; expert is -1 for an unused tile."""
+    tid, pid_n = grouped_program(tl.program_id(0), num_tiles, tl.cdiv(n_dim, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = tile_rows(tid, tile_expert_ptr, tile_row_start_ptr, offsets_ptr, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, row_mask, pid_n, offs_n, offs_n < n_dim
+
+
+@triton.jit
 def source_rows(slot_ptr, rows, row_mask, row_div, GATHER: tl.constexpr):
     """Row of the A source for each expert-sorted row: ``slot // row_div`` or the row itself."""
     if GATHER:
