@@ -104,6 +104,28 @@ def memmap_corpus(path: str, dtype: str, val_fraction: float, vocab_size: int) -
     return TokenSplits(train, val, f"memmap {len(shards)} shard(s) at {path}: {train.size:,} train / {val.size:,} val tokens")
 
 
+def token_counts(tokens: np.ndarray, vocab_size: int, max_tokens: int, windows: int = 64) -> Tensor:
+    """int64 [vocab_size] counts of token ids over at most ``max_tokens`` tokens of ``tokens``.
+
+    The whole array when it is short enough; otherwise ``windows`` evenly spaced contiguous
+    windows of ``max_tokens // windows`` tokens, so a memmap is read in a few sequential runs and
+    the sample spans the whole split. Deterministic: every rank gets the same counts.
+    """
+    if tokens.size <= max_tokens:
+        parts = [tokens]
+    else:
+        width = max(1, max_tokens // windows)
+        starts = np.linspace(0, tokens.size - width, windows).astype(np.int64)
+        parts = [tokens[s : s + width] for s in starts]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for part in parts:
+        ids = np.asarray(part, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise DataError(f"token ids must be in [0, model.vocab_size={vocab_size}); found {int(ids.min())}..{int(ids.max())}")
+        counts += np.bincount(ids, minlength=vocab_size)
+    return torch.from_numpy(counts)
+
+
 class BatchSampler:
     """Random windows of ``seq_len + 1`` tokens; batch ``i`` depends only on ``(seed, split, i)``."""
 

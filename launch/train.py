@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
-from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus
+from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus, token_counts
 from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
@@ -185,6 +185,11 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     core = MoETransformer(job.model, job.router, job.experts).to(runtime.device)
     for _, layer in core.moe_layers():
         layer.resolve_backend(runtime.device)
+    wanted = max((layer.router.wants_token_counts for _, layer in core.moe_layers()), default=0)
+    if wanted:  # e.g. hash routing's frequency-balanced table; a resume reloads the same table
+        counts_V = token_counts(data.train, job.model.vocab_size, wanted)
+        for _, layer in core.moe_layers():
+            layer.router.fit_token_counts(counts_V)
     # ``model`` may be a wrapper (DDP); ``core`` stays the plain transformer for hooks and stats.
     model = apply_parallel(core, job.parallel, runtime)
     optimizer, scheduler = build_optimizer(model, job)

@@ -97,6 +97,18 @@ class Router(nn.Module):
         """
         return []
 
+    @property
+    def wants_token_counts(self) -> int:
+        """How many training tokens the router wants counted before training (0: none).
+
+        The trainer then calls ``fit_token_counts`` once with the id counts of that many tokens
+        of the training split (hash routing's frequency-balanced table). Most routers want none.
+        """
+        return 0
+
+    def fit_token_counts(self, counts_V: Tensor) -> None:
+        """Take training-data token counts (int64 [V]) before step 0; see ``wants_token_counts``."""
+
     @torch.no_grad()
     def after_step(self, step: int, experts: nn.Module) -> None:
         """Per-optimizer-step update outside autograd; most routers do nothing.

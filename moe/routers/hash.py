@@ -4,14 +4,25 @@ Shape legend: T tokens, E experts, K slots (K = 1).
 
 *Hash Layers For Large Sparse Models* (arXiv 2106.04426) §3: ``e_t = hash(token_id_t)`` with a
 fixed random hash; the expert output is used with weight 1 and nothing is learned by the router
-(``Hsword/Hetu: python/hetu/layers/HashGate.py``). The table here is a balanced random hash:
-a seeded random permutation of ``range(table_size)`` taken modulo E, so each expert owns
-``table_size / E`` entries (±1) at random positions, and token ``i`` uses entry
-``i % table_size``. The table is a persistent buffer, so a checkpoint carries its own mapping.
+(``Hsword/Hetu: python/hetu/layers/HashGate.py``). Two tables (``router.balance``):
+
+- ``random`` (default): a seeded random permutation of ``range(table_size)`` taken modulo E, so
+  each expert owns ``table_size / E`` entries (±1) at random positions. Balanced in token *ids*,
+  not in tokens: on skewed text (bytes, Zipfian vocabularies) the experts holding the frequent
+  ids get most of the load.
+- ``frequency``: the paper's balanced assignment, built from token frequencies of the training
+  data before training (``fit_token_counts``): ids in decreasing frequency, each to the expert with
+  the least frequency mass so far (greedy longest-processing-time), ties to the expert with fewer
+  ids, then the lower index; ids never seen in the counted sample then go, one at a time, to the
+  expert holding the fewest ids. An id heavier than 1/E of all tokens still fills an expert alone.
+
+Token ``i`` uses entry ``i % table_size``. The table is a persistent buffer, so a checkpoint
+carries its own mapping.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -28,16 +39,55 @@ class HashConfig:
     """Entries of the hash table; token id i uses entry i % table_size (>= the vocabulary avoids sharing)."""
     seed: int = 0
     """Seed of the random table (the same on every rank)."""
+    balance: str = "random"
+    """random: ids spread evenly; frequency: token mass spread evenly, from training-data counts."""
+    count_tokens: int = 10_000_000
+    """balance=frequency: how many training tokens (evenly spaced windows over the split) are counted."""
 
     def __post_init__(self) -> None:
         check(self.table_size >= 1, "router.table_size", self.table_size, "must be >= 1")
         check(self.seed >= 0, "router.seed", self.seed, "must be >= 0")
+        check(self.balance in ("random", "frequency"), "router.balance", self.balance, "must be random or frequency")
+        check(self.count_tokens >= 1, "router.count_tokens", self.count_tokens, "must be >= 1")
 
 
 def hash_table(table_size: int, num_experts: int, seed: int) -> Tensor:
     """Balanced random table: ``randperm(table_size) % E`` from a CPU generator seeded with ``seed``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randperm(table_size, generator=gen) % num_experts
+
+
+def frequency_table(counts_V: Tensor, table_size: int, num_experts: int) -> Tensor:
+    """Greedy balanced table: each id, most frequent first, to the expert with the least mass.
+
+    ``counts_V`` counts token id v of the training data; id v lands in entry ``v % table_size``
+    (entries sharing ids pool their counts). Ties go to the expert holding fewer entries, then to
+    the lower expert index; entries with no count go to the expert holding the fewest entries.
+    Deterministic, so every rank builds the same table.
+    """
+    mass_N = torch.zeros(table_size, dtype=torch.float64)
+    ids = torch.arange(counts_V.shape[0])
+    mass_N.index_add_(0, ids % table_size, counts_V.double())
+    masses = mass_N.tolist()
+    order = sorted(range(table_size), key=lambda n: (-masses[n], n))
+    seen = [n for n in order if masses[n] > 0]
+    load = [(0.0, 0, e) for e in range(num_experts)]  # (mass, entries, expert): a min-heap
+    heapq.heapify(load)
+    table = torch.empty(table_size, dtype=torch.int64)
+    for n in seen:
+        mass, entries, e = heapq.heappop(load)
+        table[n] = e
+        heapq.heappush(load, (mass + masses[n], entries + 1, e))
+    entries_E = [0] * num_experts
+    for _, entries, e in load:
+        entries_E[e] = entries
+    fill = [(entries_E[e], e) for e in range(num_experts)]  # never counted: spread by entries
+    heapq.heapify(fill)
+    for n in order[len(seen):]:
+        entries, e = heapq.heappop(fill)
+        table[n] = e
+        heapq.heappush(fill, (entries + 1, e))
+    return table
 
 
 class HashRouter(Router):
@@ -49,6 +99,16 @@ class HashRouter(Router):
         super().__init__(d_model, num_experts)
         self.cfg = cfg
         self.register_buffer("table", hash_table(cfg.table_size, num_experts, cfg.seed))
+
+    @property
+    def wants_token_counts(self) -> int:
+        return self.cfg.count_tokens if self.cfg.balance == "frequency" else 0
+
+    @torch.no_grad()
+    def fit_token_counts(self, counts_V: Tensor) -> None:
+        """``balance=frequency``: rebuild the table from training-data token counts (no-op for random)."""
+        if self.cfg.balance == "frequency":
+            self.table.copy_(frequency_table(counts_V.cpu(), self.cfg.table_size, self.num_experts))
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         ids_T = context.token_ids_T

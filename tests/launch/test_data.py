@@ -73,3 +73,17 @@ def test_batches_are_addressed_and_ranks_split_the_global_batch() -> None:
 def test_too_small_corpus_is_refused() -> None:
     with pytest.raises(DataError, match="fewer than train.seq_len"):
         BatchSampler(np.arange(10, dtype=np.uint16), 16, 2, seed=0)
+
+
+def test_token_counts_whole_and_windowed() -> None:
+    from launch.data import token_counts
+
+    tokens = np.array([0, 1, 1, 2, 2, 2, 4], dtype=np.uint16)
+    assert token_counts(tokens, 6, 100).tolist() == [1, 2, 3, 0, 1, 0]
+    # 1000 tokens, 4 windows of 25 over a ramp of ids 0..999: windows start at 0, 325, 650, 975.
+    ramp = np.arange(1000, dtype=np.uint16)
+    counts = token_counts(ramp, 1000, 100, windows=4)
+    assert int(counts.sum()) == 100
+    assert [int(i) for i in torch.nonzero(counts).flatten()[[0, 25, 50, 75]]] == [0, 325, 650, 975]
+    with pytest.raises(DataError, match=r"model.vocab_size=3"):
+        token_counts(tokens, 3, 100)

@@ -66,3 +66,44 @@ def test_layer_matches_naive_loop() -> None:
     ids_T = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(1))
     _, decision = check_layer_matches_naive(HashConfig(), RouterContext(token_ids_T=ids_T, batch_size=2, seq_len=8), num_experts=4)
     assert torch.equal(decision.expert_ids_TK[:, 0], HashRouter(HashConfig(), 8, 4).table[ids_T])
+
+
+def test_frequency_table_hand_computed() -> None:
+    from moe.routers.hash import frequency_table
+
+    # Masses 10, 6, 5, 4, 3, 2 over 2 experts, greedy to the lighter expert:
+    # 10->e0; 6->e1; 5->e1 (6<10, 11); 4->e0 (10<11, 14); 3->e1 (11<14, 14); 2: a tie at 14, e0 holds
+    # fewer ids (2 vs 3) -> e0. Ids 6, 7, 8 are never seen: by fewest ids (3 each: e0 by index), e1, e0.
+    counts = torch.tensor([10, 6, 5, 4, 3, 2, 0, 0, 0])
+    assert frequency_table(counts, 9, 2).tolist() == [0, 1, 1, 0, 1, 0, 0, 1, 0]
+    # ids sharing an entry (table_size 4 < vocab 8) pool their counts: masses 13, 8, 5, 4.
+    assert frequency_table(counts, 4, 2).tolist() == [0, 1, 1, 0]
+
+
+def test_frequency_balance_on_zipf_bytes_beats_random() -> None:
+    """Byte-like Zipf(1.1) ids over 256 values, 8 experts. The top id alone holds ~21% of tokens
+    (> 1/8), so it fills one expert; the other seven share the rest within 1%. The random table
+    leaves experts far apart."""
+    V = 256
+    mass = 1.0 / torch.arange(1, V + 1, dtype=torch.float64) ** 1.1
+    mass = mass[torch.randperm(V, generator=torch.Generator().manual_seed(0))]
+    counts = (mass / mass.sum() * 1e7).round().long()
+    cfg = HashConfig(table_size=V, balance="frequency")
+    fitted, plain = HashRouter(cfg, D, E), HashRouter(HashConfig(table_size=V), D, E)
+    fitted.fit_token_counts(counts)
+    plain.fit_token_counts(counts)  # balance=random ignores counts
+    assert torch.equal(plain.table, HashRouter(HashConfig(table_size=V), D, E).table)
+    load = lambda r: torch.zeros(E, dtype=torch.float64).index_add_(0, r.table, counts.double())  # noqa: E731
+    top = int(counts.argmax())
+    others = torch.ones(E, dtype=torch.bool)
+    others[fitted.table[top]] = False
+    assert load(fitted)[fitted.table[top]] == counts.max()  # the top id is alone on its expert
+    rest = load(fitted)[others]
+    assert rest.max() / rest.min() < 1.01
+    assert load(plain).max() / load(plain).min() > 2
+    assert fitted.wants_token_counts == cfg.count_tokens and plain.wants_token_counts == 0
+
+
+def test_bad_balance_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"router.balance \('lpt'\)"):
+        HashConfig(balance="lpt")
