@@ -52,6 +52,7 @@ from triton.runtime.jit import JITFunction
 
 from kernels.bench_shapes import REFERENCE_SHAPES, Shape
 from kernels.layout import BlockSizes
+from moe.errors import ConfigError
 
 try:  # Triton's launch-time specialisation (C++); its location is not public API
     from triton._C.libtriton import native_specialize_impl
@@ -257,13 +258,11 @@ def markdown(shape: Shape, blocks: BlockSizes, reports: list[KernelReport]) -> s
 
 
 def parse_blocks(text: str) -> BlockSizes:
-    """``bm,bn,bk,warps,stages[,br[,bwd_bn]]`` -> BlockSizes (block_r defaults to block_k, bwd_bn to BlockSizes')."""
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) not in (5, 6, 7):
-        raise argparse.ArgumentTypeError(f"--blocks {text!r}: want bm,bn,bk,warps,stages[,br[,bwd_bn]]")
-    bm, bn, bk, warps, stages = parts[:5]
-    extra = {"bwd_block_n": parts[6]} if len(parts) == 7 else {}
-    return BlockSizes(block_m=bm, block_n=bn, block_k=bk, block_r=parts[5] if len(parts) >= 6 else bk, num_warps=warps, num_stages=stages, **extra)
+    """``--blocks`` value: ``BlockSizes.parse`` with argparse's error type."""
+    try:
+        return BlockSizes.parse(text, "--blocks")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> int:

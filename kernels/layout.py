@@ -101,6 +101,20 @@ class BlockSizes:
         check(self.num_stages >= 1, "kernels.num_stages", self.num_stages, "must be >= 1")
         check(self.group_m >= 1, "kernels.group_m", self.group_m, "must be >= 1")
 
+    @classmethod
+    def parse(cls, text: str, key: str = "kernels.blocks") -> BlockSizes:
+        """``"bm,bn,bk,warps,stages[,br[,bwd_bn]]"`` (``/`` also separates, as Hydra overrides
+        need) -> BlockSizes; block_r defaults to block_k, bwd_block_n to the dataclass default.
+        Errors name ``key`` (a config key or a CLI flag)."""
+        try:
+            parts = [int(p) for p in text.replace("/", ",").split(",")]
+        except ValueError:
+            parts = []
+        check(len(parts) in (5, 6, 7), key, text, "must be bm,bn,bk,warps,stages[,br[,bwd_bn]] (integers)")
+        bm, bn, bk, warps, stages = parts[:5]
+        extra = {"bwd_block_n": parts[6]} if len(parts) == 7 else {}
+        return cls(block_m=bm, block_n=bn, block_k=bk, block_r=parts[5] if len(parts) >= 6 else bk, num_warps=warps, num_stages=stages, **extra)
+
     @property
     def swiglu_bwd_block_n(self) -> int:
         """Column block of the fused down-dgrad + SwiGLU-backward kernel (``bwd_block_n``, else ``block_n``)."""

@@ -115,7 +115,9 @@ def fused_moe_experts(
     )
 
 
-def swiglu_triton(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
+def swiglu_triton(
+    x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, *, recompute: bool = False, blocks: BlockSizes | None = None,
+) -> Tensor:
     """Drop-in for ``moe.experts.BACKENDS`` (``grouped_swiglu`` signature): rows already expert-sorted.
 
     Runs the fused kernels with K=1, identity slots and unit weights, so ``y_RD[r]`` is expert
@@ -125,4 +127,4 @@ def swiglu_triton(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: 
     R = x_RD.shape[0]
     slot_idx_R = torch.arange(R, dtype=torch.int32, device=x_RD.device)
     ones_R = torch.ones(R, dtype=torch.float32, device=x_RD.device)
-    return fused_moe_experts(x_RD, slot_idx_R, ones_R, counts_E, 1, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return fused_moe_experts(x_RD, slot_idx_R, ones_R, counts_E, 1, w_gate_EDF, w_up_EDF, w_down_EFD, recompute=recompute, blocks=blocks)

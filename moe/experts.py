@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels.layout import BlockSizes
 from moe.errors import ConfigError, check
 
 GroupedSwiGLU = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -37,11 +38,29 @@ class ExpertsConfig:
     """Grouped-GEMM backend: torch | grouped_mm | triton | megablocks | auto."""
     capacity_factor: float | None = None
     """None = dropless dispatch; a number = GShard capacity ceil(k*T*cf/E), overflow dropped and counted."""
+    recompute: bool = False
+    """backend=triton|auto: recompute the SwiGLU pre-activations in the backward instead of saving them (2*R*F fewer activations)."""
+    kernel_blocks: str | None = None
+    """backend=triton|auto: Triton launch blocks "bm/bn/bk/warps/stages[/br[/bwd_bn]]" (e.g. the bench's autotune winner); null = defaults."""
 
     def __post_init__(self) -> None:
         check(self.backend in BACKEND_NAMES, "experts.backend", self.backend, f"must be one of {sorted(BACKEND_NAMES)}")
         if self.capacity_factor is not None:
             check(self.capacity_factor > 0, "experts.capacity_factor", self.capacity_factor, "must be > 0 (or null for dropless)")
+        triton_only = "only applies to experts.backend=triton|auto"
+        check(not self.recompute or self.backend in ("triton", "auto"), "experts.recompute", self.recompute, triton_only)
+        if self.kernel_blocks is not None:
+            check(self.backend in ("triton", "auto"), "experts.kernel_blocks", self.kernel_blocks, triton_only)
+            self.blocks()  # a bad string fails here, naming the key
+
+    def blocks(self) -> BlockSizes | None:
+        """The parsed ``kernel_blocks`` (None: the kernels' defaults)."""
+        if self.kernel_blocks is None:
+            return None
+        try:
+            return BlockSizes.parse(str(self.kernel_blocks), "experts.kernel_blocks")
+        except ConfigError as exc:
+            raise ConfigError(f"experts.kernel_blocks ({self.kernel_blocks!r}): {exc}") from exc
 
 
 def swiglu_loop(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
@@ -129,9 +148,10 @@ class Experts(nn.Module):
     the expert dim. ``local_rows`` and ``read_expert`` work the same in every case.
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, backend: str = "torch") -> None:
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, backend: str = "torch", *, recompute: bool = False, blocks: BlockSizes | None = None) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.recompute, self.blocks = recompute, blocks  # Triton options (ExpertsConfig.recompute, kernel_blocks)
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
@@ -183,7 +203,8 @@ class Experts(nn.Module):
     def grouped_swiglu(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """The kernel seam: rows sorted by expert, ``counts_E`` rows each -> outputs ``y_RD``."""
         fn = BACKENDS[self.backend]
-        return fn(x_RD, counts_E, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        options = {"recompute": self.recompute, "blocks": self.blocks} if self.backend == "triton" else {}
+        return fn(x_RD, counts_E, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, **options)
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, D={self.d_model}, F={self.d_ff}, backend={self.backend}"

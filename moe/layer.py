@@ -33,7 +33,7 @@ def fused_triton_runner(experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> T
     from kernels.moe_experts import fused_moe_experts
 
     return fused_moe_experts(x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, plan.num_slots,
-                             experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD)
+                             experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD, recompute=experts.recompute, blocks=experts.blocks)
 
 
 class SharedExperts(nn.Module):
@@ -66,7 +66,7 @@ class MoELayer(nn.Module):
         self.num_experts = num_experts
         self.capacity_factor = experts_cfg.capacity_factor
         self.router = build_router(router_cfg, d_model, num_experts)
-        self.experts = Experts(num_experts, d_model, d_ff, backend=experts_cfg.backend)
+        self.experts = Experts(num_experts, d_model, d_ff, backend=experts_cfg.backend, recompute=experts_cfg.recompute, blocks=experts_cfg.blocks())
         self.shared = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.runner: ExpertRunner = local_runner
         self.stats = RoutingStats(num_experts)

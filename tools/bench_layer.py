@@ -49,7 +49,7 @@ from moe.routers.base import RoutingDecision
 ROUTING_BIAS = 8.0
 CAPACITY_FACTOR = 1.25
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-AUTOTUNE_BLOCKS = [  # "bm,bn,bk,warps,stages,br,bwd_bn" (kernels.compile_check.parse_blocks)
+AUTOTUNE_BLOCKS = [  # "bm,bn,bk,warps,stages,br,bwd_bn" (kernels.layout.BlockSizes.parse; experts.kernel_blocks)
     # Each compiles for sm_90 with no register spills and >= 8 resident warps per SM in every
     # GEMM kernel at the four reference shapes (python -m kernels.compile_check --blocks ...);
     # 128,256 tiles spill in swiglu_fwd and grouped_wgrad and 128,64 with 4 warps in swiglu_bwd.
@@ -255,13 +255,12 @@ def run_backend(p: Problem, run: ExpertRun, cf: float | None, warmup: int, iters
 
 def autotune(p: Problem, warmup: int, iters: int) -> tuple[object, list[dict]]:
     """Time the triton backend under each AUTOTUNE_BLOCKS config; returns the fastest and all results."""
-    from kernels.compile_check import parse_blocks
     from kernels.layout import BlockSizes
     from kernels.moe_experts import fused_moe_experts
 
     results = []
     for text in AUTOTUNE_BLOCKS:
-        blocks = parse_blocks(text)
+        blocks = BlockSizes.parse(text)
 
         def run(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int, blocks: BlockSizes = blocks) -> Tensor:
             return fused_moe_experts(x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *w, blocks=blocks)

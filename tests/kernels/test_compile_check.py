@@ -6,6 +6,7 @@ Shape legend: D model dim, F expert ffn dim, E experts, K top-k, T tokens.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import os
@@ -86,5 +87,9 @@ def test_parse_blocks():
     assert (b.block_m, b.block_n, b.block_k, b.block_r, b.num_warps, b.num_stages) == (128, 64, 32, 32, 4, 3)
     assert parse_blocks("64,64,64,4,4,16").block_r == 16
     assert parse_blocks("64,64,64,4,4,16,32").bwd_block_n == 32
-    with pytest.raises(Exception, match="bm,bn,bk"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"--blocks \('64,64'\) must be bm,bn,bk"):
         parse_blocks("64,64")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"--blocks \('64,64,x,4,3'\)"):
+        parse_blocks("64,64,x,4,3")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"kernels.block_m \(48\) must be a power of two"):
+        parse_blocks("48,64,64,4,3")

@@ -82,6 +82,7 @@ BAD = [
     ("model.num_experts=foo", "model.num_experts"),
     ("train.stepz=3", "train.stepz"),
     ("experts.backend=cuda", "experts.backend"),
+    ("experts.backend=triton experts.kernel_blocks=64/64", "experts.kernel_blocks"),
     ("data=memmap", "data.path"),
     ("data=memmap data.path=/nonexistent/shards", "data.path"),
     ("checkpoint.resume=maybe", "checkpoint.resume"),
