@@ -34,12 +34,18 @@ class FSSDPConfig:
     """Start each layer's spAG before its block's attention (async) so the two overlap (§4.2)."""
     debug_plan_hash: bool = False
     """All-gather a hash of every plan and fail if two ranks differ (costs one collective)."""
+    shard_size: int = 0
+    """Ranks one FSSDP group spans; 0 = the whole world. Below the world size, groups of this many
+    consecutive ranks each shard every expert once and the groups are replicas (their owners
+    all-reduce expert gradients), like FSDP's hybrid sharding: spAG, spRS and the token
+    all-to-all stay inside a group (a node, with shard_size = GPUs per node)."""
 
     def __post_init__(self) -> None:
         check(self.overlap_degree >= 0, "parallel.fssdp.overlap_degree", self.overlap_degree, "must be >= 0")
         check(self.memory_cap >= 0, "parallel.fssdp.memory_cap", self.memory_cap, "must be >= 0")
         check(self.window >= 1, "parallel.fssdp.window", self.window, "must be >= 1")
         check(self.reshard_every >= 0, "parallel.fssdp.reshard_every", self.reshard_every, "must be >= 0 (0 disables)")
+        check(self.shard_size >= 0, "parallel.fssdp.shard_size", self.shard_size, "must be >= 0 (0 = world size)")
 
 
 @dataclass(kw_only=True)
@@ -63,6 +69,8 @@ class ParallelConfig:
         check(self.dense in DENSE, "parallel.dense", self.dense, f"must be one of {list(DENSE)}")
         check(self.ep_size >= 0, "parallel.ep_size", self.ep_size, "must be >= 0 (0 = world size)")
         check(self.ep_size <= 1 or self.mode == "ep", "parallel.ep_size", self.ep_size, f"is only used by parallel.mode=ep (mode is {self.mode!r})")
+        shard = self.fssdp.shard_size
+        check(shard == 0 or self.mode == "fssdp", "parallel.fssdp.shard_size", shard, f"is only used by parallel.mode=fssdp (mode is {self.mode!r})")
         check(self.timeout_s >= 1, "parallel.timeout_s", self.timeout_s, "must be >= 1")
         check(self.bucket_mb > 0, "parallel.bucket_mb", self.bucket_mb, "must be > 0")
 
@@ -72,12 +80,23 @@ def resolved_ep_size(cfg: ParallelConfig, world_size: int) -> int:
     return cfg.ep_size if cfg.ep_size > 0 else world_size
 
 
+def expert_shard_size(cfg: ParallelConfig, world_size: int) -> int:
+    """Ranks among which every expert is held once: the EP group (ep) or the FSSDP group (fssdp);
+    the world for the other modes. ``world_size // expert_shard_size`` groups are replicas."""
+    if cfg.mode == "ep":
+        return resolved_ep_size(cfg, world_size)
+    if cfg.mode == "fssdp" and cfg.fssdp.shard_size > 0:
+        return cfg.fssdp.shard_size
+    return world_size
+
+
 def check_world(cfg: ParallelConfig, world_size: int) -> None:
     """Rules that need the world size (called by ``setup_runtime`` before anything is built)."""
-    if cfg.mode == "ep":
-        ep = resolved_ep_size(cfg, world_size)
-        check(ep <= world_size, "parallel.ep_size", ep, f"must be <= the world size ({world_size})")
-        check(world_size % ep == 0, "parallel.ep_size", ep, f"must divide the world size ({world_size})")
+    if cfg.mode in ("ep", "fssdp"):
+        size = expert_shard_size(cfg, world_size)
+        key = "parallel.ep_size" if cfg.mode == "ep" else "parallel.fssdp.shard_size"
+        check(size <= world_size, key, size, f"must be <= the world size ({world_size})")
+        check(world_size % size == 0, key, size, f"must divide the world size ({world_size})")
 
 
 def check_experts(cfg: ParallelConfig, world_size: int, num_experts: int) -> None:

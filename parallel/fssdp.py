@@ -270,8 +270,17 @@ class FSSDPRunner:
 class FSSDPState:
     """All MoE layers' FSSDP state and the per-step planning the runtime drives."""
 
-    def __init__(self, cfg: FSSDPConfig, group: dist.ProcessGroup | None, rank: int, world: int, ranks_per_node: int, meter: CommMeter | None) -> None:
+    def __init__(
+        self, cfg: FSSDPConfig, group: dist.ProcessGroup | None, rank: int, world: int, ranks_per_node: int, meter: CommMeter | None,
+        plan_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """``group``/``rank``/``world``: the FSSDP group (every expert owned once inside it) and this
+        rank's place in it. ``plan_group`` (default ``group``): the ranks whose routing counts feed
+        the plan; with hybrid sharding it is the whole world, so every group computes the same plan
+        and the owner of an expert is the same group rank in every group (its replicas)."""
         self.cfg, self.group, self.rank, self.world, self.meter = cfg, group, rank, world, meter
+        self.plan_group = group if plan_group is None else plan_group
+        self.plan_world = dist.get_world_size(self.plan_group) if dist.is_initialized() else world
         self.ranks_per_node = max(1, min(ranks_per_node, world))
         self.layers: list[FSSDPLayer] = []
         self.window: deque[Tensor] = deque(maxlen=cfg.window)
@@ -306,8 +315,8 @@ class FSSDPState:
         counts = torch.stack([lay.counts_E for lay in self.layers])
         device = self.layers[0].experts.w_gate_EDF.device
         counts = counts.to(device)
-        if self.world > 1:
-            dist.all_reduce(counts, group=self.group)
+        if self.plan_world > 1:
+            dist.all_reduce(counts, group=self.plan_group)
         self.window.append(counts.cpu())
         for lay in self.layers:
             lay.counts_E.zero_()
@@ -327,10 +336,10 @@ class FSSDPState:
         """All-gather the plan hash; raise if any rank computed a different plan."""
         mine = self.plan_digest()
         self.digests.append(mine)
-        if self.world == 1:
+        if self.plan_world == 1:
             return
-        out: list[int | None] = [None] * self.world
-        dist.all_gather_object(out, mine, group=self.group)
+        out: list[int | None] = [None] * self.plan_world
+        dist.all_gather_object(out, mine, group=self.plan_group)
         if len(set(out)) != 1:
             raise RuntimeError(f"FSSDP plans differ across ranks at step {self.steps}: digests {out}")
 

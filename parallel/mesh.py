@@ -10,7 +10,10 @@ Layout (the mesh dims, outer to inner):
 - ``ep`` mode: ``("edp", "ep")`` of shape ``(W / ep_size, ep_size)``. Expert-parallel groups are
   blocks of consecutive ranks (on one node when ep_size <= GPUs per node); expert-data-parallel
   groups are strided (DeepSpeed's ``_create_expert_and_data_parallel`` layout).
-- every other mode: ``("dp",)`` of shape ``(W,)``.
+- ``fssdp`` mode with ``parallel.fssdp.shard_size`` S < W: the same 2-D mesh of shape (W / S, S):
+  the inner ``ep`` dim is an FSSDP group (every expert owned once inside it), the outer ``edp``
+  dim joins the replicas of one owner across groups.
+- every mode also has ``("dp",)`` of shape ``(W,)`` (dense data parallelism).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe.errors import EnvironmentError_
-from parallel.config import ParallelConfig, check_world, resolved_ep_size
+from parallel.config import ParallelConfig, check_world, expert_shard_size
 
 
 @dataclass
@@ -40,7 +43,7 @@ class MeshInfo:
     mesh: DeviceMesh | None
     """1-D ``("dp",)`` mesh over every rank (dense data parallelism, FSSDP), None in mode none."""
     ep_mesh: DeviceMesh | None = None
-    """2-D ``("edp", "ep")`` mesh in mode ep."""
+    """2-D ``("edp", "ep")`` mesh in mode ep, and in mode fssdp with shard_size below the world."""
     ep_size: int = 1
 
     @property
@@ -99,7 +102,7 @@ def init_mesh(cfg: ParallelConfig) -> MeshInfo:
     device_type = "cuda" if cuda else "cpu"
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
     ep, ep_mesh = 1, None
-    if cfg.mode == "ep":
-        ep = resolved_ep_size(cfg, world)
+    if cfg.mode == "ep" or (cfg.mode == "fssdp" and expert_shard_size(cfg, world) < world):
+        ep = expert_shard_size(cfg, world)
         ep_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
     return MeshInfo(rank, world, local_rank, local_world, device, backend, mesh, ep_mesh, ep_size=ep)

@@ -51,7 +51,7 @@ class Runtime:
     dense_sync: GradAverager | None = None
     expert_modules: list[nn.Module] = field(default_factory=list)
     expert_group: dist.ProcessGroup | None = None
-    """EP: the expert-data-parallel group whose ranks hold the same experts (None: no replicas)."""
+    """ep / hybrid fssdp: the group of ranks that hold the same experts (None: no replicas)."""
     expert_replicas: int = 1
     fssdp: FSSDPState | None = None
     _steps: int = 0
@@ -94,10 +94,11 @@ class Runtime:
     def grad_norm(self, model: nn.Module) -> Tensor:
         """Global L2 norm of all gradients, each parameter element counted exactly once.
 
-        Replicated gradients count once from this rank; FSDP2 shards and FSSDP-owned experts are
-        summed over ranks; EP experts are summed over ranks and divided by the number of
-        expert-data-parallel copies (each expert lives on ``expert_replicas`` ranks). Expert
-        norms are never averaged as if replicated (research/distributed.md pain point 3).
+        Replicated gradients count once from this rank; FSDP2 shards are summed over ranks; EP
+        and FSSDP experts are summed over ranks and divided by the number of copies (each expert
+        lives on ``expert_replicas`` ranks: EP's expert-data-parallel groups, hybrid FSSDP's
+        groups; 1 for plain FSSDP). Expert norms are never averaged as if replicated
+        (research/distributed.md pain point 3).
         """
         experts = {id(p) for p in self.expert_params()}
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -107,7 +108,7 @@ class Runtime:
                 continue
             sq = local_tensor(p.grad).detach().double().pow(2).sum()
             if id(p) in experts:
-                spread += sq / (self.expert_replicas if self.cfg.mode == "ep" else 1)
+                spread += sq / self.expert_replicas
             elif is_sharded(p.grad):
                 spread += sq
             else:
@@ -146,7 +147,7 @@ class Runtime:
         for p in experts:
             if p.grad is None:  # every rank must join the same reductions
                 p.grad = torch.zeros_like(p)
-        if experts and self.cfg.mode == "ep" and self.expert_replicas > 1:
+        if experts and self.expert_replicas > 1:  # ep with edp groups, or hybrid fssdp: sum the twins
             GradAverager(experts, self.expert_group, self.cfg.bucket_mb, self.meter, "expert_allreduce").sync(divide_by=W)
         elif experts:
             for p in experts:
@@ -209,17 +210,22 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
             layer.runner = ExpertParallelRunner(layer.num_experts, ep_group, ep_rank, ep, runtime.meter)
         runtime.expert_replicas = runtime.world_size // ep
         runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
-    else:  # fssdp
-        state = FSSDPState(cfg.fssdp, dp_group, runtime.rank, runtime.world_size, info.local_world_size, runtime.meter)
+    else:  # fssdp: over the world, or inside groups of shard_size ranks replicated across groups
+        hybrid = info.ep_mesh is not None
+        shard_group = info.group("ep") if hybrid else dp_group
+        shard_rank = info.ep_mesh.get_local_rank("ep") if hybrid else runtime.rank
+        state = FSSDPState(cfg.fssdp, shard_group, shard_rank, info.ep_size if hybrid else runtime.world_size, info.local_world_size, runtime.meter, plan_group=dp_group)
         for layer in layers:
             runner = FSSDPRunner(state, state.add_layer(layer.experts))
-            layer.experts.expert_group = dp_group  # owner-only: each expert lives on one rank
+            layer.experts.expert_group = shard_group  # owner-only: each expert lives once per group
             layer.runner = runner
             if cfg.fssdp.prefetch:  # overlap the gather with the attention that precedes the layer
                 for block in model.modules():
                     if getattr(block, "ffn", None) is layer:
                         block.register_forward_pre_hook(lambda _m, _a, runner=runner: runner.prefetch())
         runtime.fssdp = state
+        runtime.expert_replicas = runtime.world_size // state.world
+        runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
     runtime.expert_modules = [layer.experts for layer in layers]
     experts = set(runtime.expert_params())
     if cfg.dense == "fsdp":

@@ -4,7 +4,7 @@ Shape legend: L MoE layers, E experts per layer, G GPUs, D model dim, F expert f
 
 Usage (markdown table on stdout)::
 
-    python -m tools.simulate_parallel --zipf 1.2 --gpus 8 64 512
+    python -m tools.simulate_parallel --zipf 1.2 --gpus 8 64 512 --fssdp-shard 8
     python -m tools.simulate_parallel --metrics outputs/run/metrics.jsonl --gpus 8 64 --d-model 4096 --d-ff 14336
 
 Routing loads come from a real run (the ``routing/layer{i}/tokens_per_expert`` lists in a
@@ -24,6 +24,11 @@ Model, per MoE layer per training step (forward + backward):
   ``parallel.fssdp_plan``): slots for an expert held locally stay; others go to the holders on
   the node, else to all holders, split evenly (as ``FSSDPRunner`` does). Weight traffic per
   layer: spAG = spRS = sum_e |W_e| (holders_e - 1) (spAG twice with re-materialisation).
+- Hybrid FSSDP (``--fssdp-shard S``, ``parallel.fssdp.shard_size``): FSSDP inside each group of S
+  GPUs (the same plan in every group), then each owner all-reduces its experts' gradients with
+  its G/S - 1 replicas (ring: 2 (R-1)/R of its owned bytes).
+- Expert state: the busiest GPU's owned experts at ``bytes_per_elem`` plus two fp32 Adam moments,
+  plus its gathered (non-owned) copies at ``bytes_per_elem``.
 - Compute: ``6 * 3 * D * F`` FLOPs per routed slot (3 GEMMs, forward + 2x backward) at
   ``tflops``; straggler time = slowest GPU minus the mean GPU.
 
@@ -59,6 +64,8 @@ class SimConfig:
     t: int = 4
     m: int = 4
     remat: bool = False
+    fssdp_shard: int = 0
+    """``parallel.fssdp.shard_size``: FSSDP inside groups of this many GPUs, groups replicated (0 = all GPUs)."""
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Estimate:
     comm_s: float  # time of the busiest GPU's transfers
     compute_max_s: float
     straggler_s: float  # slowest GPU compute minus mean GPU compute
+    expert_mem_max: float = 0.0  # busiest GPU: owned experts' params + 2 fp32 Adam moments, plus gathered copies
 
 
 def _link_time(bytes_: float, intra_frac: float, cfg: SimConfig) -> float:
@@ -128,7 +136,12 @@ def simulate_ep(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
         c_max, c_strag = _compute([ep * slots * s for s in share_G], cfg)
         comp += c_max
         strag += c_strag
-    return Estimate(tok, weight, comm, comp, strag)
+    owned_state = (E // ep) * _expert_params(cfg) * (cfg.bytes_per_elem + 8) * len(load_LE)
+    return Estimate(tok, weight, comm, comp, strag, owned_state)
+
+
+def _expert_params(cfg: SimConfig) -> int:
+    return 3 * cfg.d_model * cfg.d_ff
 
 
 def fssdp_routing(p_E: list[float], holders_E: list[list[int]], cfg: SimConfig) -> tuple[list[float], list[float], list[float]]:
@@ -152,15 +165,30 @@ def fssdp_routing(p_E: list[float], holders_E: list[list[int]], cfg: SimConfig) 
 
 
 def simulate_fssdp(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
+    """FSSDP over all GPUs, or (``fssdp_shard`` S < G) inside each group of S consecutive GPUs
+    with the G/S groups as replicas: every group runs the same plan on its own tokens, and each
+    owner then all-reduces its experts' gradients with its G/S - 1 twins (ring, 2 (R-1)/R)."""
+    S = cfg.fssdp_shard or cfg.gpus
+    if S < cfg.gpus:
+        inner = simulate_fssdp(load_LE, SimConfig(**{**cfg.__dict__, "gpus": S, "fssdp_shard": 0}))
+        R, E, gpn = cfg.gpus // S, len(load_LE[0]), cfg.gpus_per_node
+        owned = max(initial_owners(E, S).count(g) for g in range(S))
+        grads = 2 * (R - 1) / R * owned * 3 * cfg.d_model * cfg.d_ff * cfg.bytes_per_elem * len(load_LE)
+        intra = max(0, min(gpn, cfg.gpus) // S - 1) / (R - 1)  # twins are S apart: some share the node
+        comm = inner.comm_s + _link_time(grads, intra, cfg)
+        return Estimate(inner.token_bytes_max, inner.weight_bytes_max + grads, comm, inner.compute_max_s, inner.straggler_s, inner.expert_mem_max)
     G, E, gpn = cfg.gpus, len(load_LE[0]), cfg.gpus_per_node
     row = cfg.d_model * cfg.bytes_per_elem
     chunk = 3 * cfg.d_model * cfg.d_ff * cfg.bytes_per_elem
     owner = initial_owners(E, G)
     intra = (min(gpn, G) - 1) / (G - 1) if G > 1 else 1.0
-    tok = weight = comm = comp = strag = 0.0
+    tok = weight = comm = comp = strag = mem = 0.0
     for p_E in load_LE:
         load_int = [round(p * 1_000_000) for p in p_E]
         holders = sparse_materialize(owner, load_int, cfg.t, cfg.m, G, gpn)
+        held_G = [sum(1 for hs in holders if g in hs) for g in range(G)]
+        owned_G = [owner.count(g) for g in range(G)]
+        mem += max(o * (cfg.bytes_per_elem + 8) + (h - o) * cfg.bytes_per_elem for o, h in zip(owned_G, held_G)) * _expert_params(cfg)
         sent, recv, work = fssdp_routing(p_E, holders, cfg)
         layer_tok = 4 * max(max(sent), max(recv)) * row
         gathers = 2 if cfg.remat else 1
@@ -179,21 +207,23 @@ def simulate_fssdp(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
         c_max, c_strag = _compute(work, cfg)
         comp += c_max
         strag += c_strag
-    return Estimate(tok, weight, comm, comp, strag)
+    return Estimate(tok, weight, comm, comp, strag, mem)
 
 
-def table(load_LE: list[list[float]], base: SimConfig, gpu_counts: list[int]) -> str:
-    """Markdown table: EP vs FSSDP for each GPU count."""
+def table(load_LE: list[list[float]], base: SimConfig, gpu_counts: list[int], shard_sizes: tuple[int, ...] = ()) -> str:
+    """Markdown table: EP vs FSSDP (and hybrid FSSDP for each shard size below the GPU count)."""
     lines = [
-        "| GPUs | mode | token a2a MB (max GPU) | expert weight/grad MB (max GPU) | comm ms | expert compute ms (max) | straggler ms |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| GPUs | mode | token a2a MB (max GPU) | expert weight/grad MB (max GPU) | comm ms | expert compute ms (max) | straggler ms | expert state GB (max GPU) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for G in gpu_counts:
-        cfg = SimConfig(**{**base.__dict__, "gpus": G})
-        for mode, est in (("EP", simulate_ep(load_LE, cfg)), ("FSSDP", simulate_fssdp(load_LE, cfg))):
+        cfg = SimConfig(**{**base.__dict__, "gpus": G, "fssdp_shard": 0})
+        rows = [("EP", simulate_ep(load_LE, cfg)), ("FSSDP", simulate_fssdp(load_LE, cfg))]
+        rows += [(f"FSSDP shard_size={S}", simulate_fssdp(load_LE, SimConfig(**{**cfg.__dict__, "fssdp_shard": S}))) for S in shard_sizes if S < G]
+        for mode, est in rows:
             lines.append(
                 f"| {G} | {mode} | {est.token_bytes_max / 1e6:.1f} | {est.weight_bytes_max / 1e6:.1f} | "
-                f"{est.comm_s * 1e3:.2f} | {est.compute_max_s * 1e3:.2f} | {est.straggler_s * 1e3:.2f} |"
+                f"{est.comm_s * 1e3:.2f} | {est.compute_max_s * 1e3:.2f} | {est.straggler_s * 1e3:.2f} | {est.expert_mem_max / 1e9:.1f} |"
             )
     return "\n".join(lines)
 
@@ -210,13 +240,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("intra_gbps", "inter_gbps", "tflops"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--fssdp-shard", type=int, nargs="*", default=[], help="also simulate parallel.fssdp.shard_size=S (FSSDP groups of S GPUs, replicated)")
     args = ap.parse_args(argv)
+    for S in args.fssdp_shard:
+        if S < 1 or any(g % S for g in args.gpus if S < g):
+            ap.error(f"--fssdp-shard ({S}) must be >= 1 and divide every --gpus count above it")
     for g in args.gpus:
         if not 1 <= g <= 4096:
             ap.error(f"--gpus ({g}) must be in [1, 4096]")
     base = SimConfig(gpus=args.gpus[0], remat=args.remat, **{k: getattr(args, k) for k in ("gpus_per_node", "num_experts", "num_layers", "k", "d_model", "d_ff", "tokens_per_gpu", "bytes_per_elem", "t", "m", "intra_gbps", "inter_gbps", "tflops")})
     loads = loads_from_metrics(args.metrics) if args.metrics else zipf_loads(args.num_experts, args.zipf, args.num_layers)
-    print(table(loads, base, args.gpus))
+    print(table(loads, base, args.gpus, tuple(args.fssdp_shard)))
 
 
 if __name__ == "__main__":

@@ -42,32 +42,39 @@ def batch(world: int) -> torch.Tensor:
 
 def _modes_worker() -> None:
     for mode, dense in (("ddp", "ddp"), ("fsdp", "ddp"), ("ep", "fsdp"), ("fssdp", "fsdp")):
-        cfg = ParallelConfig(mode=mode, dense=dense, timeout_s=60)
-        rt = setup_runtime(cfg)
-        W, r = rt.world_size, rt.rank
-        tokens = batch(W)
-        ref = tiny_model()
-        model = apply_parallel(copy.deepcopy(ref), cfg, rt)
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for step in (1, 2):
-            ref_opt.zero_grad(set_to_none=True)
-            ref_losses = [lm_loss(ref, tokens[s * ROWS : (s + 1) * ROWS]) for s in range(W)]
-            (sum(ref_losses) / W).backward()
-            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-            opt.zero_grad(set_to_none=True)
-            loss = lm_loss(model, tokens[r * ROWS : (r + 1) * ROWS])
-            loss.backward()
-            rt.before_optimizer_step(model)
-            ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-            norm = rt.clip_grad_norm_(model, 1.0)
-            torch.testing.assert_close(loss, ref_losses[r], **TOL, msg=lambda m: f"{mode} step {step} loss: {m}")
-            torch.testing.assert_close(norm, ref_norm, **TOL, msg=lambda m: f"{mode} step {step} norm: {m}")
-            for name, p in model.named_parameters():  # grads after clipping (both clipped at 1.0)
-                torch.testing.assert_close(full(p.grad), expected(model, name, ref_grads[name]), **TOL, msg=lambda m: f"{mode} {name}: {m}")
-            ref_opt.step()
-            opt.step()
-            rt.after_optimizer_step(model, opt, step)
+        train_against_reference(ParallelConfig(mode=mode, dense=dense, timeout_s=60), steps=2)
+
+
+def train_against_reference(cfg: ParallelConfig, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    """``steps`` AdamW steps under ``cfg`` next to the single-process twin: loss, clip norm and every
+    clipped gradient must match at each step. Returns the parallel model, optimizer and runtime."""
+    mode = cfg.mode
+    rt = setup_runtime(cfg)
+    W, r = rt.world_size, rt.rank
+    tokens = batch(W)
+    ref = tiny_model()
+    model = apply_parallel(copy.deepcopy(ref), cfg, rt)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(1, steps + 1):
+        ref_opt.zero_grad(set_to_none=True)
+        ref_losses = [lm_loss(ref, tokens[s * ROWS : (s + 1) * ROWS]) for s in range(W)]
+        (sum(ref_losses) / W).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model, tokens[r * ROWS : (r + 1) * ROWS])
+        loss.backward()
+        rt.before_optimizer_step(model)
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        norm = rt.clip_grad_norm_(model, 1.0)
+        torch.testing.assert_close(loss, ref_losses[r], **TOL, msg=lambda m: f"{mode} step {step} loss: {m}")
+        torch.testing.assert_close(norm, ref_norm, **TOL, msg=lambda m: f"{mode} step {step} norm: {m}")
+        for name, p in model.named_parameters():  # grads after clipping (both clipped at 1.0)
+            torch.testing.assert_close(full(p.grad), expected(model, name, ref_grads[name]), **TOL, msg=lambda m: f"{mode} {name}: {m}")
+        ref_opt.step()
+        opt.step()
+        rt.after_optimizer_step(model, opt, step)
+    return model, opt, rt
 
 
 def test_ddp_fsdp_ep_fssdp_match_single_process_transformer() -> None:
@@ -164,3 +171,40 @@ def test_evomoe_spawn_matches_single_process_in_sharded_modes() -> None:
     """EvoMoE's spawn reads expert 0 from its owner and writes each rank's rows: fsdp (DTensor
     shards), ep (E/2 experts per rank) and fssdp (owner-only rows) equal the one-process spawn bit for bit."""
     run_distributed(_spawn_worker, 2)
+
+
+def _hybrid_fssdp_worker(directory: str) -> None:
+    # 4 ranks, FSSDP inside groups of 2 (ranks 0-1 and 2-3), the groups replicas of each other;
+    # re-ownership every 2 steps and hot experts materialised on both ranks of a group.
+    fssdp = dict(shard_size=2, overlap_degree=1, memory_cap=1, reshard_every=2, window=2, debug_plan_hash=True)
+    cfg = ParallelConfig(mode="fssdp", fssdp=fssdp, timeout_s=60)
+    model, opt, rt = train_against_reference(cfg, steps=3)
+    assert rt.fssdp.world == 2 and rt.expert_replicas == 2
+    twin = {0: 2, 1: 3, 2: 0, 3: 1}[rt.rank]
+    ids: list[object] = [None] * rt.world_size
+    torch.distributed.all_gather_object(ids, [lay.experts.expert_ids for lay in rt.fssdp.layers])
+    assert ids[rt.rank] == ids[twin], "replicas must own the same experts"
+    assert sorted(sum((ids[0][0], ids[1][0]), [])) == [0, 1, 2, 3], "each group owns every expert once"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(checkpoint_state(model, opt, rt), checkpoint_id=directory)
+    # The replicated owners' checkpoint loads into plain FSSDP over all 4 ranks (a relabelling).
+    cfg = ParallelConfig(mode="fssdp", timeout_s=60)
+    rt2 = setup_runtime(cfg)
+    plain = apply_parallel(tiny_model(seed=5), cfg, rt2)
+    opt2 = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    state = checkpoint_state(plain, opt2, rt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=directory)
+    load_checkpoint_state(plain, opt2, state, rt2)
+    tokens = batch(4)[:ROWS]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens[:, :-1])[0], model(tokens[:, :-1])[0], **TOL)
+
+
+def test_hybrid_fssdp_groups_match_single_process_and_checkpoint(tmp_path: Path) -> None:
+    """parallel.fssdp.shard_size=2 on 4 ranks: loss, norm and every gradient equal the single
+    process for 3 steps (with a re-ownership); replicas own the same experts; the checkpoint loads
+    into 4-rank FSSDP without groups and gives the same logits."""
+    run_distributed(_hybrid_fssdp_worker, 4, str(tmp_path / "ckpt"))

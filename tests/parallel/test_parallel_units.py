@@ -33,6 +33,11 @@ def test_bad_layouts_are_refused_naming_the_values(monkeypatch: pytest.MonkeyPat
         check_experts(ParallelConfig(mode="ep"), 4, 6)
     with pytest.raises(ConfigError, match=r"parallel.fssdp.window \(0\)"):
         FSSDPConfig(window=0)
+    with pytest.raises(ConfigError, match=r"parallel.fssdp.shard_size \(3\) must divide the world size \(4\)"):
+        check_world(ParallelConfig(mode="fssdp", fssdp=dict(shard_size=3)), 4)
+    with pytest.raises(ConfigError, match=r"parallel.fssdp.shard_size \(2\) is only used by parallel.mode=fssdp"):
+        ParallelConfig(mode="ep", fssdp=dict(shard_size=2))
+    check_world(ParallelConfig(mode="fssdp", fssdp=dict(shard_size=2)), 4)
     check_world(ParallelConfig(mode="ep", ep_size=2), 4)  # valid layouts pass
     check_experts(ParallelConfig(mode="ep", ep_size=2), 4, 6)
     monkeypatch.setenv("WORLD_SIZE", "2")

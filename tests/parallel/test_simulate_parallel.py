@@ -53,3 +53,19 @@ def test_loads_from_metrics_and_zipf(tmp_path: Path, capsys: pytest.CaptureFixtu
     main(["--metrics", str(f), "--gpus", "2", "--num-experts", "2", "--gpus-per-node", "2"])
     out = capsys.readouterr().out
     assert out.count("\n| 2 | ") == 2 and "| EP |" in out and "| FSSDP |" in out
+
+
+def test_hybrid_fssdp_is_the_group_plus_a_replica_all_reduce_hand_computed() -> None:
+    # 4 GPUs in 2 groups of 2, 4 experts (2 owned per GPU in a group), D=4, F=8, 2-byte elements:
+    # one expert is 3*4*8*2 = 192 bytes; the replica all-reduce of 2 owned experts over R=2 copies
+    # moves 2 (R-1)/R * 384 = 384 bytes. Tokens, compute and memory are the 2-GPU group's.
+    base = dict(num_experts=4, d_model=4, d_ff=8, tokens_per_gpu=64, gpus_per_node=2, t=1, m=1)
+    loads = zipf_loads(4, 1.0)
+    group = simulate_fssdp(loads, SimConfig(gpus=2, **base))
+    hybrid = simulate_fssdp(loads, SimConfig(gpus=4, fssdp_shard=2, **base))
+    assert hybrid.token_bytes_max == group.token_bytes_max and hybrid.compute_max_s == group.compute_max_s
+    assert hybrid.weight_bytes_max - group.weight_bytes_max == 384
+    assert hybrid.expert_mem_max == group.expert_mem_max
+    # Twins are 2 apart and a node holds 2 GPUs: the all-reduce crosses nodes (50 GB/s).
+    assert hybrid.comm_s - group.comm_s == pytest.approx(384 / 50e9)
+    assert simulate_fssdp(loads, SimConfig(gpus=4, fssdp_shard=4, **base)) == simulate_fssdp(loads, SimConfig(gpus=4, **base))
