@@ -61,6 +61,8 @@ class ParallelConfig:
     """Process-group timeout: a collective that waits longer fails instead of hanging."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size for dense=ddp."""
+    overlap_grad_reduce: bool = True
+    """dense=ddp: start each bucket's all-reduce during backward, as soon as its gradients are ready (DDP); false = after backward."""
 
     def __post_init__(self) -> None:
         if isinstance(self.fssdp, dict):  # plain construction from a dict (tests, scripts)

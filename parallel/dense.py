@@ -6,8 +6,9 @@
   place on the model so it keeps its class and attributes (``after_step``, ``moe_layers``). A
   parameter without a gradient on some ranks counts as zeros there, so every rank runs the same
   buckets; one without a gradient on every rank keeps none, as in one process (AdamW then skips
-  it; a zero gradient would advance its step count and decay it). Which is which costs one
-  small all-reduce of per-parameter flags per step.
+  it; a zero gradient would advance its step count and decay it): each bucket carries one flag
+  per parameter for that. With ``parallel.overlap_grad_reduce`` (default) buckets start during
+  backward, overlapping the all-reduce with the rest of backward as DDP does.
 - ``apply_fsdp`` (``parallel.dense=fsdp`` and ``parallel=fsdp``): ``fully_shard`` on each
   transformer block and on the root, with the expert parameters of EP/FSSDP left out
   (``ignored_params``); FSDP2 reduce-scatters (averaging) gradients during backward.
@@ -24,21 +25,36 @@ from parallel.comm import CommMeter, group_size
 
 
 class GradAverager:
-    """Average gradients of ``params`` over ``group`` in flat buckets (DDP semantics)."""
+    """Average gradients of ``params`` over ``group`` in flat buckets (DDP semantics).
 
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup | None, bucket_mb: float, meter: CommMeter | None, name: str = "dense_allreduce") -> None:
+    Buckets are fixed at construction, in reverse parameter order (gradients of the last layers
+    are ready first), each at most ``bucket_mb`` and of one dtype. Every bucket's all-reduce also
+    carries one has-gradient flag per parameter, so a parameter without a gradient on every rank
+    keeps none and one without a gradient on some ranks counts as zeros there, at no extra
+    collective.
+
+    With ``overlap`` (``attach``), a bucket's all-reduce starts asynchronously during backward as
+    soon as all its gradients are accumulated *and* every earlier bucket has started, so every rank
+    launches the same buckets in the same order whatever its gradients. ``sync`` starts the rest
+    (buckets holding a parameter without a gradient here) and waits for all: DDP's overlap of
+    communication with backward (Li et al., VLDB 2020, §3.2.3). Without ``overlap`` all buckets
+    run in ``sync``, after backward.
+    """
+
+    def __init__(
+        self, params: list[nn.Parameter], group: dist.ProcessGroup | None, bucket_mb: float, meter: CommMeter | None,
+        name: str = "dense_allreduce", *, overlap: bool = False,
+    ) -> None:
         self.params, self.group, self.meter, self.name = params, group, meter, name
         self.bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
-
-    def _with_grad_anywhere(self, world: int) -> list[nn.Parameter]:
-        """The parameters that have a gradient on at least one rank of the group."""
-        flags = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=self.params[0].device if self.params else "cpu")
-        if world > 1 and self.params:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            if self.meter is not None:
-                nbytes = 2 * (world - 1) / world * flags.numel() * flags.element_size()
-                self.meter.add(self.name, nbytes, nbytes)
-        return [p for p, f in zip(self.params, flags.tolist()) if f]
+        self.buckets = self._buckets(list(reversed(params)))
+        self.world = group_size(group)
+        self._reset()
+        if overlap and self.world > 1:
+            index = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+            for p in params:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda p: self._ready(p, index[id(p)]))
 
     def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
         buckets: list[list[nn.Parameter]] = []
@@ -54,27 +70,57 @@ class GradAverager:
             buckets.append(current)
         return buckets
 
+    def _reset(self) -> None:
+        self._waiting = [len(b) for b in self.buckets]  # gradients not yet accumulated, per bucket
+        self._seen: set[int] = set()
+        self._started: list[tuple[Tensor, object]] = []  # (flat buffer, work handle) in bucket order
+
+    def _ready(self, p: nn.Parameter, b: int) -> None:
+        if id(p) in self._seen:
+            raise RuntimeError(
+                "parallel.overlap_grad_reduce: a gradient was accumulated twice before the optimizer step "
+                "(two backward passes?); its bucket may already be reduced. Set parallel.overlap_grad_reduce=false."
+            )
+        self._seen.add(id(p))
+        self._waiting[b] -= 1
+        while len(self._started) < len(self.buckets) and self._waiting[len(self._started)] == 0:
+            self._start(len(self._started))
+
+    def _start(self, b: int) -> None:
+        bucket = self.buckets[b]
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+        flags = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
+        flat = torch.cat([*grads, flags])
+        work = None
+        if self.world > 1:
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            if self.meter is not None:  # ring all-reduce: 2 (W-1)/W of the buffer each way
+                nbytes = 2 * (self.world - 1) / self.world * flat.numel() * flat.element_size()
+                self.meter.add(self.name, nbytes, nbytes)
+        self._started.append((flat, work))
+
     @torch.no_grad()
     def sync(self, divide_by: int) -> None:
-        """All-reduce SUM the gradients and divide them by ``divide_by`` (the data-parallel size)."""
-        world = group_size(self.group)
-        for bucket in self._buckets(self._with_grad_anywhere(world)):
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
-            if world > 1:
-                dist.all_reduce(flat, group=self.group)
-                if self.meter is not None:  # ring all-reduce: 2 (W-1)/W of the buffer each way
-                    nbytes = 2 * (world - 1) / world * flat.numel() * flat.element_size()
-                    self.meter.add(self.name, nbytes, nbytes)
+        """Finish the all-reduce (SUM) of every bucket and divide the gradients by ``divide_by``."""
+        while len(self._started) < len(self.buckets):
+            self._start(len(self._started))
+        for bucket, (flat, work) in zip(self.buckets, self._started):
+            if work is not None:
+                work.wait()
+            flags = flat[-len(bucket):].tolist()
             if divide_by != 1:
                 flat.div_(divide_by)
             offset = 0
-            for p in bucket:
+            for p, flag in zip(bucket, flags):
                 g = flat[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
-                if p.grad is None:
+                if not flag:  # no rank had a gradient: as in one process, there is none
+                    p.grad = None
+                elif p.grad is None:
                     p.grad = g.clone()
                 else:
                     p.grad.copy_(g)
+        self._reset()
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter]) -> nn.Module:

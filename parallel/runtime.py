@@ -198,7 +198,7 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         check_experts(cfg, runtime.world_size, layer.num_experts)
     dp_group = info.group("dp")
     if cfg.mode == "ddp":
-        runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce")
+        runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)
         return model
     if cfg.mode == "fsdp":
         return apply_fsdp(model, info.mesh, set())
@@ -232,5 +232,5 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         apply_fsdp(model, info.mesh, experts)
     else:
         dense = [p for p in model.parameters() if p not in experts]
-        runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce")
+        runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)
     return model
