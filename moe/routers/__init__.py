@@ -12,6 +12,7 @@ from moe.errors import ConfigError
 from moe.routers.act_dts import ActivationDTSRouter
 from moe.routers.attention_aware import AttentionAwareRouter
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.base_layers import BaseLayersRouter
 from moe.routers.comet import CometRouter
 from moe.routers.dselect_k import DSelectKRouter
 from moe.routers.dts import DTSRouter
@@ -32,6 +33,7 @@ ROUTERS: dict[str, type[Router]] = {
     "dselect_k": DSelectKRouter,
     "similarity": SimilarityRouter,
     "attention_aware": AttentionAwareRouter,
+    "base": BaseLayersRouter,
 }
 
 
