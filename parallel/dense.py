@@ -11,10 +11,13 @@
   backward, overlapping the all-reduce with the rest of backward as DDP does.
 - ``apply_fsdp`` (``parallel.dense=fsdp`` and ``parallel=fsdp``): ``fully_shard`` on each
   transformer block and on the root, with the expert parameters of EP/FSSDP left out
-  (``ignored_params``); FSDP2 reduce-scatters (averaging) gradients during backward.
+  (``ignored_params``); FSDP2 reduce-scatters (averaging) gradients during backward. FSDP2's
+  collectives are outside ``CommMeter``; ``fsdp_step_bytes`` models them per step for ``comm/*``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -123,17 +126,55 @@ class GradAverager:
         self._reset()
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter]) -> nn.Module:
-    """FSDP2 over ``mesh``: one unit per transformer block (when the model has ``blocks``) and the root."""
+@dataclass(frozen=True)
+class FsdpUnit:
+    """One FSDP2 parameter group, as the byte meter models it."""
+
+    shard_bytes: int
+    """This rank's padded shard of the group (dim 0 split in ceil(n / W) rows, as FSDP2 pads)."""
+    gathers_per_step: int
+    """All-gathers per training step: 2 (forward, and again in backward: resharded after forward)
+    for a block, 1 for the root, which FSDP2 keeps unsharded for backward by default."""
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter]) -> list[FsdpUnit]:
+    """FSDP2 over ``mesh``: one unit per transformer block (when the model has ``blocks``) and the root.
+
+    Returns the units for ``fsdp_step_bytes`` (FSDP2 runs its own collectives, outside ``CommMeter``).
+    """
     from torch.distributed.fsdp import fully_shard
 
+    world = mesh.size()
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleList):
-        for block in blocks:
-            mine = {p for p in block.parameters() if p in ignored}
-            fully_shard(block, mesh=mesh, ignored_params=mine or None)
+    blocks = list(blocks) if isinstance(blocks, nn.ModuleList) else []
+    # Group membership first: fully_shard replaces the Parameter objects it shards.
+    in_blocks = {p for block in blocks for p in block.parameters()}
+    units = [FsdpUnit(_padded_shard_bytes([p for p in block.parameters() if p not in ignored], world), 2) for block in blocks]
+    units.append(FsdpUnit(_padded_shard_bytes([p for p in model.parameters() if p not in ignored and p not in in_blocks], world), 1))
+    for block in blocks:
+        mine = {p for p in block.parameters() if p in ignored}
+        fully_shard(block, mesh=mesh, ignored_params=mine or None)
     fully_shard(model, mesh=mesh, ignored_params=set(ignored) or None)
-    return model
+    return units
+
+
+def _padded_shard_bytes(params: list[nn.Parameter], world: int) -> int:
+    total = 0
+    for p in params:
+        rows = p.shape[0] if p.dim() else 1
+        total += -(-rows // world) * (p.numel() // max(rows, 1)) * p.element_size()
+    return total
+
+
+def fsdp_step_bytes(units: list[FsdpUnit], world: int) -> dict[str, float]:
+    """Bytes each rank sends (and receives) per training step in FSDP2's collectives (ring algorithms):
+    every all-gather moves (W-1) shards each way, every reduce-scatter of the gradients too. A
+    model of FSDP2's schedule (forward gather, backward re-gather except the root, one gradient
+    reduce-scatter), not a count of its calls; evaluation forwards are not included."""
+    return {
+        "fsdp_allgather": float(sum(u.gathers_per_step * (world - 1) * u.shard_bytes for u in units)),
+        "fsdp_reducescatter": float(sum((world - 1) * u.shard_bytes for u in units)),
+    }
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from moe.layer import MoELayer
 from parallel.checkpoint import checkpoint_state, load_checkpoint_state
 from parallel.comm import CommMeter
 from parallel.config import ParallelConfig, check_experts
-from parallel.dense import GradAverager, apply_fsdp, is_sharded, local_tensor
+from parallel.dense import FsdpUnit, GradAverager, apply_fsdp, fsdp_step_bytes, is_sharded, local_tensor
 from parallel.expert_parallel import ExpertParallelRunner, shard_experts
 from parallel.fssdp import FSSDPRunner, FSSDPState
 from parallel.mesh import MeshInfo, init_mesh
@@ -49,6 +49,8 @@ class Runtime:
     mesh: MeshInfo | None = None
     meter: CommMeter = field(default_factory=CommMeter)
     dense_sync: GradAverager | None = None
+    fsdp_units: list[FsdpUnit] = field(default_factory=list)
+    """FSDP2 parameter groups (parallel=fsdp or dense=fsdp), for the modeled ``comm/fsdp_*`` bytes."""
     expert_modules: list[nn.Module] = field(default_factory=list)
     expert_group: dist.ProcessGroup | None = None
     """ep / hybrid fssdp: the group of ranks that hold the same experts (None: no replicas)."""
@@ -143,6 +145,9 @@ class Runtime:
         W = self.world_size
         if self.dense_sync is not None:
             self.dense_sync.sync(divide_by=W)
+        if self.fsdp_units:
+            for name, nbytes in fsdp_step_bytes(self.fsdp_units, W).items():
+                self.meter.add(name, nbytes, nbytes)
         experts = self.expert_params()
         for p in experts:
             if p.grad is None:  # every rank must join the same reductions
@@ -201,7 +206,8 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)
         return model
     if cfg.mode == "fsdp":
-        return apply_fsdp(model, info.mesh, set())
+        runtime.fsdp_units = apply_fsdp(model, info.mesh, set())
+        return model
     if cfg.mode == "ep":
         ep_group, ep_rank, ep = info.group("ep"), info.ep_mesh.get_local_rank("ep"), info.ep_size
         for layer in layers:
@@ -229,7 +235,7 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
     runtime.expert_modules = [layer.experts for layer in layers]
     experts = set(runtime.expert_params())
     if cfg.dense == "fsdp":
-        apply_fsdp(model, info.mesh, experts)
+        runtime.fsdp_units = apply_fsdp(model, info.mesh, experts)
     else:
         dense = [p for p in model.parameters() if p not in experts]
         runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)

@@ -60,3 +60,55 @@ def _dense_worker() -> None:
 
 def test_overlapped_buckets_equal_after_backward_and_single_process() -> None:
     run_distributed(_dense_worker, 2)
+
+
+def _fsdp_bytes_worker() -> None:
+    """The modeled comm/fsdp_* bytes of a training step equal what FSDP2 actually sends: count the
+    bytes of its all-gather inputs and reduce-scatter outputs (its shards) through the
+    torch.distributed entry points it calls."""
+    from test_parallel_fssdp import lm_loss, tiny_model
+
+    for cfg in (ParallelConfig(mode="fsdp", timeout_s=60), ParallelConfig(mode="ep", dense="fsdp", timeout_s=60)):
+        _check_fsdp_bytes(cfg, lm_loss, tiny_model)
+
+
+def _check_fsdp_bytes(cfg: ParallelConfig, lm_loss, tiny_model) -> None:
+    import torch.distributed as dist
+
+    from parallel import apply_parallel
+
+    rt = setup_runtime(cfg)
+    W = rt.world_size
+    model = apply_parallel(tiny_model(), cfg, rt)
+    shards = {"gather": 0, "scatter": 0}
+    names = {"gather": ("all_gather_single", "all_gather_into_tensor"), "scatter": ("reduce_scatter_single", "reduce_scatter_tensor")}
+    originals = {}
+    for kind, candidates in names.items():
+        for name in candidates:
+            if hasattr(dist, name):
+                original = getattr(dist, name)
+                originals[name] = original
+
+                def counting(*args, _kind=kind, _original=original, **kwargs):
+                    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                    shard = min(tensors, key=lambda t: t.numel())  # the per-rank side of the collective
+                    shards[_kind] += shard.numel() * shard.element_size()
+                    return _original(*args, **kwargs)
+
+                setattr(dist, name, counting)
+    try:
+        tokens = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(rt.rank))
+        rt.comm_metrics()
+        lm_loss(model, tokens).backward()
+        rt.before_optimizer_step(model)
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    metrics = rt.comm_metrics()
+    assert shards["gather"] > 0 and shards["scatter"] > 0, shards
+    assert metrics["comm/fsdp_allgather_bytes_sent"] == (W - 1) * shards["gather"], (cfg.mode, metrics, shards)
+    assert metrics["comm/fsdp_reducescatter_bytes_sent"] == (W - 1) * shards["scatter"], (cfg.mode, metrics, shards)
+
+
+def test_fsdp_modeled_bytes_match_fsdp2_collectives() -> None:
+    run_distributed(_fsdp_bytes_worker, 2)
