@@ -108,7 +108,12 @@ def _save_ep_load_fssdp_worker(directory: str) -> None:
         torch.save({"model": ref.state_dict(), "exp_avg": {n: ref_opt.state[p]["exp_avg"] for n, p in ref.named_parameters()}}, Path(directory) / "ref.pt")
     rt.barrier()
     # Load the EP checkpoint into FSSDP on the same ranks (a relabelling of the expert rows).
-    cfg = ParallelConfig(mode="fssdp", timeout_s=60)
+    model, opt = load_into_fresh_model(ParallelConfig(mode="fssdp", timeout_s=60), directory)
+    check_against_reference(model, opt, Path(directory) / "ref.pt")
+
+
+def load_into_fresh_model(cfg: ParallelConfig, directory: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A differently seeded tiny model and AdamW under ``cfg``, loaded from the DCP checkpoint at ``directory``."""
     rt = setup_runtime(cfg)
     model = apply_parallel(tiny_model(seed=5), cfg, rt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -117,7 +122,7 @@ def _save_ep_load_fssdp_worker(directory: str) -> None:
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=directory)
     load_checkpoint_state(model, opt, state, rt)
-    check_against_reference(model, opt, Path(directory) / "ref.pt")
+    return model, opt
 
 
 def check_against_reference(model: torch.nn.Module, opt: torch.optim.Optimizer, ref_file: Path) -> None:
@@ -189,15 +194,7 @@ def _hybrid_fssdp_worker(directory: str) -> None:
         warnings.simplefilter("ignore")
         dcp.save(checkpoint_state(model, opt, rt), checkpoint_id=directory)
     # The replicated owners' checkpoint loads into plain FSSDP over all 4 ranks (a relabelling).
-    cfg = ParallelConfig(mode="fssdp", timeout_s=60)
-    rt2 = setup_runtime(cfg)
-    plain = apply_parallel(tiny_model(seed=5), cfg, rt2)
-    opt2 = torch.optim.AdamW(plain.parameters(), lr=1e-2)
-    state = checkpoint_state(plain, opt2, rt2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=directory)
-    load_checkpoint_state(plain, opt2, state, rt2)
+    plain, _ = load_into_fresh_model(ParallelConfig(mode="fssdp", timeout_s=60), directory)
     tokens = batch(4)[:ROWS]
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens[:, :-1])[0], model(tokens[:, :-1])[0], **TOL)
