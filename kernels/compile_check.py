@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import subprocess
@@ -113,11 +114,17 @@ class KernelReport:
         return n
 
 
+@functools.cache
+def _cuda_backend_class() -> type:
+    """Triton's CUDA backend class (built once; its specialisation rules do not depend on the arch)."""
+    return type(make_backend(GPUTarget("cuda", 90, 32)))
+
+
 def _specialise(value: object) -> tuple[str, str]:
     """(type, attribute) Triton gives an argument at launch: ("constexpr", 1) for the int 1, "D" for divisible by 16."""
     if native_specialize_impl is None:
         raise RuntimeError("this Triton build has no triton._C.libtriton.native_specialize_impl; cannot mirror launch specialisation")
-    ty, attr = native_specialize_impl(type(make_backend(GPUTarget("cuda", 90, 32))), value, False, True, True)
+    ty, attr = native_specialize_impl(_cuda_backend_class(), value, False, True, True)
     return ty, attr
 
 
