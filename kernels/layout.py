@@ -72,7 +72,7 @@ class BlockSizes:
     of the fused down-dgrad + SwiGLU-backward kernel, whose epilogue holds five fp32 tiles.
 
     Defaults (128/128/64, 8 warps, 3 stages; backward columns 64): the canonical Hopper tile with
-    two warpgroups per block, chosen by ``python -m kernels.compile_check`` for sm_90 on the four
+    two warpgroups per block, chosen by ``python -m tools.compile_check`` for sm_90 on the four
     reference shapes as the configuration with no register spills in any kernel and at least 8
     resident warps per SM in every GEMM. With block_n 128 the backward kernel spills 1.6 KB per
     thread; the previous default (64/128/64, 4 warps) left the forward kernel at one 4-warp block

@@ -109,3 +109,38 @@ def moe_experts(
     weighted_RD = y_RD.float() * weight_R.float()[:, None]
     y_TD = torch.zeros(T, y_RD.shape[-1], dtype=torch.float32, device=x_TD.device)
     return y_TD.index_add(0, slot_idx_R.long() // K, weighted_RD).to(x_TD.dtype)
+
+
+def swiglu_act(g_RF: Tensor, u_RF: Tensor, s_R: Tensor | None = None) -> Tensor:
+    """``h_RF = s_R * silu(g_RF) * u_RF`` in fp32, returned in g's dtype (``kernels.swiglu_act``)."""
+    acc = torch.promote_types(g_RF.dtype, torch.float32)
+    h = F.silu(g_RF.to(acc)) * u_RF.to(acc)
+    if s_R is not None:
+        h = h * s_R.to(acc)[:, None]
+    return h.to(g_RF.dtype)
+
+
+def swiglu_act_bwd(g_RF: Tensor, u_RF: Tensor, a_RF: Tensor, s_R: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of ``swiglu_act`` for the output gradient ``a_RF``, term by term in fp32:
+    ``du = a s silu(g)``, ``dg = a s u silu'(g)``, ``ds_r = sum_f a silu(g) u`` with
+    ``silu'(g) = sig(g) (1 + g (1 - sig(g)))``. (Tests check it against autograd in fp64.)"""
+    acc = torch.promote_types(g_RF.dtype, torch.float32)
+    g, u, a = g_RF.to(acc), u_RF.to(acc), a_RF.to(acc)
+    sig = torch.sigmoid(g)
+    ds = None if s_R is None else (a * g * sig * u).sum(-1).to(s_R.dtype)
+    if s_R is not None:
+        a = a * s_R.to(acc)[:, None]
+    return (a * u * sig * (1 + g * (1 - sig))).to(g_RF.dtype), (a * g * sig).to(u_RF.dtype), ds
+
+
+def unpermute(y_RD: Tensor, y2_RD: Tensor | None, pos_S: Tensor, K: int, s_R: Tensor | None = None) -> Tensor:
+    """``out_TD[t] = sum_j s[p] * (y[p] + y2[p])`` over ``p = pos_S[t*K + j] >= 0``, summed in fp32 (or fp64)."""
+    S, D = pos_S.shape[0], y_RD.shape[1]
+    acc = torch.promote_types(y_RD.dtype, torch.float32)
+    rows = y_RD.to(acc) if y2_RD is None else y_RD.to(acc) + y2_RD.to(acc)
+    if s_R is not None:
+        rows = rows * s_R.to(acc)[:, None]
+    # A zero row at index R stands in for slots without a row; then gather and sum over K.
+    rows = torch.cat([rows, rows.new_zeros(1, D)])
+    idx_S = torch.where(pos_S >= 0, pos_S.long(), rows.shape[0] - 1)
+    return rows[idx_S].reshape(S // K, K, D).sum(1).to(y_RD.dtype)

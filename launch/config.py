@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe.errors import ConfigError, check
+from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
 from moe.routers import ROUTERS, router_class
@@ -218,10 +219,7 @@ def validate_job(job: JobConfig) -> None:
     k = getattr(job.router, "k", None)
     if k is not None:
         check(k <= m.num_experts, "router.k", k, f"must be <= model.num_experts ({m.num_experts})")
-    if e.backend == "grouped_mm":
-        for key in ("d_model", "d_ff"):
-            value = getattr(m, key)
-            check(value % 8 == 0, f"model.{key}", value, "must be a multiple of 8 for experts.backend=grouped_mm (16-byte aligned rows)")
+    expert_backend(e.backend).check_shapes(m.d_model, m.d_ff)
     check(job.train.seq_len <= m.max_seq_len, "train.seq_len", job.train.seq_len, f"must be <= model.max_seq_len ({m.max_seq_len})")
     sep = job.data.doc_separator
     if sep is not None:

@@ -15,12 +15,14 @@ is dropped, its weight is lost (the residual carries the token), and the count i
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from kernels import ops
 from moe.routers.base import RoutingDecision
 
 
@@ -32,24 +34,33 @@ class DispatchPlan:
     token_idx_R:  int64 token of each row (``slot_idx_R // K``).
     weight_R:     combine weight of each row (differentiable, fp32).
     counts_E:     int64 rows per expert; rows of expert e are ``offsets_E1[e]:offsets_E1[e+1]``.
-    offsets_E1:   int64 exclusive scan of counts, length E+1.
+    offsets_E1:   int64 exclusive scan of counts, length E+1 (computed on first use).
     num_slots:    K, slots per token in the decision (slot ids run over T*K).
     num_routed:   int64 scalar, used slots before dropping.
     num_dropped:  int64 scalar, slots dropped by the capacity limit (0 when dropless).
+    row_of_slot_S: int32 [T*K] inverse permutation: the row of each token-major slot, -1 for a
+                  slot without a row (masked or dropped). Combining rows back into tokens is a
+                  gather through it (``kernels.ops.unpermute``), never an atomic scatter.
     """
 
     slot_idx_R: Tensor
     token_idx_R: Tensor
     weight_R: Tensor
     counts_E: Tensor
-    offsets_E1: Tensor
     num_slots: int
     num_routed: Tensor
     num_dropped: Tensor
+    row_of_slot_S: Tensor
 
     @property
     def num_rows(self) -> int:
         return self.slot_idx_R.shape[0]
+
+    @functools.cached_property
+    def offsets_E1(self) -> Tensor:
+        offsets_E1 = self.counts_E.new_zeros(self.counts_E.shape[0] + 1)
+        offsets_E1[1:] = torch.cumsum(self.counts_E, dim=0)
+        return offsets_E1
 
 
 def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -61,30 +72,48 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     """Build the plan for ``decision``; dropless when ``capacity_factor`` is None."""
     ids_TK = decision.expert_ids_TK
     T, K = ids_TK.shape
-    E = num_experts
-    used_TK = decision.valid_mask()
-    valid_TK = used_TK
+    E, S, dev = num_experts, T * K, ids_TK.device
+    valid_TK = decision.mask_TK  # None: every slot is used and kept
     if capacity_factor is not None:
-        valid_TK = valid_TK & _within_capacity(ids_TK, valid_TK, E, capacity(T, K, E, capacity_factor))
-    # Unused slots get key E so the stable sort puts them after every real expert.
-    key_S = torch.where(valid_TK, ids_TK, torch.full_like(ids_TK, E)).reshape(-1)
-    order_S = torch.argsort(key_S, stable=True)
+        used_TK = decision.valid_mask()
+        valid_TK = used_TK & _within_capacity(ids_TK, used_TK, E, capacity(T, K, E, capacity_factor))
+    # Unused slots get key E so the stable sort puts them after every real expert; int16 keys
+    # (E < 2^15) keep the device radix sort to two 8-bit passes.
+    key_S = (ids_TK if valid_TK is None else torch.where(valid_TK, ids_TK, E)).reshape(-1)
+    order_S = torch.argsort(key_S.to(torch.int16) if E < 2**15 else key_S, stable=True)
     counts_E = _count(key_S, E + 1)[:E]
-    num_rows = int(valid_TK.sum()) if (decision.mask_TK is not None or capacity_factor is not None) else T * K
+    num_rows = S if valid_TK is None else int(valid_TK.sum())  # the one host sync: a variable row count
     slot_idx_R = order_S[:num_rows]
-    offsets_E1 = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device)
-    offsets_E1[1:] = torch.cumsum(counts_E, dim=0)
-    num_routed = used_TK.sum()
+    position_S = torch.empty(S, dtype=torch.int32, device=dev).scatter_(0, order_S, torch.arange(S, dtype=torch.int32, device=dev))
+    row_of_slot_S = position_S if valid_TK is None else torch.where(position_S < num_rows, position_S, -1)
+    every_slot = valid_TK is None
+    num_routed = torch.full((), S, dtype=torch.int64, device=dev) if decision.mask_TK is None else decision.mask_TK.sum()
     return DispatchPlan(
         slot_idx_R=slot_idx_R,
         token_idx_R=torch.div(slot_idx_R, K, rounding_mode="floor"),
-        weight_R=decision.weights_TK.reshape(-1)[slot_idx_R],
+        weight_R=_PermuteSlots.apply(decision.weights_TK.reshape(-1), slot_idx_R),
         counts_E=counts_E,
-        offsets_E1=offsets_E1,
         num_slots=K,
         num_routed=num_routed,
-        num_dropped=num_routed - counts_E.sum(),
+        num_dropped=torch.zeros((), dtype=torch.int64, device=dev) if every_slot else num_routed - counts_E.sum(),
+        row_of_slot_S=row_of_slot_S,
     )
+
+
+class _PermuteSlots(torch.autograd.Function):
+    """``v_R = v_S[slot_idx_R]`` whose backward scatters into distinct slots (``index_copy``, no
+    accumulation: every slot has at most one row), where plain indexing would accumulate."""
+
+    @staticmethod
+    def forward(ctx, v_S: Tensor, slot_idx_R: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(slot_idx_R)
+        ctx.num_slots = v_S.shape[0]
+        return v_S.index_select(0, slot_idx_R)
+
+    @staticmethod
+    def backward(ctx, g_R: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (slot_idx_R,) = ctx.saved_tensors
+        return g_R.new_zeros(ctx.num_slots).index_copy_(0, slot_idx_R, g_R), None
 
 
 def _within_capacity(ids_TK: Tensor, valid_TK: Tensor, num_experts: int, cap: int) -> Tensor:
@@ -108,13 +137,47 @@ def _count(keys: Tensor, size: int) -> Tensor:
 
 
 def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    """Expert-sorted copy of the routed rows: ``x_RD[r] = x_TD[token_idx_R[r]]``."""
-    return x_TD.index_select(0, plan.token_idx_R)
+    """Expert-sorted copy of the routed rows: ``x_RD[r] = x_TD[token_idx_R[r]]``.
+
+    Backward sums each token's row gradients through ``plan.row_of_slot_S`` (fp32, slot order,
+    no atomics) instead of ``index_select``'s ``index_add``.
+    """
+    return _GatherRows.apply(x_TD, plan.token_idx_R, plan.row_of_slot_S, plan.num_slots)
 
 
 def combine(y_RD: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """``y_TD[t] = sum over rows r of token t of weight_R[r] * y_RD[r]``, reduced in fp32 (or fp64)."""
-    acc = torch.promote_types(y_RD.dtype, torch.float32)
-    weighted_RD = y_RD.to(acc) * plan.weight_R.to(acc).unsqueeze(-1)
-    y_TD = torch.zeros(num_tokens, y_RD.shape[-1], dtype=acc, device=y_RD.device)
-    return y_TD.index_add(0, plan.token_idx_R, weighted_RD).to(y_RD.dtype)
+    """``y_TD[t] = sum over rows r of token t of weight_R[r] * y_RD[r]``, reduced in fp32.
+
+    A gather through ``plan.row_of_slot_S`` (``kernels.ops.unpermute``): deterministic, no atomics.
+    """
+    assert plan.row_of_slot_S.shape[0] == num_tokens * plan.num_slots, "plan is for another token count"
+    return _Combine.apply(y_RD, plan.weight_R, plan.token_idx_R, plan.row_of_slot_S, plan.num_slots)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_idx_R: Tensor, row_of_slot_S: Tensor, K: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(row_of_slot_S)
+        ctx.K = K
+        return x_TD.index_select(0, token_idx_R)
+
+    @staticmethod
+    def backward(ctx, dx_RD: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (row_of_slot_S,) = ctx.saved_tensors
+        return ops.unpermute(dx_RD.contiguous(), None, row_of_slot_S, ctx.K, None), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD: Tensor, weight_R: Tensor, token_idx_R: Tensor, row_of_slot_S: Tensor, K: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y_RD, weight_R, token_idx_R)
+        return ops.unpermute(y_RD.contiguous(), None, row_of_slot_S, K, weight_R)
+
+    @staticmethod
+    def backward(ctx, dy_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:  # type: ignore[override]
+        y_RD, weight_R, token_idx_R = ctx.saved_tensors
+        acc = torch.promote_types(y_RD.dtype, torch.float32)
+        dy_RD = dy_TD.index_select(0, token_idx_R).to(acc)  # each row's token gradient
+        dweight_R = (dy_RD * y_RD.to(acc)).sum(-1).to(weight_R.dtype) if ctx.needs_input_grad[1] else None
+        dy_RD = (dy_RD * weight_R.to(acc)[:, None]).to(y_RD.dtype) if ctx.needs_input_grad[0] else None
+        return dy_RD, dweight_R, None, None, None

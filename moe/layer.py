@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from moe.dispatch import DispatchPlan, combine, dispatch, gather_rows
-from moe.experts import Experts, ExpertsConfig, dense_swiglu, resolve_backend
+from moe.dispatch import DispatchPlan, dispatch
+from moe.experts import Experts, ExpertsConfig, dense_swiglu
 from moe.routers import RouterContext, build_router
 from moe.stats import RoutingStats
 
@@ -23,17 +23,9 @@ ExpertRunner = Callable[[Experts, Tensor, DispatchPlan], Tensor]
 
 
 def local_runner(experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    """Run every expert on this process: gather rows, grouped SwiGLU, weighted combine."""
-    y_RD = experts.grouped_swiglu(gather_rows(x_TD, plan), plan.counts_E)
-    return combine(y_RD, plan, x_TD.shape[0])
-
-
-def fused_triton_runner(experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    """``local_runner`` in one fused Triton pipeline: gather in the A-load, weight + combine in the epilogue."""
-    from kernels.moe_experts import fused_moe_experts
-
-    return fused_moe_experts(x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, plan.num_slots,
-                             experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD, recompute=experts.recompute, blocks=experts.blocks)
+    """Run every expert on this process: the backend's whole-plan call (gather, grouped SwiGLU,
+    weighted combine; fused where the backend fuses them)."""
+    return experts.run_plan(x_TD, plan)
 
 
 class SharedExperts(nn.Module):
@@ -66,7 +58,7 @@ class MoELayer(nn.Module):
         self.num_experts = num_experts
         self.capacity_factor = experts_cfg.capacity_factor
         self.router = build_router(router_cfg, d_model, num_experts)
-        self.experts = Experts(num_experts, d_model, d_ff, backend=experts_cfg.backend, recompute=experts_cfg.recompute, blocks=experts_cfg.blocks())
+        self.experts = Experts(num_experts, d_model, d_ff, backend=experts_cfg.backend, options=experts_cfg.options())
         self.shared = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.runner: ExpertRunner = local_runner
         self.stats = RoutingStats(num_experts)
@@ -94,7 +86,5 @@ class MoELayer(nn.Module):
         self.router.after_step(step, self.experts)
 
     def resolve_backend(self, device: torch.device) -> None:
-        """Turn ``auto`` into a concrete backend once the model's device is known."""
-        self.experts.backend = resolve_backend(self.experts.backend, device)
-        if self.experts.backend == "triton" and self.runner is local_runner:
-            self.runner = fused_triton_runner
+        """Fix the experts' concrete backend once the model's device is known (``auto`` chooses)."""
+        self.experts.resolve(device)

@@ -30,42 +30,75 @@ from moe.routers.base import RoutingDecision
 
 
 class RoutingStats:
-    """Accumulator of one layer's routing statistics (state owned by the layer, not global)."""
+    """Accumulator of one layer's routing statistics (state owned by the layer, not global).
+
+    ``update`` runs every training forward, so it is written for the GPU: no host
+    synchronisation and a handful of launches (the entropy reduction, one stack of the scalar
+    sums added into a float64 accumulator, the per-expert counts). Quantities the host already
+    knows (tokens, forwards, slots when no slot is masked, router extras) stay Python numbers.
+    """
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
         self.reset()
 
     def reset(self) -> None:
-        self._sums: dict[str, Tensor] = {}
-        self._max: dict[str, Tensor] = {}
+        self._host: dict[str, float] = {}
+        self._device: dict[tuple[str, ...], Tensor] = {}  # names -> float64 sums, one vector per key set
+        self._counts: Tensor | None = None
+        self._max: dict[str, Tensor | float] = {}
 
-    def _add(self, key: str, value: Tensor) -> None:
-        value = value.detach().double()
-        self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+    def _add_host(self, key: str, value: float) -> None:
+        self._host[key] = self._host.get(key, 0.0) + float(value)
+
+    def _add_device(self, names: tuple[str, ...], values: list[Tensor]) -> None:
+        stacked = torch.stack([v.detach() for v in values])
+        if names in self._device:
+            self._device[names].add_(stacked)
+        else:
+            self._device[names] = stacked.double()
 
     @torch.no_grad()
     def update(self, decision: RoutingDecision, plan: DispatchPlan) -> None:
         """Fold one forward's decision and plan into the running sums."""
-        probs_TE = decision.probs_TE.detach().float()
-        per_token_T = decision.valid_mask().sum(dim=1)
-        self._add("counts_E", plan.counts_E)
-        self._add("tokens", torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device))
-        self._add("forwards", torch.ones((), device=probs_TE.device))
-        self._add("entropy_sum", -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum())
-        self._add("slots_used", per_token_T.sum())
-        self._add("routed", plan.num_routed)
-        self._add("dropped", plan.num_dropped)
-        ept_max = per_token_T.max().double() if per_token_T.numel() else torch.zeros((), device=probs_TE.device)
-        self._max["experts_per_token_max"] = torch.maximum(self._max.get("experts_per_token_max", ept_max), ept_max)
-        for name, loss in decision.aux_losses.items():
-            self._add(f"mean/{name}", loss)
+        probs_TE = decision.probs_TE.detach()
+        T, K = decision.expert_ids_TK.shape
+        self._add_host("tokens", T)
+        self._add_host("forwards", 1)
+        counts = plan.counts_E.detach()
+        self._counts = counts.clone() if self._counts is None else self._counts.add_(counts)
+        floats = {"entropy_sum": torch.special.entr(probs_TE.float()).sum()}
+        floats.update({f"mean/{name}": loss for name, loss in decision.aux_losses.items()})
+        self._add_device(tuple(floats), [v.float() for v in floats.values()])
+        if decision.mask_TK is None:
+            self._add_host("slots_used", T * K)
+            self._add_host("routed", T * K)
+            self._max["experts_per_token_max"] = float(K) if T else float(self._max.get("experts_per_token_max", 0.0))
+        else:
+            per_token_T = decision.mask_TK.sum(dim=1)
+            self._add_device(("slots_used", "routed"), [per_token_T.sum(), plan.num_routed])
+            ept_max = per_token_T.max().double() if T else torch.zeros((), dtype=torch.float64, device=probs_TE.device)
+            prev = self._max.get("experts_per_token_max")
+            self._max["experts_per_token_max"] = ept_max if prev is None else torch.maximum(torch.as_tensor(prev, dtype=torch.float64, device=ept_max.device), ept_max)
+        if decision.mask_TK is not None or plan.num_rows != T * K:
+            self._add_device(("dropped",), [plan.num_dropped])
         for name, value in decision.extras.items():
-            self._add(f"mean/{name}", torch.tensor(float(value), device=probs_TE.device))
+            self._add_host(f"mean/{name}", value)
 
     def raw(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The raw (sum-reduced, max-reduced) tensors, for a cross-rank all-reduce in place."""
-        return self._sums, self._max
+        """The raw (sum-reduced, max-reduced) float64 tensors, fresh each call, for a cross-rank
+        all-reduce in place followed by ``summarize``. Empty before the first ``update``."""
+        if self._counts is None:
+            return {}, {}
+        device = self._counts.device
+        sums: dict[str, Tensor] = {"counts_E": self._counts.double()}
+        sums.update({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in self._host.items()})
+        for names, vec in self._device.items():
+            for i, name in enumerate(names):
+                sums[name] = sums[name] + vec[i] if name in sums else vec[i].clone()
+        sums.setdefault("dropped", torch.zeros((), dtype=torch.float64, device=device))
+        maxes = {k: torch.as_tensor(v, dtype=torch.float64, device=device).clone() for k, v in self._max.items()}
+        return sums, maxes
 
     @staticmethod
     def summarize(sums: dict[str, Tensor], maxes: dict[str, Tensor]) -> dict[str, float | list[int]]:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe.dispatch import DispatchPlan, combine, gather_rows
-from moe.experts import BACKENDS, EXPERT_WEIGHT_NAMES, Experts
+from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from parallel.comm import CommMeter, all_to_all_raw
 from parallel.config import FSSDPConfig
 from parallel.fssdp_plan import heterogeneous_shard, initial_owners, plan_digest, sparse_materialize
@@ -152,11 +152,11 @@ class _RematExperts(torch.autograd.Function):
     them again (a second spAG), recomputes the expert forward and reduce-scatters the grads."""
 
     @staticmethod
-    def forward(ctx, meta: GatherMeta, group, meter, pending: PendingGather | None, backend: str, x_ND: Tensor, counts_H: Tensor, *owned: Tensor):  # type: ignore[override]
-        ctx.meta, ctx.group, ctx.meter, ctx.backend = meta, group, meter, backend
+    def forward(ctx, meta: GatherMeta, group, meter, pending: PendingGather | None, experts: Experts, x_ND: Tensor, counts_H: Tensor, *owned: Tensor):  # type: ignore[override]
+        ctx.meta, ctx.group, ctx.meter, ctx.experts = meta, group, meter, experts
         ctx.save_for_backward(x_ND, counts_H, *owned)
         w_H = pending.wait() if pending is not None else sparse_all_gather(meta, owned, group, meter)
-        return BACKENDS[backend](x_ND, counts_H, *w_H)
+        return experts.grouped_swiglu(x_ND, counts_H, tuple(w_H))
 
     @staticmethod
     def backward(ctx, g_ND: Tensor):  # type: ignore[override]
@@ -165,7 +165,7 @@ class _RematExperts(torch.autograd.Function):
         with torch.enable_grad():
             x = x_ND.detach().requires_grad_(True)
             ws = [w.detach().requires_grad_(True) for w in w_H]
-            y = BACKENDS[ctx.backend](x, counts_H, *ws)
+            y = ctx.experts.grouped_swiglu(x, counts_H, tuple(ws))
             grads = torch.autograd.grad(y, [x, *ws], g_ND, allow_unused=True)
         g_x = grads[0] if grads[0] is not None else torch.zeros_like(x_ND)
         g_w = tuple(g if g is not None else torch.zeros_like(w) for g, w in zip(grads[1:], w_H))
@@ -253,10 +253,10 @@ class FSSDPRunner:
 
         def run_held(x_ND: Tensor, counts_H: Tensor) -> Tensor:
             if st.cfg.rematerialize:
-                y = _RematExperts.apply(meta, st.group, st.meter, pending, experts.backend, x_ND, counts_H, *owned)
+                y = _RematExperts.apply(meta, st.group, st.meter, pending, experts, x_ND, counts_H, *owned)
             else:
                 w_H = _SparseAllGather.apply(meta, st.group, st.meter, pending, *owned)
-                y = BACKENDS[experts.backend](x_ND, counts_H, *w_H)
+                y = experts.grouped_swiglu(x_ND, counts_H, tuple(w_H))
                 if held_H.numel() == 0:  # keep the spAG node in the graph so this rank joins spRS
                     y = y + sum(w.sum() for w in w_H) * 0
             if held_H.numel() == 0:  # and the token exchange's backward

@@ -9,22 +9,31 @@ Usage:
 
 Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k, R routed rows.
 
-Every backend gets the same seed, input and routing: the router's logits get a fixed +8 bias
-on a routing drawn once per (shape, routing) - balanced (exactly T*K/E rows per expert) or
+Every row gets the same seed, input, weights and routing: the router's logits get a fixed +8
+bias on a routing drawn once per (shape, routing) - balanced (exactly T*K/E rows per expert) or
 Zipf-skewed (expert popularity proportional to 1/rank^s) - so top-k picks the same experts for
-all. Backends: ``torch`` (per-expert loop), ``capacity_bmm`` (GShard-style capacity factor
-1.25, padded [E, C, D] buffers through torch.bmm, overflow dropped), ``grouped_mm``
-(torch._grouped_mm), ``triton`` (kernels.moe_experts) and ``megablocks`` when importable.
-Reference columns: ``bmm_ceiling`` (the same SwiGLU FLOPs through torch.bmm on balanced equal
-groups, no routing) and ``dense_gemm`` (one bf16 GEMM [T*K, D] x [D, 3F] forward+backward: the
-same 18*T*K*D*F useful FLOPs). Times are CUDA-event medians after warm-up; TFLOP/s counts the
-useful 18*T*K*D*F; ``vs_dense`` = dense GEMM time / backend time; peak memory is above what was
-allocated before the timed loop; the error is max |y - y_fp32| / max |y_fp32| against the fp32
-reference on the backend's own plan. Writes ``results.json`` and ``results.md`` to ``--out``;
-the markdown ends with the kernel issue's targets per (shape, routing): triton's speedup over
-grouped_mm (target >= 1.15x) and the bmm ceiling's time over triton's (stretch: >= 1).
-``--autotune`` times every ``AUTOTUNE_BLOCKS`` configuration on the first routing of each shape
-and uses the fastest for all routings of that shape.
+all. Rows:
+
+- ``layer:<backend>``: the whole ``moe.layer.MoELayer`` as a user builds it (router ``topk`` with
+  its balance and z losses, dispatch, experts, combine, routing statistics), one per fast backend;
+- ``plain_grouped_mm``: an independent plain MoE layer on ``torch._grouped_mm`` (softmax top-k,
+  sort, three grouped GEMMs, ``index_add`` combine: the torchtitan pattern), the baseline a
+  moeforge layer must never be slower than;
+- ``<backend>``: the experts path alone (``ExpertBackend.run_plan`` on a dispatch plan from a
+  minimal router): ``grouped_mm``, ``triton``, and on request ``torch``, ``capacity_bmm``
+  (GShard-style capacity 1.25, padded [E, C, D] buffers through torch.bmm) and ``megablocks``;
+- ``bmm_ceiling`` (the same SwiGLU FLOPs through torch.bmm on balanced equal groups, no routing)
+  and ``dense_gemm`` (one bf16 GEMM [T*K, D] x [D, 3F] forward+backward: the same 18*T*K*D*F
+  useful FLOPs).
+
+Times are CUDA-event medians after warm-up; TFLOP/s counts the useful 18*T*K*D*F; ``vs_dense`` =
+dense GEMM time / row time; peak memory is above what was allocated before the timed loop; the
+error is max |y - y_fp32| / max |y_fp32| against the fp32 reference on the row's own plan.
+Writes ``results.json`` and ``results.md`` to ``--out``; the markdown ends with the targets per
+(shape, routing): each whole layer against the bmm ceiling and the plain layer (time and peak
+memory), beside the time ``tools.layer_budget`` predicts for the grouped_mm layer.
+``--autotune`` times every ``AUTOTUNE_BLOCKS`` configuration of the triton experts path on the
+first routing of each shape and uses the fastest for all routings of that shape.
 """
 
 from __future__ import annotations
@@ -42,16 +51,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.bench_shapes import QUICK_SHAPES, REFERENCE_SHAPES as SHAPES
 from moe.dispatch import DispatchPlan, capacity, combine, dispatch, gather_rows
+from moe.expert_backends import BACKENDS, ExpertOptions
 from moe.routers.base import RoutingDecision
+from tools.bench_shapes import QUICK_SHAPES, REFERENCE_SHAPES as SHAPES
 
 ROUTING_BIAS = 8.0
 CAPACITY_FACTOR = 1.25
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FAST_BACKENDS = ("grouped_mm", "triton")
+EXPERT_ROWS = ("torch", "capacity_bmm", "grouped_mm", "triton", "megablocks")
 AUTOTUNE_BLOCKS = [  # "bm,bn,bk,warps,stages,br,bwd_bn" (kernels.layout.BlockSizes.parse; experts.kernel_blocks)
     # Each compiles for sm_90 with no register spills and >= 8 resident warps per SM in every
-    # GEMM kernel at the four reference shapes (python -m kernels.compile_check --blocks ...);
+    # GEMM kernel at the four reference shapes (python -m tools.compile_check --blocks ...);
     # 128,256 tiles spill in swiglu_fwd and grouped_wgrad and 128,64 with 4 warps in swiglu_bwd.
     "128,128,64,8,3,64,64", "128,128,64,8,4,64,64", "128,128,32,8,4,32,64", "128,64,64,8,4,64,64",
     "64,128,64,8,3,64,64", "64,64,64,4,4,64,64", "64,128,32,4,4,32,32",
@@ -59,6 +71,7 @@ AUTOTUNE_BLOCKS = [  # "bm,bn,bk,warps,stages,br,bwd_bn" (kernels.layout.BlockSi
 
 Weights = tuple[Tensor, Tensor, Tensor]
 ExpertRun = Callable[[Tensor, DispatchPlan, Weights, int], Tensor]
+Step = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
 
 
 def useful_flops(T: int, K: int, D: int, F_: int) -> int:
@@ -86,13 +99,6 @@ def route(x_TD: Tensor, w_router_DE: Tensor, bias_TE: Tensor, K: int, capacity_f
     return dispatch(decision, w_router_DE.shape[1], capacity_factor)
 
 
-def _gathered(swiglu: Callable[..., Tensor]) -> ExpertRun:
-    def run(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int) -> Tensor:
-        return combine(swiglu(gather_rows(x_TD, plan), plan.counts_E, *w), plan, x_TD.shape[0])
-
-    return run
-
-
 def capacity_bmm(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int) -> Tensor:
     """GShard-style experts: rows placed in a zero-padded [E, C, D] buffer, three torch.bmm, rows read back.
 
@@ -109,31 +115,45 @@ def capacity_bmm(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int) -> Tensor
     return combine(y_RD, plan, T)
 
 
-def build_backends(blocks: object | None) -> dict[str, tuple[ExpertRun, float | None]]:
-    """name -> (expert runner, capacity factor); backends that cannot load are left out with a note."""
-    from moe.experts import swiglu_grouped_mm, swiglu_loop
+def plain_grouped_mm_layer(x_TD: Tensor, w_router_DE: Tensor, bias_TE: Tensor, w: Weights, K: int) -> tuple[Tensor, Tensor]:
+    """An independent, plain MoE layer on ``torch._grouped_mm`` (the torchtitan pattern): the baseline.
 
-    backends: dict[str, tuple[ExpertRun, float | None]] = {
-        "torch": (_gathered(swiglu_loop), None),
-        "capacity_bmm": (capacity_bmm, CAPACITY_FACTOR),
-        "grouped_mm": (_gathered(swiglu_grouped_mm), None),
-    }
-    try:
-        from kernels.moe_experts import fused_moe_experts
+    Softmax top-k router (logits from a GEMM in the activations' dtype), Switch balance loss,
+    a stable sort of the slots, three grouped GEMMs with autograd through them, and the
+    weighted combine by ``index_add`` in fp32. Returns (y_TD, aux loss).
+    """
+    T, E = bias_TE.shape
+    probs_TE = torch.softmax((x_TD @ w_router_DE).float() + bias_TE, dim=-1)
+    weights_TK, ids_TK = probs_TE.topk(K, dim=-1)
+    weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    counts_E = torch.histc(ids_TK.float(), bins=E, min=0, max=E - 1)
+    aux = E * (counts_E / (T * K) * probs_TE.mean(0)).sum()
+    order_S = ids_TK.reshape(-1).argsort(stable=True)
+    token_S = order_S // K
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    x_SD = x_TD[token_S]
+    h_SF = F.silu(torch._grouped_mm(x_SD, w[0], offs=offs_E)) * torch._grouped_mm(x_SD, w[1], offs=offs_E)
+    y_SD = torch._grouped_mm(h_SF, w[2], offs=offs_E).float() * weights_TK.reshape(-1)[order_S, None]
+    y_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add(0, token_S, y_SD)
+    return y_TD.to(x_TD.dtype), aux
 
-        def triton_run(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int) -> Tensor:
-            return fused_moe_experts(x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *w, blocks=blocks)
 
-        backends["triton"] = (triton_run, None)
-    except ImportError as exc:
-        print(f"bench_layer: triton backend skipped ({exc})", file=sys.stderr)
-    from kernels.megablocks_backend import UNAVAILABLE_REASON, swiglu_megablocks
+def expert_runs(blocks: object | None) -> dict[str, tuple[ExpertRun, float | None]]:
+    """name -> (experts path on a plan, capacity factor); backends that cannot run here are left out with a note."""
+    runs: dict[str, tuple[ExpertRun, float | None]] = {"capacity_bmm": (capacity_bmm, CAPACITY_FACTOR)}
+    options = ExpertOptions(blocks=blocks)  # type: ignore[arg-type]
+    for name in ("torch", "grouped_mm", "triton", "megablocks"):
+        backend = BACKENDS[name]
+        reason = backend.unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if reason is not None:
+            print(f"bench_layer: {name} skipped ({reason})", file=sys.stderr)
+            continue
 
-    if UNAVAILABLE_REASON is None:
-        backends["megablocks"] = (_gathered(swiglu_megablocks), None)
-    else:
-        print(f"bench_layer: megablocks backend skipped ({UNAVAILABLE_REASON})", file=sys.stderr)
-    return backends
+        def run(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int, backend=backend) -> Tensor:
+            return backend.run_plan(x_TD, plan, *w, options)
+
+        runs[name] = (run, None)
+    return runs
 
 
 class Clock:
@@ -167,11 +187,20 @@ class Clock:
         return (torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else float("nan")
 
 
-def time_fwd_bwd(fn: Callable[[], Tensor], params: list[Tensor], dy: Tensor, warmup: int, iters: int) -> dict[str, float]:
+def _backward(out: Tensor | tuple[Tensor, Tensor], dy: Tensor) -> None:
+    """Backward of a step's output: ``y`` with ``dy``, plus a scalar auxiliary loss when there is one."""
+    if isinstance(out, tuple):
+        y, aux = out
+        torch.autograd.backward([y, aux], [dy, torch.ones_like(aux)])
+    else:
+        out.backward(dy)
+
+
+def time_fwd_bwd(fn: Step, params: list[Tensor], dy: Tensor, warmup: int, iters: int) -> dict[str, float]:
     """Median forward and forward+backward milliseconds and peak extra memory (MiB; NaN on CPU)."""
     clock = Clock(dy.device)
     for _ in range(warmup):
-        fn().backward(dy)
+        _backward(fn(), dy)
     clock.sync()
     for p in params:
         p.grad = None
@@ -181,9 +210,9 @@ def time_fwd_bwd(fn: Callable[[], Tensor], params: list[Tensor], dy: Tensor, war
         for p in params:
             p.grad = None
         start = clock.mark()
-        y = fn()
+        out = fn()
         mid = clock.mark()
-        y.backward(dy)
+        _backward(out, dy)
         marks.append((start, mid, clock.mark()))
     clock.sync()
     return {
@@ -208,7 +237,7 @@ def reference_columns(T: int, K: int, D: int, F_: int, E: int, warmup: int, iter
 
 @dataclass
 class Problem:
-    """One (shape, routing) instance: identical inputs for every backend."""
+    """One (shape, routing) instance: identical inputs for every row."""
 
     T: int
     D: int
@@ -233,40 +262,91 @@ class Problem:
         return Problem(T, D, F_, E, K, routing, rnd(T, D, std=1.0), rnd(D, E, std=0.1 * D**-0.5), bias.to(device), weights, rnd(T, D, std=1.0))
 
 
-def run_backend(p: Problem, run: ExpertRun, cf: float | None, warmup: int, iters: int) -> dict[str, float]:
-    """Time the whole layer with ``run`` as the experts, then its error against fp32 on its own plan."""
-    leaves = [t.clone().requires_grad_() for t in (p.x, p.w_router, *p.weights)]
-    x, w_router, *w = leaves
-
-    def layer() -> Tensor:
-        return run(x, route(x, w_router, p.bias, p.K, cf), tuple(w), p.K)
-
-    stats = time_fwd_bwd(layer, leaves, p.dy, warmup, iters)
+def _error(p: Problem, y: Tensor, plan: DispatchPlan, w: Weights) -> dict[str, float]:
+    """max |y - y_fp32| / max |y_fp32| on ``plan``, and the dropped fraction."""
     from kernels import reference
 
+    y32 = reference.moe_experts(p.x.float(), plan.slot_idx_R, plan.weight_R, plan.counts_E, p.K, *(t.float() for t in w))
+    return {
+        "max_rel_err": ((y.float() - y32).abs().max() / y32.abs().max()).item(),
+        "dropped_frac": (plan.num_dropped.float() / plan.num_routed.float()).item(),
+    }
+
+
+def run_experts(p: Problem, run: ExpertRun, cf: float | None, warmup: int, iters: int) -> dict[str, float]:
+    """Time router + dispatch + ``run`` as the experts, then its error against fp32 on its own plan."""
+    leaves = [t.clone().requires_grad_() for t in (p.x, p.w_router, *p.weights)]
+    x, w_router, *w = leaves
+    stats = time_fwd_bwd(lambda: run(x, route(x, w_router, p.bias, p.K, cf), tuple(w), p.K), leaves, p.dy, warmup, iters)
     with torch.no_grad():
         plan = route(x, w_router, p.bias, p.K, cf)
-        y = run(x, plan, tuple(w), p.K).float()
-        y32 = reference.moe_experts(x.float(), plan.slot_idx_R, plan.weight_R, plan.counts_E, p.K, *(t.float() for t in w))
-    stats["max_rel_err"] = ((y - y32).abs().max() / y32.abs().max()).item()
-    stats["dropped_frac"] = (plan.num_dropped.float() / plan.num_routed.float()).item()
+        stats.update(_error(p, run(x, plan, tuple(w), p.K), plan, tuple(w)))
+    return stats
+
+
+def run_plain(p: Problem, warmup: int, iters: int) -> dict[str, float]:
+    """Time the plain grouped_mm layer (router included), then its error on the plan its routing makes."""
+    leaves = [t.clone().requires_grad_() for t in (p.x, p.w_router, *p.weights)]
+    x, w_router, *w = leaves
+    stats = time_fwd_bwd(lambda: plain_grouped_mm_layer(x, w_router, p.bias, tuple(w), p.K), leaves, p.dy, warmup, iters)
+    with torch.no_grad():
+        y, _ = plain_grouped_mm_layer(x, w_router, p.bias, tuple(w), p.K)
+        stats.update(_error(p, y, route(x, w_router, p.bias, p.K, None), tuple(w)))
+    return stats
+
+
+def build_layer(p: Problem, backend: str) -> torch.nn.Module:
+    """``MoELayer`` (router topk with its default losses, statistics on) holding the problem's
+    weights, its router logits shifted by the routing bias, resolved for the problem's device."""
+    from moe.experts import ExpertsConfig
+    from moe.layer import MoELayer
+    from moe.routers.topk import TopKConfig
+
+    layer = MoELayer(p.D, p.F, p.E, TopKConfig(k=p.K), ExpertsConfig(backend=backend)).to(p.x.device, p.x.dtype)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(p.w_router.t())
+        for param, w in zip((layer.experts.w_gate_EDF, layer.experts.w_up_EDF, layer.experts.w_down_EFD), p.weights):
+            param.copy_(w)
+    unbiased = layer.router.logits
+    layer.router.logits = lambda x_TD: unbiased(x_TD) + p.bias  # the bench's forced routing
+    layer.train()
+    layer.resolve_backend(p.x.device)
+    return layer
+
+
+def run_layer(p: Problem, backend: str, warmup: int, iters: int) -> dict[str, float]:
+    """Time the whole MoELayer with ``backend``, then its error against fp32 on its own plan."""
+    from moe.routers import RouterContext
+
+    layer = build_layer(p, backend)
+    x = p.x.clone().requires_grad_()
+    ctx = RouterContext()
+
+    def step() -> tuple[Tensor, Tensor]:
+        y, aux = layer(x, ctx)
+        return y, sum(aux.values())
+
+    stats = time_fwd_bwd(step, [x, *layer.parameters()], p.dy, warmup, iters)
+    with torch.no_grad():
+        plan = dispatch(layer.router(x, ctx), p.E, None)
+        stats.update(_error(p, layer(x, ctx)[0], plan, p.weights))
     return stats
 
 
 def autotune(p: Problem, warmup: int, iters: int) -> tuple[object, list[dict]]:
-    """Time the triton backend under each AUTOTUNE_BLOCKS config; returns the fastest and all results."""
+    """Time the triton experts path under each AUTOTUNE_BLOCKS config; returns the fastest and all results."""
     from kernels.layout import BlockSizes
-    from kernels.moe_experts import fused_moe_experts
 
     results = []
     for text in AUTOTUNE_BLOCKS:
         blocks = BlockSizes.parse(text)
+        options = ExpertOptions(blocks=blocks)
 
-        def run(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int, blocks: BlockSizes = blocks) -> Tensor:
-            return fused_moe_experts(x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *w, blocks=blocks)
+        def run(x_TD: Tensor, plan: DispatchPlan, w: Weights, K: int, options: ExpertOptions = options) -> Tensor:
+            return BACKENDS["triton"].run_plan(x_TD, plan, *w, options)
 
         try:
-            stats = run_backend(p, run, None, warmup, iters)
+            stats = run_experts(p, run, None, warmup, iters)
         except Exception as exc:  # out of shared memory / registers for this config
             stats = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         results.append({"blocks": asdict(blocks), **stats})
@@ -276,9 +356,9 @@ def autotune(p: Problem, warmup: int, iters: int) -> tuple[object, list[dict]]:
 
 
 def markdown(records: list[dict]) -> str:
-    """One table row per (shape, routing, backend)."""
+    """One table row per (shape, routing, row)."""
     lines = [
-        "| D | F | E | K | T | routing | backend | fwd ms | fwd+bwd ms | TFLOP/s | vs dense | peak MiB | max rel err | dropped |",
+        "| D | F | E | K | T | routing | row | fwd ms | fwd+bwd ms | TFLOP/s | vs dense | peak MiB | max rel err | dropped |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -312,15 +392,15 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             if args.autotune and routing == args.routing[0]:  # tuned once per shape, on the first routing
                 blocks, tuned = autotune(p, args.warmup, args.iters)
                 sweeps.append({**dims, "routing": routing, "results": tuned})
-            backends = build_backends(blocks)
+            runs = expert_runs(blocks)
+            jobs: list[tuple[str, Callable[[], dict[str, float]]]] = [(f"layer:{b}", lambda b=b: run_layer(p, b, args.warmup, args.iters)) for b in args.layers]
+            jobs.append(("plain_grouped_mm", lambda: run_plain(p, args.warmup, args.iters)))
+            jobs += [(name, lambda name=name: run_experts(p, *runs[name], args.warmup, args.iters)) for name in args.backends if name in runs]
             rows = [(name, refs[name]) for name in ("bmm_ceiling", "dense_gemm")]
-            for name in args.backends or list(backends):
-                if name not in backends:
-                    continue
-                run, cf = backends[name]
+            for name, job in jobs:
                 try:
-                    rows.append((name, run_backend(p, run, cf, args.warmup, args.iters)))
-                except Exception as exc:  # one backend failing (OOM, unsupported) must not stop the others
+                    rows.append((name, job()))
+                except Exception as exc:  # one row failing (OOM, unsupported) must not stop the others
                     rows.append((name, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}))
                 _free(device)
             for name, stats in rows:
@@ -342,26 +422,41 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def predicted_ms(shape: tuple[int, int, int, int, int]) -> float:
+    """The grouped_mm layer's time from its counted budget (``tools.layer_budget``), NaN if it cannot be counted."""
+    try:
+        from tools.layer_budget import count_layer_step
+
+        return count_layer_step(shape).predicted_ms()
+    except Exception:  # noqa: BLE001 - a prediction is a nicety beside a measurement
+        return float("nan")
+
+
 def summary(records: list[dict]) -> str:
-    """Per (shape, routing): triton's speedup over grouped_mm and its time against the bmm ceiling,
-    with the kernel issue's targets (>= 1.15x grouped_mm; stretch: at or above the ceiling)."""
+    """Per (shape, routing) and whole layer: time against the bmm ceiling and the plain grouped_mm
+    layer, peak memory against the plain layer's, and the grouped_mm layer's budget prediction."""
     by: dict[tuple, dict[str, dict]] = {}
     for r in records:
         if "error" not in r:
             by.setdefault((r["D"], r["F"], r["E"], r["K"], r["T"], r["routing"]), {})[r["backend"]] = r
     lines = [
-        "| D | F | E | K | T | routing | triton / grouped_mm speedup | >= 1.15x | ceiling / triton time | >= ceiling | triton vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| D | F | E | K | T | routing | layer | ms | ceiling ms | plain ms | predicted ms | >= ceiling | >= plain | peak MiB / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    predictions: dict[tuple, float] = {}
     for key, rows in by.items():
-        if "triton" not in rows:
-            continue
-        ms = rows["triton"]["fwd_bwd_ms"]
-        speed = rows["grouped_mm"]["fwd_bwd_ms"] / ms if "grouped_mm" in rows else float("nan")
-        ceil = rows["bmm_ceiling"]["fwd_bwd_ms"] / ms if "bmm_ceiling" in rows else float("nan")
-        lines.append(
-            "| " + " | ".join(map(str, key)) + f" | {speed:.2f}x | {'yes' if speed >= 1.15 else 'no'} | {ceil:.2f} | {'yes' if ceil >= 1.0 else 'no'} | {rows['triton']['vs_dense']:.2f} |"
-        )
+        ceil = rows.get("bmm_ceiling", {}).get("fwd_bwd_ms", float("nan"))
+        plain = rows.get("plain_grouped_mm", {})
+        for name in sorted(n for n in rows if n.startswith("layer:")):
+            r = rows[name]
+            ms = r["fwd_bwd_ms"]
+            pred = predictions.setdefault(key[:5], predicted_ms(key[:5])) if name == "layer:grouped_mm" else float("nan")
+            plain_ms = plain.get("fwd_bwd_ms", float("nan"))
+            mem = r["peak_mib"] / plain["peak_mib"] if plain.get("peak_mib") else float("nan")
+            lines.append(
+                "| " + " | ".join(map(str, key)) + f" | {name.removeprefix('layer:')} | {ms:.2f} | {ceil:.2f} | {plain_ms:.2f} | {pred:.2f} | "
+                f"{'yes' if ms <= ceil else 'no'} | {'yes' if ms <= plain_ms else 'no'} | {mem:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -375,7 +470,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--autotune", action="store_true", help="sweep the Triton block sizes per shape (on the first --routing); the fastest is used for every routing")
     parser.add_argument("--routing", nargs="+", default=["balanced", "zipf"], choices=["balanced", "zipf"])
     parser.add_argument("--zipf-s", type=float, default=1.2, help="Zipf exponent of expert popularity")
-    parser.add_argument("--backends", nargs="*", default=None, help="subset of torch capacity_bmm grouped_mm triton megablocks")
+    parser.add_argument("--layers", nargs="*", default=list(FAST_BACKENDS), help="backends timed as whole MoELayer rows")
+    parser.add_argument("--backends", nargs="*", default=list(FAST_BACKENDS), help=f"experts-path rows, from {' '.join(EXPERT_ROWS)}")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.gate import gate_logits
 from moe.routers.similarity import MIX_SPACES, graph_mixed_decision, sequence_mask, token_layout
 
 
@@ -75,7 +76,7 @@ class AttentionAwareRouter(Router):
         return attn_BSS / attn_BSS.sum(dim=-1, keepdim=True)
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
-        logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
+        logits_TE = gate_logits(x_TD, self.gate.weight)
         graph_BSS = self.graph(x_TD.shape[0], context)
         c = self.cfg
         return graph_mixed_decision(logits_TE, graph_BSS, c.mix, c.k, c.aux_loss_coef, c.z_loss_coef)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from moe.dtensor_io import copy_full_
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.gate import gate_logits
 from moe.routers.evolve import EvolveConfig, base_expert_decision, spawn_experts, stream_generator
 
 SCHEDULES = ("linear", "exponential")
@@ -191,7 +192,7 @@ class DTSRouter(Router):
         s = self.dts_step(context.step)
         tau = temperature(s, cfg.schedule, cfg.tau_max, cfg.tau_min, cfg.decay_steps)
         bias = None if self.gate.bias is None else self.gate.bias.float()
-        h_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float(), bias)
+        h_TE = gate_logits(x_TD, self.gate.weight, bias)
         hard = cfg.hard_step is not None and s >= cfg.hard_step
         return dts_decision(self.scores(h_TE), tau, cfg, hard=hard, noisy=self.training)
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.gate import gate_logits
 
 
 @dataclass(kw_only=True)
@@ -67,7 +68,7 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         T, E = x_TD.shape[0], self.num_experts
-        probs_TE = torch.softmax(nn.functional.linear(x_TD.float(), self.gate.weight.float()), dim=-1)
+        probs_TE = torch.softmax(gate_logits(x_TD, self.gate.weight), dim=-1)
         C = expert_capacity(T, E, self.cfg.capacity_factor)
         tokens_CE = torch.topk(probs_TE.detach(), C, dim=0).indices
         mask_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device).scatter_(0, tokens_CE, True)

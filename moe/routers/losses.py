@@ -18,11 +18,12 @@ def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_TK: Tensor
     perfectly uniform routing and E when every token goes to one expert with probability 1.
     """
     T, E = probs_TE.shape
-    one_hot_TKE = torch.nn.functional.one_hot(expert_ids_TK, E).to(probs_TE.dtype)
-    if mask_TK is not None:
-        one_hot_TKE = one_hot_TKE * mask_TK.unsqueeze(-1).to(probs_TE.dtype)
-    slots = one_hot_TKE.sum(dim=(0, 1)).sum().clamp_min(1.0)
-    f_E = one_hot_TKE.sum(dim=(0, 1)) / slots
+    # Slot counts per expert by a scatter of ones over E bins (exact integers in fp32, so any
+    # summation order gives the same counts); no [T, K, E] one-hot is materialised.
+    ids_S = expert_ids_TK.reshape(-1)
+    ones_S = torch.ones_like(ids_S, dtype=probs_TE.dtype) if mask_TK is None else mask_TK.reshape(-1).to(probs_TE.dtype)
+    counts_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(0, ids_S, ones_S)
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE.mean(dim=0)
     return E * torch.sum(f_E * P_E)
 

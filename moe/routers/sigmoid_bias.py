@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.gate import gate_logits
 
 
 @dataclass(kw_only=True)
@@ -117,7 +118,7 @@ class SigmoidBiasRouter(Router):
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         cfg = self.cfg
-        scores_TE = torch.sigmoid(nn.functional.linear(x_TD.float(), self.gate.weight.float()))
+        scores_TE = torch.sigmoid(gate_logits(x_TD, self.gate.weight))
         biased_TE = scores_TE.detach() + self.expert_bias_E.float()
         if cfg.n_groups > 1:
             biased_TE = group_limited_scores(biased_TE, cfg.n_groups, cfg.topk_groups)

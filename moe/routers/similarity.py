@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.gate import gate_logits
 from moe.routers.topk import topk_decision
 
 MIX_SPACES = ("probs", "logits")
@@ -132,7 +133,7 @@ class SimilarityRouter(Router):
         return torch.softmax(scores_BSS.masked_fill(~mask_BSS, float("-inf")), dim=-1)
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
-        logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
+        logits_TE = gate_logits(x_TD, self.gate.weight)
         graph_BSS = self.similarity(x_TD, context)
         c = self.cfg
         return graph_mixed_decision(logits_TE, graph_BSS, c.mix, c.k, c.aux_loss_coef, c.z_loss_coef)

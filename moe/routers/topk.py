@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.gate import gate_logits
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
 from moe.routers.losses import router_z_loss, switch_balance_loss
 
@@ -43,7 +44,7 @@ class TopKConfig:
 
 
 class TopKRouter(Router):
-    """Linear gate ``h = x W_g`` in fp32, top-k selection, Switch/GShard weights and losses."""
+    """Linear gate ``h = x W_g`` with fp32 logits, top-k selection, Switch/GShard weights and losses."""
 
     Config = TopKConfig
 
@@ -56,12 +57,11 @@ class TopKRouter(Router):
         self.local_search = PermutationLocalSearch(cfg.local_search, num_experts, 1) if cfg.local_search.enabled else None
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        """Router logits ``h_TE`` in fp32 (with jitter in training)."""
-        x_TD = x_TD.float()
+        """Router logits ``h_TE`` in fp32 (with jitter in training; ``moe.routers.gate``)."""
         if self.training and self.cfg.jitter > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
-            x_TD = x_TD * noise
-        return nn.functional.linear(x_TD, self.gate.weight.float())
+            x_TD = x_TD.float()
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
+        return gate_logits(x_TD, self.gate.weight)
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         logits_TE = self.logits(x_TD)

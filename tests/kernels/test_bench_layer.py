@@ -62,7 +62,7 @@ def test_every_backend_equals_reference_on_its_plan(kc, gen, routing):
     expert_S = torch.empty(T * K, dtype=torch.long)
     expert_S[plan.slot_idx_R] = torch.repeat_interleave(torch.arange(E), plan.counts_E)
     assert torch.equal(expert_S.reshape(T, K).sort(-1).values, ids.sort(-1).values)
-    backends = bench_layer.build_backends(None)
+    backends = bench_layer.expert_runs(None)
     assert {"torch", "capacity_bmm", "grouped_mm", "triton"} <= set(backends)
     for name, (run, cf) in backends.items():
         plan = bench_layer.route(x, w_router, bias, K, cf)
@@ -71,6 +71,24 @@ def test_every_backend_equals_reference_on_its_plan(kc, gen, routing):
         y = run(x, plan, weights, K)
         want = reference.moe_experts(x, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *weights)
         kc.assert_close(y, want, what=name)
+    # The plain baseline layer routes the same way and computes the same function.
+    y_plain, aux = bench_layer.plain_grouped_mm_layer(x, w_router, bias, weights, K)
+    plan = bench_layer.route(x, w_router, bias, K, None)
+    kc.assert_close(y_plain, reference.moe_experts(x, plan.slot_idx_R, plan.weight_R, plan.counts_E, K, *weights), what="plain_grouped_mm")
+    assert aux.item() >= 1.0 - 1e-5  # the Switch balance loss is >= 1 (1 only for uniform routing)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_whole_layer_row_routes_like_the_problem_and_matches_reference(kc, backend):
+    """``build_layer``: the MoELayer row holds the problem's weights and its forced routing."""
+    from moe.routers import RouterContext
+
+    p = bench_layer.Problem.make((16, 32, 4, 2, 24), "zipf", 1.5, 3, kc.DEVICE, torch.float32)
+    layer = bench_layer.build_layer(p, backend)
+    y, aux = layer(p.x, RouterContext())
+    plan = bench_layer.route(p.x, p.w_router, p.bias, p.K, None)
+    kc.assert_close(y, reference.moe_experts(p.x, plan.slot_idx_R, plan.weight_R, plan.counts_E, p.K, *p.weights), what=backend)
+    assert set(aux) == {"aux_loss", "z_loss"}
 
 
 @pytest.mark.slow
@@ -83,13 +101,13 @@ def test_cpu_smoke_run_writes_every_backend_and_the_autotune_sweep(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "tools.bench_layer", "--device", "cpu", "--dtype", "fp32", "--shape", "32", "64", "4", "2", "64",
-           "--warmup", "0", "--iters", "1", "--autotune", "--out", str(out)]
+           "--warmup", "0", "--iters", "1", "--autotune", "--backends", "torch", "capacity_bmm", "grouped_mm", "triton", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "smoke run" in done.stderr
     result = json.loads((out / "results.json").read_text())
     records = result["records"]
-    want = {"bmm_ceiling", "dense_gemm", "torch", "capacity_bmm", "grouped_mm", "triton"}
+    want = {"bmm_ceiling", "dense_gemm", "torch", "capacity_bmm", "grouped_mm", "triton", "plain_grouped_mm", "layer:grouped_mm", "layer:triton"}
     for routing in ("balanced", "zipf"):
         rows = {r["backend"]: r for r in records if r["routing"] == routing}
         assert want <= set(rows), (routing, sorted(rows))
@@ -103,4 +121,6 @@ def test_cpu_smoke_run_writes_every_backend_and_the_autotune_sweep(tmp_path):
     assert sweep["routing"] == "balanced" and len(sweep["results"]) == len(bench_layer.AUTOTUNE_BLOCKS)
     assert all("error" not in r for r in sweep["results"])
     md = (out / "results.md").read_text()
-    assert "## Targets" in md and md.count("| triton |") == 2
+    assert "## Targets" in md and md.count("| triton |") == 4  # two rows and two targets, per routing
+    targets = md.split("## Targets")[1]
+    assert targets.count("| grouped_mm |") == 2 and "| predicted ms |" in targets

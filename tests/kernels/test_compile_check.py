@@ -1,4 +1,4 @@
-"""kernels.compile_check: every kernel a layer step launches compiles for sm_90 (H100), GPU or not,
+"""tools.compile_check: every kernel a layer step launches compiles for sm_90 (H100), GPU or not,
 and the default block sizes keep every kernel free of register spills at the reference shapes.
 
 Shape legend: D model dim, F expert ffn dim, E experts, K top-k, T tokens.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.compile_check import occupancy, parse_blocks
+from tools.compile_check import occupancy, parse_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMS = {"swiglu_fwd", "swiglu_bwd", "plain", "gmm_scatter", "grouped_wgrad"}
@@ -33,11 +33,11 @@ def _jit_kernels() -> set[str]:
 
 
 def _compile(tmp_path: Path, *extra: str) -> list[dict]:
-    """Run ``python -m kernels.compile_check`` in a clean process (compiled mode); its JSON reports."""
+    """Run ``python -m tools.compile_check`` in a clean process (compiled mode); its JSON reports."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out_json = tmp_path / "reports.json"
-    cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--json", str(out_json), *extra]
+    cmd = [sys.executable, "-m", "tools.compile_check", "--arch", "90", "--json", str(out_json), *extra]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out_json.read_text())["reports"]

@@ -7,7 +7,7 @@ import torch
 
 import kernels.megablocks_backend as mb
 from moe.errors import EnvironmentError_
-from moe.experts import swiglu_loop
+from moe.expert_backends import swiglu_loop
 
 
 def test_unavailable_reason_is_one_line_and_call_raises():

@@ -16,7 +16,8 @@ import torch
 import kernels.moe_experts as moe_experts
 from kernels import reference
 from kernels.layout import BlockSizes
-from moe.experts import Experts, swiglu_loop
+from moe.expert_backends import swiglu_loop
+from moe.experts import Experts
 from moe.layer import local_runner
 
 TINY = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16)

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m kernels.compile_check                          # the four reference shapes, default blocks
-    python -m kernels.compile_check --shape 2048 768 128 8 32768 --blocks 128,128,64,8,3 --markdown
+    python -m tools.compile_check                          # the four reference shapes, default blocks
+    python -m tools.compile_check --shape 2048 768 128 8 32768 --blocks 128,128,64,8,3 --markdown
 
 Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k, R routed rows.
 
@@ -51,7 +51,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction
 
-from kernels.bench_shapes import REFERENCE_SHAPES, Shape
+from tools.bench_shapes import REFERENCE_SHAPES, Shape
 from kernels.layout import BlockSizes
 from moe.errors import ConfigError
 
@@ -155,12 +155,15 @@ def recording() -> Iterator[list[Launch]]:
 
 def capture_layer_step(shape: Shape, blocks: BlockSizes, *, recompute: bool = False, per_op: bool = True) -> list[Launch]:
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
-    the per-op entries), deduplicated by compiled binary, in first-launch order."""
+    the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
+    binary, in first-launch order."""
     from kernels import moe_experts
     from kernels.gather_gmm import gather_gmm_swiglu
     from kernels.gmm_scatter import gmm_scatter
     from kernels.layout import TileSchedule, max_tiles
     from kernels.route_meta import route_meta
+    from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
+    from kernels.unpermute import unpermute_into
 
     if triton.knobs.runtime.interpret:
         raise RuntimeError("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
@@ -181,6 +184,11 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, recompute: bool = Fa
             h.backward(torch.empty_like(h))
             y_SD = gmm_scatter(meta(R, Fd, grad=True), weight, slot, schedule, wd, R, blocks=blocks)
             y_SD.backward(torch.empty_like(y_SD))
+        # The grouped_mm backend's glue kernels (its GEMMs are library calls, not Triton).
+        g = meta(R, Fd)
+        swiglu_act_fwd_into(g, g, weight, g)
+        swiglu_act_bwd_into(g, g, g, weight, g, g, weight)
+        unpermute_into(meta(R, D), meta(R, D), slot, K, None, meta(T, D))
     unique: dict[tuple, Launch] = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)
@@ -273,7 +281,7 @@ def parse_blocks(text: str) -> BlockSizes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = H100)")
     parser.add_argument("--shape", type=int, nargs=5, action="append", metavar=("D", "F", "E", "K", "T"), help="repeatable; default: the four reference shapes")
     parser.add_argument("--blocks", type=parse_blocks, action="append", help="bm,bn,bk,warps,stages[,br[,bwd_bn]]; repeatable; default: BlockSizes()")

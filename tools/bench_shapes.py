@@ -3,7 +3,7 @@
 ``(D, F, E, K, T)``: model dim, expert ffn dim, experts, top-k, tokens. The four reference
 shapes are the kernel issue's: Mixtral-like coarse experts (4096, 14336, 8, 2) and three
 fine-grained layouts with many small experts, where grouped GEMMs leave the most behind.
-``tools/bench_layer.py`` times them; ``kernels.compile_check`` profiles their compiled kernels.
+``tools/bench_layer.py`` times them; ``tools.compile_check`` profiles their compiled kernels.
 """
 
 from __future__ import annotations

@@ -1,0 +1,114 @@
+"""The memory-bound expert-path ops as PyTorch operators: one op, one launch, any device.
+
+Shape legend: T tokens, D model dim, F expert ffn dim, K slots per token, S slots (T*K),
+R expert-sorted rows.
+
+Each op is a ``torch.library.custom_op`` in the ``moeforge`` namespace:
+
+- ``moeforge::swiglu_act(g, u, scale)``: ``scale * silu(g) * u`` (``kernels.swiglu_act``);
+- ``moeforge::swiglu_act_bwd(g, u, a, scale)``: its gradients ``(dg, du, dscale)``;
+- ``moeforge::unpermute(y, y2, pos, K, scale)``: token-order sum of expert-sorted rows
+  (``kernels.unpermute``).
+
+Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
+imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
+reference from ``kernels.reference``. A fake (meta) implementation gives output shapes, so a whole
+layer step can run on ``meta`` tensors: ``torch.compile`` traces through the ops, and the layer
+budget test counts each op as the one kernel launch it is on a GPU. Importing this module needs
+only torch; Triton is imported lazily, and a missing Triton means the reference path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from kernels import reference
+
+_LOADED: dict[str, ModuleType | None] = {}
+
+
+def _kernel_module(name: str) -> ModuleType | None:
+    """``kernels.<name>`` if Triton imports, else None (cached)."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(f"kernels.{name}")
+        except ImportError:
+            _LOADED[name] = None
+    return _LOADED[name]
+
+
+def triton_runs(t: Tensor, module: ModuleType | None, kernel: str) -> bool:
+    """Whether ``module.kernel`` (a Triton kernel) can run on ``t``'s device: CUDA, or CPU when the
+    module was imported under Triton's interpreter."""
+    if module is None or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if t.is_cuda:
+        return True
+    if t.device.type != "cpu":
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - interpreter moved in a future Triton
+        return False
+    return isinstance(getattr(module, kernel), InterpretedFunction)
+
+
+def _unit_cols(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("moeforge::swiglu_act", mutates_args=())
+def swiglu_act(g: Tensor, u: Tensor, scale: Tensor | None) -> Tensor:
+    """``h = scale[:, None] * silu(g) * u`` (fp32 math, g's dtype); ``scale`` may be None."""
+    mod = _kernel_module("swiglu_act")
+    if not triton_runs(g, mod, "_swiglu_act_fwd_kernel"):
+        return reference.swiglu_act(g, u, scale)
+    h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    mod.swiglu_act_fwd_into(_unit_cols(g), _unit_cols(u), scale, h)
+    return h
+
+
+@swiglu_act.register_fake
+def _(g: Tensor, u: Tensor, scale: Tensor | None) -> Tensor:
+    return g.new_empty(g.shape)
+
+
+@torch.library.custom_op("moeforge::swiglu_act_bwd", mutates_args=())
+def swiglu_act_bwd(g: Tensor, u: Tensor, a: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dg, du, dscale)`` of ``swiglu_act`` for the output gradient ``a``; ``dscale`` is empty
+    when ``scale`` is None."""
+    mod = _kernel_module("swiglu_act")
+    if not triton_runs(g, mod, "_swiglu_act_bwd_kernel"):
+        dg, du, ds = reference.swiglu_act_bwd(g, u, a, scale)
+        return dg, du, ds if ds is not None else g.new_empty(0, dtype=torch.float32)
+    dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    ds = torch.empty(g.shape[0] if scale is not None else 0, dtype=torch.float32 if scale is None else scale.dtype, device=g.device)
+    mod.swiglu_act_bwd_into(_unit_cols(g), _unit_cols(u), _unit_cols(a), scale, dg, du, ds)
+    return dg, du, ds
+
+
+@swiglu_act_bwd.register_fake
+def _(g: Tensor, u: Tensor, a: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    ds = g.new_empty(g.shape[0], dtype=scale.dtype) if scale is not None else g.new_empty(0, dtype=torch.float32)
+    return g.new_empty(g.shape), u.new_empty(u.shape), ds
+
+
+@torch.library.custom_op("moeforge::unpermute", mutates_args=())
+def unpermute(y: Tensor, y2: Tensor | None, pos: Tensor, K: int, scale: Tensor | None) -> Tensor:
+    """``out[t] = sum_j scale[p] * (y[p] + y2[p])`` over ``p = pos[t*K + j] >= 0`` (fp32 sum, y's dtype)."""
+    mod = _kernel_module("unpermute")
+    if y.shape[0] == 0 or not triton_runs(y, mod, "_unpermute_kernel"):
+        return reference.unpermute(y, y2, pos, K, scale)
+    out = torch.empty(pos.shape[0] // K, y.shape[1], dtype=y.dtype, device=y.device)
+    mod.unpermute_into(_unit_cols(y), None if y2 is None else _unit_cols(y2), pos, K, scale, out)
+    return out
+
+
+@unpermute.register_fake
+def _(y: Tensor, y2: Tensor | None, pos: Tensor, K: int, scale: Tensor | None) -> Tensor:
+    return y.new_empty(pos.shape[0] // K, y.shape[1])

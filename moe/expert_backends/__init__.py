@@ -1,0 +1,46 @@
+"""Expert-backend registry: config name -> backend object (each one file in this folder).
+
+``experts.backend=<name>`` picks an object here; ``Experts.resolve`` turns it into the concrete
+backend for the run's device once, and every runner (local, expert-parallel, FSSDP) calls that
+object's ``grouped``/``run_plan``. This module is the only place a backend name is looked up.
+Adding a backend: one file with an ``ExpertBackend`` subclass, one line below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe.errors import ConfigError
+from moe.expert_backends.auto import AutoBackend
+from moe.expert_backends.base import ExpertBackend, ExpertOptions
+from moe.expert_backends.grouped_mm import GroupedMMBackend
+from moe.expert_backends.megablocks import MegaBlocksBackend
+from moe.expert_backends.torch_loop import TorchLoopBackend, swiglu_loop
+from moe.expert_backends.triton_fused import TritonFusedBackend
+
+BACKENDS: dict[str, ExpertBackend] = {
+    "torch": TorchLoopBackend(),
+    "grouped_mm": GroupedMMBackend(),
+    "triton": TritonFusedBackend(),
+    "megablocks": MegaBlocksBackend(),
+}
+BACKENDS["auto"] = AutoBackend(BACKENDS)
+
+
+def expert_backend(name: str) -> ExpertBackend:
+    """The backend registered as ``name``; a ConfigError naming experts.backend otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ConfigError(f"experts.backend ({name!r}) must be one of {sorted(BACKENDS)}") from None
+
+
+def resolve_backend(name: str, device: torch.device, d_model: int, d_ff: int, num_experts: int) -> ExpertBackend:
+    """The concrete backend ``name`` means on ``device`` for these shapes (``auto`` chooses), checked."""
+    backend = expert_backend(name)
+    if isinstance(backend, AutoBackend):
+        return backend.resolve_for(device, d_model, d_ff, num_experts)
+    return backend.resolve(device, d_model, d_ff)
+
+
+__all__ = ["BACKENDS", "ExpertBackend", "ExpertOptions", "expert_backend", "resolve_backend", "swiglu_loop"]
