@@ -19,27 +19,27 @@ stamp env
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >> "$log" 2>&1
 
 stamp tests  # every kernel and model test, compiled on the GPU (tests/parallel and tests/launch: CPU ranks and subprocesses)
-timeout 150 $py -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests/kernels tests/moe >> "$log" 2>&1
+timeout 90 $py -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests/kernels tests/moe >> "$log" 2>&1
 tests_rc=$?
 tests_line=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed|[0-9]+ failed|error" "$log" | tail -1)
 
 stamp compile_check
-timeout 60 $py -m tools.compile_check --markdown > "$out/compile_check.md" 2>&1
+timeout 40 $py -m tools.compile_check --markdown > "$out/compile_check.md" 2>&1
 
 stamp bench
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-170}" $py -m tools.bench_layer --out "$out/bench" ${SHAPES:-} > "$out/bench_log.txt" 2>&1
+timeout "${BENCH_TIMEOUT:-150}" $py -m tools.bench_layer --out "$out/bench" ${SHAPES:-} > "$out/bench_log.txt" 2>&1
 bench_rc=$?
 
 stamp profile
 # shellcheck disable=SC2086
-timeout 60 $py -m tools.profile_layer --out "$out/profile.txt" ${SHAPES:-} >> "$log" 2>&1
+timeout 80 $py -m tools.profile_layer --out "$out/profile.txt" ${SHAPES:-} >> "$log" 2>&1
 profile_rc=$?
 
 stamp train  # the default model on the GPU: experts.backend=auto, bf16 autocast
 train_rc=skipped
 if $py -c "import hydra, omegaconf" 2>/dev/null; then
-  timeout 60 $py -m launch.train train.steps=60 logging=none hydra.run.dir="$out/run" checkpoint.every=0 >> "$log" 2>&1
+  timeout 45 $py -m launch.train train.steps=60 logging=none hydra.run.dir="$out/run" checkpoint.every=0 >> "$log" 2>&1
   train_rc=$?
   rm -rf "$out/run"
 fi

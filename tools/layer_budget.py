@@ -15,8 +15,9 @@ is classed as
 
 - a view (no kernel: views, empty allocations) -- not counted;
 - a GEMM (``mm``, ``addmm``, ``bmm``, ``_grouped_mm``): its FLOPs, ``2 * M * K * N``;
-- glue: everything else, with the bytes it reads and writes (each distinct tensor once; an
-  ``index_select`` reads only the rows it gathers; broadcast dimensions count once);
+- glue: everything else, with the bytes it reads and writes (each distinct tensor once, twice
+  when it is updated in place; an ``index_select`` reads only the rows it gathers; broadcast
+  dimensions count once);
 
 and flagged when it accumulates into a multi-column tensor by scatter (``index_add``,
 ``scatter_add``, ``index_put`` with ``accumulate``: atomics over routed rows on a GPU) or reads a
@@ -138,6 +139,9 @@ class OpCounter(TorchDispatchMode):
         for t in _tensors(args) + _tensors(kwargs) + _tensors(out):
             seen.setdefault(id(t), t)
         nbytes = sum(_distinct_bytes(t) for t in seen.values())
+        for arg, value in zip(func._schema.arguments, args):  # an argument written in place is read and written
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor) and name != "copy_":
+                nbytes += _distinct_bytes(value)
         if name == "index_select":  # reads only the gathered rows of its source
             src, idx = args[0], args[2]
             nbytes += idx.numel() * (src[0].numel() if src.ndim else 1) * src.element_size() - _distinct_bytes(src)

@@ -13,14 +13,18 @@ forward   ``x_RD = x_TD[t_r]`` (one gather) -> ``g = x Wg``, ``u = x Wu`` (group
           ``y_TD[t] = sum of t's rows`` (``moeforge::unpermute``: a gather through the inverse
           permutation, fp32 sum in slot order).
 backward  ``dy_RD = dy_TD[t_r]`` (one gather) -> ``a = dy Wd^T``, ``dWd = h^T dy`` (grouped) ->
-          ``dg, du, dw_r`` in one pass (``moeforge::swiglu_act_bwd``) -> ``dg Wg^T``, ``du Wu^T``
-          (grouped) -> ``dx_TD`` = one unpermute summing both -> ``dWg = x^T dg``, ``dWu = x^T du``.
+          ``dg, du, dw_r`` in one pass, written over g and u (``moeforge::swiglu_act_bwd_``) ->
+          ``dg Wg^T``, ``dWg = x^T dg``, ``du Wu^T``, ``dWu = x^T du`` (grouped) -> ``dx_TD`` = one
+          unpermute summing both dgrads.
 
 That is 9 grouped GEMMs (18*R*D*F FLOPs) and 7 memory passes moving ``7RD + 8RF + 2TD`` elements
 (the layer budget test counts them). Gate and up stay two GEMMs because the weights are stored
 as separate parameters (checkpoints, FSSDP chunks and EvoMoE's spawn address them by name); the
 cost against one [D, 2F] GEMM is one extra read of an R*D tensor in the backward's unpermute.
-Saved for backward: x_RD, g, u, h (R*D + 3*R*F), less than autograd through the plain layer keeps.
+Kept for backward: x_RD, g, u, h (R*D + 3*R*F, less than autograd through a plain layer keeps),
+each dropped as soon as the backward has consumed it, and the SwiGLU gradients overwrite g and u,
+so the backward allocates no R x F buffer beyond the dgrad ``a`` and its peak stays at or below
+the plain layer's.
 
 Outside Hopper, torch's grouped GEMM falls back to a per-group loop that reads the offsets on the
 host (a synchronisation); on the CPU it runs too (tests), with the pure-torch twins of the ops.
@@ -45,6 +49,24 @@ def _t(w: Tensor) -> Tensor:
     return w.transpose(1, 2)
 
 
+class _Activations:
+    """The forward's R-row intermediates, held on ``ctx`` (not ``save_for_backward``) so the
+    backward can drop each one the moment it is consumed; a second backward through the same
+    graph (``retain_graph=True``) is refused with a clear error instead of reading freed memory."""
+
+    def __init__(self, **tensors: Tensor) -> None:
+        self.__dict__.update(tensors)
+
+    def take(self, name: str) -> Tensor:
+        try:
+            return self.__dict__.pop(name)
+        except KeyError:
+            raise RuntimeError(
+                "experts.backend=grouped_mm frees its activations during the backward; "
+                "backward through the same layer step twice (retain_graph=True) is not supported"
+            ) from None
+
+
 class _RoutedSwiGLU(torch.autograd.Function):
     """The whole expert block over a dispatch plan (module docstring)."""
 
@@ -55,25 +77,31 @@ class _RoutedSwiGLU(torch.autograd.Function):
         u_RF = _gmm(x_RD, w_up_EDF, offs_E)
         h_RF = ops.swiglu_act(g_RF, u_RF, weight_R)
         y_TD = ops.unpermute(_gmm(h_RF, w_down_EFD, offs_E), None, row_of_slot_S, K, None)
-        ctx.save_for_backward(x_RD, g_RF, u_RF, h_RF, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E)
+        ctx.save_for_backward(weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E)
+        ctx.act = _Activations(x_RD=x_RD, g_RF=g_RF, u_RF=u_RF, h_RF=h_RF)
         ctx.K = K
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):  # type: ignore[override]
-        x_RD, g_RF, u_RF, h_RF, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E = ctx.saved_tensors
+        need, act = ctx.needs_input_grad, ctx.act
         dy_RD = dy_TD.contiguous().index_select(0, token_idx_R)
         a_RF = _gmm(dy_RD, _t(w_down_EFD), offs_E)  # dL/dh (h carries the router weight)
+        h_RF = act.take("h_RF")
         dw_down = _gmm(h_RF.t(), dy_RD, offs_E) if need[4] else None
-        del dy_RD
-        dg_RF, du_RF, dweight_R = ops.swiglu_act_bwd(g_RF, u_RF, a_RF, weight_R)
+        del dy_RD, h_RF
+        dg_RF, du_RF = act.take("g_RF"), act.take("u_RF")
+        dweight_R = ops.swiglu_act_bwd_(dg_RF, du_RF, a_RF, weight_R)  # g, u become dg, du
         del a_RF
-        dx_TD = None
-        if need[0]:
-            dx_TD = ops.unpermute(_gmm(dg_RF, _t(w_gate_EDF), offs_E), _gmm(du_RF, _t(w_up_EDF), offs_E), row_of_slot_S, ctx.K, None)
+        x_RD = act.take("x_RD")
+        dx_gate_RD = _gmm(dg_RF, _t(w_gate_EDF), offs_E) if need[0] else None
         dw_gate = _gmm(x_RD.t(), dg_RF, offs_E) if need[2] else None
+        del dg_RF
+        dx_up_RD = _gmm(du_RF, _t(w_up_EDF), offs_E) if need[0] else None
         dw_up = _gmm(x_RD.t(), du_RF, offs_E) if need[3] else None
+        del du_RF, x_RD
+        dx_TD = ops.unpermute(dx_gate_RD, dx_up_RD, row_of_slot_S, ctx.K, None) if need[0] else None
         return dx_TD, dweight_R if need[1] else None, dw_gate, dw_up, dw_down, None, None, None, None
 
 
@@ -85,17 +113,21 @@ class _SortedSwiGLU(torch.autograd.Function):
         g_RF = _gmm(x_RD, w_gate_EDF, offs_E)
         u_RF = _gmm(x_RD, w_up_EDF, offs_E)
         h_RF = ops.swiglu_act(g_RF, u_RF, None)
-        ctx.save_for_backward(x_RD, g_RF, u_RF, h_RF, w_gate_EDF, w_up_EDF, w_down_EFD, offs_E)
+        ctx.save_for_backward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, offs_E)
+        ctx.act = _Activations(g_RF=g_RF, u_RF=u_RF, h_RF=h_RF)
         return _gmm(h_RF, w_down_EFD, offs_E)
 
     @staticmethod
     def backward(ctx, dy_RD):  # type: ignore[override]
-        x_RD, g_RF, u_RF, h_RF, w_gate_EDF, w_up_EDF, w_down_EFD, offs_E = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, offs_E = ctx.saved_tensors
+        need, act = ctx.needs_input_grad, ctx.act
         dy_RD = dy_RD.contiguous()
         a_RF = _gmm(dy_RD, _t(w_down_EFD), offs_E)
+        h_RF = act.take("h_RF")
         dw_down = _gmm(h_RF.t(), dy_RD, offs_E) if need[3] else None
-        dg_RF, du_RF, _ = ops.swiglu_act_bwd(g_RF, u_RF, a_RF, None)
+        del dy_RD, h_RF
+        dg_RF, du_RF = act.take("g_RF"), act.take("u_RF")
+        ops.swiglu_act_bwd_(dg_RF, du_RF, a_RF, None)
         del a_RF
         dx_RD = _gmm(dg_RF, _t(w_gate_EDF), offs_E).add_(_gmm(du_RF, _t(w_up_EDF), offs_E)) if need[0] else None
         dw_gate = _gmm(x_RD.t(), dg_RF, offs_E) if need[1] else None

@@ -93,3 +93,11 @@ def test_triton_options_are_refused_elsewhere_and_when_malformed() -> None:
         ExpertsConfig(backend="auto", kernel_blocks="48/64/64/4/3")
     with pytest.raises(ConfigError, match=r"experts.backend \('cuda'\) must be one of"):
         ExpertsConfig(backend="cuda")
+
+
+def test_grouped_mm_refuses_a_second_backward_through_freed_activations(device) -> None:
+    layer = MoELayer(16, 24, 4, TopKConfig(k=2), ExpertsConfig(backend="grouped_mm")).to(device)
+    y, _ = layer(torch.randn(9, 16, device=device), RouterContext())
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.sum().backward()

@@ -1,0 +1,71 @@
+"""The default CUDA path of one MoE layer step stays inside a budget a GPU would pay, checked on CPU.
+
+Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k, R = T*K routed rows.
+
+``tools.layer_budget.count_layer_step`` runs one training forward + backward of the whole
+``MoELayer`` (router topk with balance and z losses, dispatch, experts, combine, statistics) in
+bf16 on ``meta`` tensors at the reference shapes with ``experts.backend=grouped_mm`` (what
+``auto`` picks on a GPU without a measurement table entry) and counts every launched operator.
+
+The minimum glue traffic (derived in ``minimum_glue_bytes``): library grouped GEMMs read their A
+operand as contiguous expert-sorted rows and fuse nothing, so a step must at least gather x into
+expert order (2RD), apply SwiGLU between the GEMMs (read g and u, write h: 3RF), combine the down
+projection's rows into tokens (RD + TD), and in the backward gather dy (2RD), run the SwiGLU
+backward (read g, u, dL/dh; write dg, du: 5RF) and combine the dgrad rows into dx (RD + TD):
+``6RD + 8RF + 2TD`` bf16 elements. The budget is 1.5x that. The GEMMs must be exactly the nine
+of the routed SwiGLU (``18 R D F``) plus the router's three (``6 T D E``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools.bench_shapes import REFERENCE_SHAPES
+from tools.layer_budget import OpCounter, count_layer_step, minimum_glue_bytes
+
+LAUNCH_BUDGET = 90
+"""Kernel launches of one forward+backward (86 when this was written: 9 expert GEMMs, 3 router GEMMs, the rest glue)."""
+
+
+@pytest.fixture(scope="module")
+def budgets() -> dict:
+    return {shape: count_layer_step(shape) for shape in REFERENCE_SHAPES}
+
+
+@pytest.mark.parametrize("shape", REFERENCE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_layer_step_fits_the_budget(budgets, shape):
+    D, F, E, K, T = shape
+    b = budgets[shape]
+    assert b.launches <= LAUNCH_BUDGET, f"{b.launches} launches > {LAUNCH_BUDGET}"
+    lo = minimum_glue_bytes(shape)
+    assert lo <= b.glue_bytes <= 1.5 * lo, f"glue {b.glue_bytes / 1e9:.2f} GB vs minimum {lo / 1e9:.2f} GB"
+    assert b.gemm_flops == 18 * T * K * D * F + 6 * T * D * E
+    assert b.atomics == [], b.atomics
+    assert b.host_syncs == [], b.host_syncs
+
+
+def test_prediction_at_the_mixtral_shape_is_under_the_measured_ceiling(budgets):
+    """Predicted time (GEMMs at 680 TFLOP/s, glue at 3 TB/s): at (4096, 14336, 8, 2, 8192) the
+    nine GEMMs alone are 25.5 ms and the glue 1.7 ms, under the 27.2 ms the bmm ceiling measured
+    on an H200 (tools/bench_layer, 2026-11-27)."""
+    b = budgets[(4096, 14336, 8, 2, 8192)]
+    assert 25.0 < b.predicted_ms() < 27.2
+
+
+def test_counter_sees_gathers_in_place_writes_and_atomics():
+    """The counter itself: an index_select reads only its rows, an in-place op is read and
+    written, and an index_add into a [T, D] tensor is flagged as atomics over rows."""
+    with torch.device("meta"):
+        x = torch.empty(100, 64, dtype=torch.bfloat16)
+        idx = torch.empty(30, dtype=torch.int64)
+        y = torch.empty(30, 64, dtype=torch.bfloat16)
+    with OpCounter() as counter:
+        x.index_select(0, idx)
+        x.mul_(2.0)
+        x.index_add(0, idx, y)
+        x.t()  # a view: no kernel
+    gather, scale, scatter = counter.budget.ops
+    assert gather.bytes == 30 * 64 * 2 * 2 + 30 * 8  # rows read + rows written + the index
+    assert scale.bytes == 100 * 64 * 2 * 2
+    assert not gather.atomic_rows and scatter.atomic_rows
