@@ -3,13 +3,12 @@
 Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots per token,
 S slots (T*K), R routed rows (expert-sorted), N tiles; BM/BN/BK block sizes.
 
-Three kernels share the K-loop of ``kernels.tile_matmul`` (gate and up read each A block once) and grid ``(tiles, cdiv(N_out, BN))``;
+Two kernels share the K-loop of ``kernels.tile_matmul`` (gate and up read each A block once) and grid ``(tiles, cdiv(N_out, BN))``;
 rows are gathered inside the A-tile load, results are written in expert-sorted row order:
 
 - ``_swiglu_fwd_kernel``: ``g = x[t_r] Wg[e]``, ``u = x[t_r] Wu[e]``, ``h = silu(g) * u``
   (SwiGLU, Shazeer 2020 "GLU Variants Improve Transformer", eq. 6); optionally stores g and u
   (the pre-activations the backward needs, unless it recomputes them).
-- ``_plain_kernel``: ``c[r] = a[slot_r // row_div] @ W[e]``, the bare gathered GEMM.
 - ``_swiglu_bwd_kernel``: the down projection's dgrad on ``Wd[e]^T`` (transposed strides)
   fused with the SwiGLU backward and the router-weight gradient: with
   ``a = dy[t_r] Wd[e]^T`` and router weight ``w_r``:
@@ -65,22 +64,6 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
-def _plain_kernel(
-    a_ptr, stride_am, stride_ak, slot_ptr, row_div,
-    w_ptr, stride_we, stride_wk, stride_wn, c_ptr, stride_cm,
-    tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, k_dim,
-    GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-):
-    expert, rows, row_mask, pid_n, offs_n, n_mask = program_tile(tile_expert_ptr, tile_row_start_ptr, offsets_ptr, num_tiles, n_dim, BLOCK_M, BLOCK_N, GROUP_M)
-    if expert < 0:
-        return
-    a_rows = source_rows(slot_ptr, rows, row_mask, row_div, GATHER)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = tile_matmul(acc, a_ptr, a_rows, row_mask, stride_am, stride_ak, w_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, offs_n, n_mask, k_dim, BLOCK_K, PRECISION)
-    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
 def _swiglu_bwd_kernel(
     dy_ptr, stride_dym, stride_dyk, slot_ptr, row_div,
     wd_ptr, stride_we, stride_wk, stride_wn, weight_ptr,
@@ -127,18 +110,6 @@ def swiglu_fwd(
         STORE_H=store_h, STORE_PRE=store_pre, **blocks.gemm_launch(),
     )
     return h_RF, g_RF, u_RF
-
-
-def gather_gmm(a_XD: Tensor, slot_idx_R: Tensor, row_div: int | None, schedule: TileSchedule, w_EDN: Tensor, blocks: BlockSizes = BlockSizes()) -> Tensor:
-    """``c_RN[r] = a[slot_idx_R[r] // row_div] @ w_EDN[e_r]`` (``row_div=None``: a is already expert-sorted)."""
-    R, (E, D, N) = slot_idx_R.shape[0], w_EDN.shape
-    c_RN = torch.empty(R, N, dtype=a_XD.dtype, device=a_XD.device)
-    _plain_kernel[blocks.gemm_grid(schedule, N)](
-        a_XD, a_XD.stride(0), a_XD.stride(1), slot_idx_R, row_div or 1, w_EDN, *w_EDN.stride(), c_RN, N,
-        schedule.tile_expert_N, schedule.tile_row_start_N, schedule.expert_offsets_E1, schedule.num_tiles, N, D,
-        GATHER=row_div is not None, **blocks.gemm_launch(),
-    )
-    return c_RN
 
 
 def swiglu_bwd(

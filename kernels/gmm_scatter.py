@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.gather_plain import gather_gmm
 from kernels.grouped_wgrad import grouped_wgrad
 from kernels.layout import BlockSizes, TileSchedule
 from kernels.tile_matmul import program_tile, tile_matmul
@@ -78,8 +79,6 @@ class _GmmScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_SD):  # type: ignore[override]
-        from kernels.gather_gmm import gather_gmm  # gather_gmm imports this module
-
         h_RF, weight_R, slot_idx_R, w_down_EFD = ctx.saved_tensors
         schedule, blocks = ctx.schedule, ctx.blocks
         dy_SD = dy_SD.contiguous()

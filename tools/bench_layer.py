@@ -142,8 +142,9 @@ def expert_runs(blocks: object | None) -> dict[str, tuple[ExpertRun, float | Non
     """name -> (experts path on a plan, capacity factor); backends that cannot run here are left out with a note."""
     runs: dict[str, tuple[ExpertRun, float | None]] = {"capacity_bmm": (capacity_bmm, CAPACITY_FACTOR)}
     options = ExpertOptions(blocks=blocks)  # type: ignore[arg-type]
-    for name in ("torch", "grouped_mm", "triton", "megablocks"):
-        backend = BACKENDS[name]
+    for name, backend in BACKENDS.items():
+        if name == "auto":  # a choice between the others, not a row of its own
+            continue
         reason = backend.unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if reason is not None:
             print(f"bench_layer: {name} skipped ({reason})", file=sys.stderr)
@@ -409,7 +410,7 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 if "error" not in stats:
                     rec["tflops"] = flops / (stats["fwd_bwd_ms"] * 1e-3) / 1e12
                     rec["vs_dense"] = dense_ms / stats["fwd_bwd_ms"]
-                if name == "triton" and blocks is not None:
+                if blocks is not None and name in BACKENDS and "kernel_blocks" in BACKENDS[name].honours:
                     rec["blocks"] = asdict(blocks)
                 records.append(rec)
                 print(json.dumps(rec, default=str)[:300], flush=True)

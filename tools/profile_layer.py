@@ -42,7 +42,11 @@ def profile_shape(shape: tuple[int, int, int, int, int], backend: str, top: int)
     x = p.x.clone().requires_grad_()
     ctx = RouterContext()
 
+    params = [x, *layer.parameters()]
+
     def step() -> None:
+        for t in params:  # as the bench and a trainer's zero_grad(set_to_none=True): no gradient accumulation kernels
+            t.grad = None
         y, aux = layer(x, ctx)
         torch.autograd.backward([y, sum(aux.values())], [p.dy, torch.ones((), device="cuda")])
 

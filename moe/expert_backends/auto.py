@@ -46,11 +46,11 @@ class Measurement:
 
 _H200 = "NVIDIA H200"
 MEASURED: tuple[Measurement, ...] = (
-    # python -m tools.bench_layer on one H200 (torch 2.11, Triton 3.6), main at 6e9f0bb.
+    # python -m tools.bench_layer on one H200 (torch 2.11, Triton 3.6), main at cedb458 (bash tools/gpu_session.sh).
     Measurement(_H200, "coarse", "2026-11-27", ((4096, 14336, 8, 2, 8192), (1024, 2816, 16, 2, 16384)),
-                {"grouped_mm": (27.08, 3.69), "triton": (50.17, 6.06), "plain": (28.99, 4.50)}),
+                {"grouped_mm": (27.52, 4.36), "triton": (50.85, 6.06), "plain": (29.80, 4.54)}),
     Measurement(_H200, "fine", "2026-11-27", ((2048, 1024, 64, 8, 16384), (2048, 768, 128, 8, 32768)),
-                {"grouped_mm": (8.91, 15.04), "triton": (15.13, 23.41), "plain": (15.78, 27.66)}),
+                {"grouped_mm": (8.98, 15.40), "triton": (15.27, 23.54), "plain": (15.96, 28.06)}),
 )
 DEFAULT_CUDA = "grouped_mm"
 """Backend for a CUDA card without a table entry: the one that won on every reference shape."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 KERNEL_MODULES = (
-    "kernels.layout", "kernels.tile_matmul", "kernels.route_meta", "kernels.combine", "kernels.grouped_wgrad",
+    "kernels.layout", "kernels.tile_matmul", "kernels.route_meta", "kernels.combine", "kernels.grouped_wgrad", "kernels.gather_plain",
     "kernels.gmm_scatter", "kernels.gather_gmm", "kernels.moe_experts", "kernels.swiglu_act", "kernels.unpermute",
 )
 CUDA = torch.cuda.is_available()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.gather_gmm import gather_gmm, gather_gmm_swiglu, swiglu_fwd
+from kernels.gather_gmm import gather_gmm_swiglu, swiglu_fwd
+from kernels.gather_plain import gather_gmm
 from kernels.layout import BlockSizes
 from kernels.route_meta import tile_schedule
 

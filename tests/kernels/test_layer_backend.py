@@ -18,9 +18,9 @@ from moe.routers.topk import TopKConfig
 FAST = ("triton", "grouped_mm")
 
 
-def layer_pair(router_cfg: object, cfg: ExpertsConfig, device: torch.device, d_model: int = 16, d_ff: int = 24) -> tuple[MoELayer, MoELayer]:
-    ref = MoELayer(d_model, d_ff, 4, router_cfg, ExpertsConfig(backend="torch", capacity_factor=cfg.capacity_factor)).to(device)
-    fast = MoELayer(d_model, d_ff, 4, router_cfg, cfg).to(device)
+def layer_pair(router_cfg: object, cfg: ExpertsConfig, device: torch.device, d_model: int = 16, d_ff: int = 24, num_experts: int = 4) -> tuple[MoELayer, MoELayer]:
+    ref = MoELayer(d_model, d_ff, num_experts, router_cfg, ExpertsConfig(backend="torch", capacity_factor=cfg.capacity_factor)).to(device)
+    fast = MoELayer(d_model, d_ff, num_experts, router_cfg, cfg).to(device)
     fast.load_state_dict(ref.state_dict())
     fast.resolve_backend(device)
     assert fast.experts.backend is BACKENDS[cfg.backend]
@@ -43,9 +43,10 @@ def compare(ref: MoELayer, fast: MoELayer, x: torch.Tensor, context: RouterConte
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_fast_layer_matches_torch_topk(device, backend, k) -> None:
-    ref, fast = layer_pair(TopKConfig(k=k), ExpertsConfig(backend=backend), device)
+@pytest.mark.parametrize("k,num_experts", [(1, 4), (2, 4), (4, 4), (8, 12)])
+def test_fast_layer_matches_torch_topk(device, backend, k, num_experts) -> None:
+    """19 tokens over up to 12 experts: some experts idle or with a single row."""
+    ref, fast = layer_pair(TopKConfig(k=k), ExpertsConfig(backend=backend), device, num_experts=num_experts)
     compare(ref, fast, torch.randn(19, 16, device=device, requires_grad=True), RouterContext())
 
 
