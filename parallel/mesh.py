@@ -1,7 +1,10 @@
 """Process group and DeviceMesh from the torchrun environment.
 
 This is the only module that reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
-``LOCAL_WORLD_SIZE``. The backend follows the device: NCCL when CUDA is available, gloo on CPU.
+``LOCAL_WORLD_SIZE``. The backend follows the device: NCCL when CUDA is available, gloo on CPU;
+``MOEFORGE_DEVICE=cpu`` keeps the ranks on the CPU (gloo) on a machine with GPUs (the test suite
+does this for its CPU ranks), and a node with more ranks than GPUs is refused before NCCL would
+put two ranks on one GPU.
 Without torchrun (no ``WORLD_SIZE``) a parallel mode still gets a one-rank gloo/NCCL group, so
 every code path is the same in one process and in many.
 
@@ -80,10 +83,33 @@ def torchrun_env() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
+def use_cuda(local_world: int) -> bool:
+    """Whether this process runs on a GPU: CUDA is there and ``MOEFORGE_DEVICE`` is not ``cpu``.
+
+    Raises ``EnvironmentError_`` when the node runs more ranks than it has GPUs (NCCL would put two
+    ranks on one GPU and fail with 'Duplicate GPU detected' deep inside the first collective)."""
+    choice = os.environ.get("MOEFORGE_DEVICE", "auto")
+    if choice not in ("auto", "cpu", "cuda"):
+        raise EnvironmentError_(f"environment variable MOEFORGE_DEVICE ({choice!r}) must be auto, cpu or cuda")
+    if choice == "cpu":
+        return False
+    if not torch.cuda.is_available():
+        if choice == "cuda":
+            raise EnvironmentError_("MOEFORGE_DEVICE=cuda but torch sees no CUDA device")
+        return False
+    gpus = torch.cuda.device_count()
+    if local_world > gpus:
+        raise EnvironmentError_(
+            f"{local_world} ranks on this node but {gpus} GPU(s): run at most {gpus} per node "
+            "(torchrun --nproc-per-node), or MOEFORGE_DEVICE=cpu for CPU ranks (gloo)"
+        )
+    return True
+
+
 def init_mesh(cfg: ParallelConfig) -> MeshInfo:
     """Initialise the default process group (if a parallel mode asks for one) and the DeviceMesh."""
     rank, world, local_rank, local_world = torchrun_env()
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda(local_world)
     device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -57,7 +57,7 @@ def _rank_loop(rank: int, world: int, tasks: Any, results: Any, sys_path: list[s
         port, path, name, args = task
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOEFORGE_DEVICE="cpu",
         )
         try:
             getattr(_load(path), name)(*args)

@@ -108,3 +108,24 @@ def test_exchange_in_one_process_equals_local_runner() -> None:
     from moe.dispatch import combine
 
     torch.testing.assert_close(combine(got_rows, plan, T), want)
+
+
+def test_device_choice_from_moeforge_device(monkeypatch):
+    """MOEFORGE_DEVICE=cpu keeps ranks on the CPU whatever the machine has; a bad value and a
+    node with more ranks than GPUs are refused with a message naming the fix."""
+    from parallel.mesh import use_cuda
+
+    monkeypatch.setenv("MOEFORGE_DEVICE", "cpu")
+    assert use_cuda(4) is False
+    monkeypatch.setenv("MOEFORGE_DEVICE", "gpu")
+    with pytest.raises(EnvironmentError_, match=r"MOEFORGE_DEVICE \('gpu'\) must be auto, cpu or cuda"):
+        use_cuda(1)
+    monkeypatch.setenv("MOEFORGE_DEVICE", "auto")
+    if torch.cuda.is_available():
+        with pytest.raises(EnvironmentError_, match="ranks on this node but"):
+            use_cuda(torch.cuda.device_count() + 1)
+    else:
+        assert use_cuda(2) is False
+        monkeypatch.setenv("MOEFORGE_DEVICE", "cuda")
+        with pytest.raises(EnvironmentError_, match="sees no CUDA device"):
+            use_cuda(1)
