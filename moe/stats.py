@@ -58,6 +58,18 @@ class RoutingStats:
         else:
             self._device[names] = stacked.double()
 
+    def _running_max(self, key: str, value: Tensor | float) -> None:
+        """Keep the larger of the running maximum and ``value`` (host floats stay on the host)."""
+        prev = self._max.get(key)
+        if prev is None:
+            self._max[key] = value
+        elif isinstance(prev, float) and isinstance(value, float):
+            self._max[key] = max(prev, value)
+        else:
+            device = value.device if isinstance(value, Tensor) else prev.device  # type: ignore[union-attr]
+            as_t = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)  # noqa: E731
+            self._max[key] = torch.maximum(as_t(prev), as_t(value))
+
     @torch.no_grad()
     def update(self, decision: RoutingDecision, plan: DispatchPlan) -> None:
         """Fold one forward's decision and plan into the running sums."""
@@ -73,13 +85,11 @@ class RoutingStats:
         if decision.mask_TK is None:
             self._add_host("slots_used", T * K)
             self._add_host("routed", T * K)
-            self._max["experts_per_token_max"] = float(K) if T else float(self._max.get("experts_per_token_max", 0.0))
+            self._running_max("experts_per_token_max", float(K if T else 0))
         else:
             per_token_T = decision.mask_TK.sum(dim=1)
             self._add_device(("slots_used", "routed"), [per_token_T.sum(), plan.num_routed])
-            ept_max = per_token_T.max().double() if T else torch.zeros((), dtype=torch.float64, device=probs_TE.device)
-            prev = self._max.get("experts_per_token_max")
-            self._max["experts_per_token_max"] = ept_max if prev is None else torch.maximum(torch.as_tensor(prev, dtype=torch.float64, device=ept_max.device), ept_max)
+            self._running_max("experts_per_token_max", per_token_T.max().double() if T else 0.0)
         if decision.mask_TK is not None or plan.num_rows != T * K:
             self._add_device(("dropped",), [plan.num_dropped])
         for name, value in decision.extras.items():

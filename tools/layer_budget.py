@@ -43,7 +43,7 @@ GEMM_TFLOPS = 680.0
 GLUE_TBPS = 3.0
 
 _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
-_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_to_copy_noop", "lift_fresh", "detach", "alias"}
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias"}
 _ACCUMULATING = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "embedding_dense_backward", "_embedding_bag_backward"}
 _HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "item"}
 
