@@ -132,10 +132,10 @@ class CheckpointWriter:
             warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
             try:
                 if self.async_save:
-                    future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
+                    future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group, no_dist=not dist.is_initialized())
                     self._pending = _Pending(step, tmp, future)
                     return None
-                dcp.save(tensors, checkpoint_id=str(tmp))
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
                 raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: {err}") from err
         self._pending = _Pending(step, tmp)
@@ -366,7 +366,7 @@ def load_checkpoint(path: Path, state: dict[str, Any], runtime: Runtime) -> None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyPlanner())
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyPlanner(), no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException

@@ -102,11 +102,12 @@ def _read_record(fd: int) -> dict[str, Any]:
     return record if isinstance(record, dict) else {"unreadable": True}
 
 
-def describe(record: dict[str, Any] | None) -> str:
-    """``pid 4242 on host node3 (since 2026-01-01 10:00:00: python -m launch.train ...)``."""
+def describe(record: dict[str, Any] | None, command: bool = True) -> str:
+    """``pid 4242 on host node3 (since 2026-01-01 10:00:00: launch/train.py ...)``; ``command=False`` drops the command."""
     if not record or "pid" not in record:
         return "another process (it left no record)"
-    return f"pid {record['pid']} on host {record.get('host', '?')} (since {record.get('since', '?')}: {record.get('command', '?')})"
+    what = f": {record.get('command', '?')}" if command else ""
+    return f"pid {record['pid']} on host {record.get('host', '?')} (since {record.get('since', '?')}{what})"
 
 
 @contextmanager
@@ -118,16 +119,19 @@ def hold(runtime: Runtime, dirs: list[tuple[Path, str]]) -> Iterator[None]:
     """
     with ExitStack() as stack:
         error: MoeforgeError | None = None
+        stale: dict[str, Any] | None = None
         if runtime.is_main:
             try:
                 for directory, purpose in dirs:
                     lock = RunLock(directory, purpose)
                     lock.acquire()
                     stack.callback(lock.release)
-                    if lock.stale:
-                        log.info(f"moeforge: {lock.path} named {describe(lock.stale)}, which is gone (killed?); lock taken over")
+                    stale = stale or lock.stale
             except MoeforgeError as err:
                 error = err
+            if stale and error is None:
+                log.info(f"moeforge: the run's previous writer, {describe(stale, command=False)}, ended without releasing "
+                         f"its lock (killed?); lock taken over")
         failed = torch.tensor([1.0 if error is not None else 0.0], device=runtime.device)
         runtime.all_reduce_max_([failed])
         if error is not None:

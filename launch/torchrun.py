@@ -8,11 +8,16 @@ exits with that worker's status: 2 for a bad config, data or checkpoint, 128 + N
 was stopped by signal N (143: preempted by SIGTERM, checkpoint saved). When the agent itself gets
 a stop signal, it forwards it to the workers (they finish the step and save) and exits with
 128 + that signal, also without a traceback.
+
+It also sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless set): when the workers share the
+rendezvous store, a worker group restarted by ``--max-restarts`` can read the previous attempt's
+addresses and fail to connect (pytorch/pytorch#135712; seen here with gloo on torch 2.13).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -22,6 +27,7 @@ from torch.distributed.run import parse_args, run
 
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun with ``argv``; returns the exit status described above."""
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = parse_args(argv)
     # Its "closing signal" / "failed (exitcode ...)" lines repeat what the line printed below says.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
