@@ -35,9 +35,10 @@ class LogWindow:
         self.tokens = 0
         self.t0 = time.perf_counter()
 
-    def add(self, ce: Tensor, tokens: int) -> None:
-        """Fold one finite training step in (a skipped step adds its tokens only)."""
-        self.loss += torch.stack([ce.detach().double(), torch.ones((), dtype=torch.float64, device=self.loss.device)])
+    def add(self, ce: Tensor, tokens: int, finite: bool = True) -> None:
+        """Fold one training step in; a skipped (non-finite) step adds its tokens but not its loss."""
+        if finite:
+            self.loss += torch.stack([ce.detach().double(), torch.ones((), dtype=torch.float64, device=self.loss.device)])
         self.tokens += tokens
 
     def take_loss(self) -> float:

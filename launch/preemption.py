@@ -5,9 +5,10 @@ SIGUSR1, which SLURM sends ahead of a time limit with ``--signal``) for the dura
 signal only records itself, the loop finishes its step, saves a checkpoint, logs one line and the
 process exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT): the shell's code for
 "ended by that signal", which job systems treat as retryable (Kubeflow's ``restartPolicy:
-ExitCode`` retries 128-255 and fails 1-127; moeforge's own errors exit 2). A second SIGINT aborts
-at once without saving (a user pressing Ctrl-C twice); repeated SIGTERMs are expected (the
-scheduler and torchrun's agent both forward them) and change nothing.
+ExitCode`` retries 128-255 and fails 1-127; moeforge's own errors exit 2). Outside torchrun, a
+second SIGINT aborts at once without saving (a user pressing Ctrl-C twice). Under torchrun a
+repeated signal changes nothing: Ctrl-C reaches the workers directly and again through the agent,
+and SLURM and the agent both deliver SIGTERM.
 
 ``AgentWatch`` notices that a torchrun worker's agent is gone (its parent process changed, as it
 does when the agent is killed with SIGKILL and the workers are re-parented): such a worker must
@@ -50,13 +51,14 @@ class Preempted(Exception):
 class StopSignals:
     """Context manager: while active, the named signals set ``received`` instead of ending the process."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], abort_on_second_sigint: bool = True) -> None:
         self.numbers = [signal_number(n) for n in names]
+        self.abort_on_second_sigint = abort_on_second_sigint
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
+        if signum == signal.SIGINT and self.received == signal.SIGINT and self.abort_on_second_sigint:
             sys.stderr.write("moeforge: second SIGINT: stopping now without saving\n")
             os._exit(128 + signum)
         if self.received is None:

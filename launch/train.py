@@ -151,7 +151,7 @@ def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = Non
     there), so a refused second launch never overwrites the running one's record.
     """
     t_start = time.perf_counter()
-    with StopSignals(job.train.stop_signals) as signals:
+    with StopSignals(job.train.stop_signals, abort_on_second_sigint=not AgentWatch().under_torchrun) as signals:
         runtime = setup_runtime(job.parallel)
         try:
             dirs = [(run_dir, "run directory"), (Path(job.checkpoint.dir), "checkpoint.dir")]
@@ -256,8 +256,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
             runtime.all_reduce_sum_([t for _, layer in core.moe_layers() for t in layer.router.step_sums()])
             core.after_step(step)
             done = step + 1
-            if not verdict.nonfinite:
-                window.add(ce, x.numel() * runtime.world_size)
+            window.add(ce, x.numel() * runtime.world_size, finite=not verdict.nonfinite)
 
             metrics: dict[str, Any] = {}
             if done % tr.log_every == 0 or done == tr.steps:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.checks import assert_same_record, newest_verified_step, rows
+from tests.faults.procs import run, running, wait_for_metrics
 from tests.launch.test_train import REPO, SMALL
 
 pytestmark = pytest.mark.slow
@@ -30,16 +31,6 @@ def _env(fault: dict | None = None) -> dict[str, str]:
 def torchrun(run_dir: Path, *overrides: str, launcher: str = "launch.torchrun", module: str = "launch.train", extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", launcher, "--standalone", "--nproc-per-node", "2", *extra, "-m", module,
             f"hydra.run.dir={run_dir}", *overrides]
-
-
-def wait_for_metrics(run_dir: Path, proc: subprocess.Popen, lines: int = 1, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.is_file() and len(path.read_text().splitlines()) >= lines:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no training progress in {run_dir} (exit {proc.poll()})")
 
 
 def alive(pid: int) -> bool:
@@ -64,8 +55,7 @@ def children(pid: int) -> list[int]:
 
 
 def test_bad_layout_prints_one_message_and_no_launcher_traceback(tmp_path: Path) -> None:
-    out = subprocess.run(torchrun(tmp_path, *TWO_RANKS, "parallel=ep", "parallel.ep_size=3"), cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=300)
+    out = run(torchrun(tmp_path, *TWO_RANKS, "parallel=ep", "parallel.ep_size=3"), _env())
     assert out.returncode == 2
     message = "moeforge: error: parallel.ep_size (3) must be <= the world size (2)"
     assert out.stderr.count(message) == 1, out.stderr
@@ -76,15 +66,10 @@ def test_bad_layout_prints_one_message_and_no_launcher_traceback(tmp_path: Path)
 
 
 def test_sigterm_to_the_agent_saves_and_exits_143(tmp_path: Path) -> None:
-    proc = subprocess.Popen(torchrun(tmp_path, *TWO_RANKS, "train.steps=100000", "checkpoint.every=0"), cwd=REPO, env=_env(),
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with running(torchrun(tmp_path, *TWO_RANKS, "train.steps=100000", "checkpoint.every=0"), _env(), stderr=subprocess.PIPE) as proc:
         wait_for_metrics(tmp_path, proc, lines=3)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err
     saved = newest_verified_step(tmp_path / "checkpoints")
@@ -94,38 +79,32 @@ def test_sigterm_to_the_agent_saves_and_exits_143(tmp_path: Path) -> None:
 
 def test_workers_of_a_killed_agent_stop_without_writing(tmp_path: Path) -> None:
     cmd = torchrun(tmp_path, *TWO_RANKS, "train.steps=100000", "checkpoint.every=5", launcher="torch.distributed.run")
-    agent = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with running(cmd, _env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as agent:
         wait_for_metrics(tmp_path, agent, lines=6)
         workers = children(agent.pid)
         assert len(workers) == 2
-        agent.kill()
+        agent.kill()  # the agent alone: its workers are re-parented and must notice
         agent.wait(timeout=30)
         deadline = time.monotonic() + 60
         while any(alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(alive(w) for w in workers), "workers kept running after their agent was killed"
-    finally:
-        for w in children(agent.pid):
-            os.kill(w, signal.SIGKILL)
     log = (tmp_path / "train_rank0.log").read_text()
     assert f"the torchrun agent (pid {agent.pid}) is gone; stopping at step" in log
     newest = newest_verified_step(tmp_path / "checkpoints")
     assert newest is not None and newest % 5 == 0
     # The lock went with them: a rerun in one process resumes from their newest checkpoint.
-    rerun = subprocess.run([sys.executable, "-m", "launch.train", f"hydra.run.dir={tmp_path}", *SMALL, f"train.steps={newest + 2}"],
-                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = run([sys.executable, "-m", "launch.train", f"hydra.run.dir={tmp_path}", *SMALL, f"train.steps={newest + 2}"], _env())
     assert rerun.returncode == 0 and f"at step {newest}" in rerun.stderr, rerun.stderr[-3000:]
 
 
 def test_max_restarts_recovers_a_killed_rank_with_the_same_losses(tmp_path: Path) -> None:
     overrides = [*TWO_RANKS, "train.steps=8", "train.eval_every=4", "checkpoint.every=2", "router.jitter=0.1"]
     straight = tmp_path / "straight"
-    ref = subprocess.run(torchrun(straight, *overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    ref = run(torchrun(straight, *overrides), _env())
     assert ref.returncode == 0, ref.stderr[-3000:]
-    run = tmp_path / "run"
-    out = subprocess.run(torchrun(run, *overrides, module="tests.faults.inject", extra=("--max-restarts", "1")), cwd=REPO,
-                         env=_env({"kill_step": 5, "rank": 1}), capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path / "run"
+    out = run(torchrun(run_dir, *overrides, module="tests.faults.inject", extra=("--max-restarts", "1")), _env({"kill_step": 5, "rank": 1}))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resumed from {run / 'checkpoints' / 'step_00000004'} at step 4" in (run / "train_rank1.log").read_text()
-    assert_same_record(rows(run), rows(straight))
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in (run_dir / "train_rank1.log").read_text()
+    assert_same_record(rows(run_dir), rows(straight))

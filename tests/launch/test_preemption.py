@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from launch.preemption import AgentWatch, Preempted, StopSignals, signal_number
 from launch.step_guard import NonFiniteError, StepGuard
 from moe.errors import ConfigError
 from parallel import Runtime
+from tests.launch.test_train import REPO
 
 
 def test_signal_names_are_checked() -> None:
@@ -29,6 +32,17 @@ def test_stop_signal_is_recorded_not_fatal_and_handlers_restored() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # a second, different signal does not replace the first
         assert stop.received == signal.SIGUSR1 and stop.name == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_second_sigint_aborts_only_outside_torchrun() -> None:
+    with StopSignals(["SIGINT"], abort_on_second_sigint=False) as stop:  # under torchrun: Ctrl-C arrives twice
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+    code = ("import os, signal, time; from launch.preemption import StopSignals\n"
+            "with StopSignals(['SIGINT']):\n    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); time.sleep(5)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130 and out.stderr == "moeforge: second SIGINT: stopping now without saving\n"
 
 
 def _guard(policy: str, signals: StopSignals | None = None) -> StepGuard:
