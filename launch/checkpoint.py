@@ -287,14 +287,22 @@ def _gather(obj: Any, runtime: Runtime) -> list[Any]:
 # -------------------------------------------------------------------------------------- resuming
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def _manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST}: {err}") from None
+        raise CheckpointError(f"{MANIFEST} is not readable ({err})") from None
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a JSON object")
+        raise CheckpointError(f"{MANIFEST} is not a JSON object")
     return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``; ``CheckpointError`` naming the checkpoint if unreadable."""
+    try:
+        return _manifest(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
 def verify_checkpoint(path: Path, runtime: Runtime) -> list[str]:
@@ -306,7 +314,7 @@ def verify_checkpoint(path: Path, runtime: Runtime) -> list[str]:
     """
     found: list[str] = []
     try:
-        manifest = read_manifest(path)
+        manifest = _manifest(path)
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"it was written before checkpoints carried checksums (format {manifest.get('format', 1)}, this moeforge writes {FORMAT})")
         files = manifest.get("files")
@@ -380,9 +388,14 @@ def load_checkpoint(path: Path, state: dict[str, Any], runtime: Runtime) -> None
     rng_file = path / f"rng_rank{runtime.rank}.pt"
     if rng_file.is_file():
         try:
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols it was not written with
+                _set_rng_state(torch.load(rng_file, weights_only=True))
         except Exception as err:  # weights_only refuses anything but tensors and plain containers
-            raise CheckpointError(f"{rng_file}: not a plain RNG state ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+            named = re.search(r"GLOBAL ([\w.]+)", str(err))
+            opcode = re.search(r"Unsupported operand \d+", str(err))
+            what = f"it references {named.group(1)}" if named else opcode.group(0) if opcode else "torch.load(weights_only=True) refused it"
+            raise CheckpointError(f"{rng_file}: not a plain RNG state ({what}); refused without loading it") from None
     else:
         log.info(f"moeforge: {path} has no RNG state for rank {runtime.rank} (saved by fewer ranks); this rank keeps its seeded RNG")
 

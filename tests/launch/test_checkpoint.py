@@ -135,7 +135,7 @@ CORRUPTIONS = {
     "empty .metadata": (".metadata", lambda p: p.write_bytes(b""), ".metadata has 0 bytes, the manifest says"),
     "deleted rng_rank0.pt": ("rng_rank0.pt", Path.unlink, "rng_rank0.pt is missing"),
     "edited objects.json": ("objects.json", lambda p: p.write_text(p.read_text().replace('"step": 2', '"step": 7')), "objects.json does not match"),
-    "garbled manifest": (MANIFEST, lambda p: p.write_text("{not json"), "has no readable moeforge.json"),
+    "garbled manifest": (MANIFEST, lambda p: p.write_text("{not json"), "moeforge.json is not readable (Expecting property name"),
 }
 
 
@@ -183,13 +183,13 @@ class Payload:
 def test_crafted_rng_pickle_is_refused_without_running(tmp_path: Path) -> None:
     _, new = two_checkpoints(tmp_path)
     marker = tmp_path / "pwned"
-    with (new / "rng_rank0.pt").open("wb") as f:
-        pickle.dump({"cpu": Payload(marker)}, f)
-    rehash(new)
-    assert verify_checkpoint(new, Runtime()) == []  # consistent: it comes from someone else, not from a disk error
-    with pytest.raises(CheckpointError, match="rng_rank0.pt: not a plain RNG state"):
-        load_checkpoint(new, blank(), Runtime())
-    assert not marker.exists()
+    for protocol, reason in ((2, "it references posix.mkdir"), (pickle.HIGHEST_PROTOCOL, "Unsupported operand 149")):
+        (new / "rng_rank0.pt").write_bytes(pickle.dumps({"cpu": Payload(marker)}, protocol=protocol))
+        rehash(new)
+        assert verify_checkpoint(new, Runtime()) == []  # consistent: it comes from someone else, not from a disk error
+        with pytest.raises(CheckpointError, match=rf"rng_rank0.pt: not a plain RNG state \({reason}\); refused without loading it"):
+            load_checkpoint(new, blank(), Runtime())
+        assert not marker.exists()
 
 
 def test_crafted_metadata_pickle_is_refused_without_running(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
