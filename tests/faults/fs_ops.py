@@ -29,6 +29,9 @@ class FsOps:
 
     def __init__(self, kill_at: int | None = None) -> None:
         self.kill_at = kill_at
+        self.kill_match: tuple[str, int] | None = None
+        """Or: kill at the n-th operation whose name contains this text (``("-> step_", 1)``: the publishing rename)."""
+        self._matches = 0
         self.count = 0
         self.names: list[str] = []
         self.depth = 0
@@ -51,7 +54,11 @@ class FsOps:
             return
         self.count += 1
         self.names.append(name)
-        if self.count == self.kill_at:
+        hit = self.count == self.kill_at
+        if self.kill_match is not None and self.kill_match[0] in name:
+            self._matches += 1
+            hit = hit or self._matches == self.kill_match[1]
+        if hit:
             if data is not None and write is not None and len(data) > 1:
                 write(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)

@@ -5,6 +5,8 @@ The fault comes from the environment variable ``MOEFORGE_FAULT`` (JSON), one of:
 - ``{"kill_save": n, "op": k}``: SIGKILL at the k-th filesystem operation of the n-th checkpoint
   save of this process (``fs_ops.FsOps``; a write is torn in half first);
   ``{"kill_save": n, "fraction": f}``: at operation ``round(f * ops of the first save)`` instead;
+  ``{"kill_save": n, "at": text, "nth": k}``: at the k-th operation of that save whose name
+  contains ``text`` (``"-> step_"``: the publishing rename; ``".del-"``: the pruning);
 - ``{"nan_step": k}``: the logits of training step k (1-based) are NaN;
 - ``{"signal_step": k, "signal": "SIGTERM"}``: the process sends itself that signal in the middle of
   step k's forward pass;
@@ -39,7 +41,9 @@ def _patch_saves(spec: dict[str, Any]) -> None:
 
     def armed_save(self: CheckpointWriter, step: int, st: dict[str, Any]) -> Any:
         state["saves"] += 1
-        if state["saves"] == target_save:
+        if state["saves"] == target_save and "at" in spec:
+            ops.kill_match = (str(spec["at"]), int(spec.get("nth", 1)))
+        elif state["saves"] == target_save:
             k = spec.get("op") or max(1, round(float(spec["fraction"]) * (state["first_ops"] or 1)))
             ops.kill_at = ops.count + int(k)
         before = ops.count

@@ -38,25 +38,32 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
     return d, rows(d)
 
 
-# Kill -9 inside checkpoint saves: (which save of the launch, at which fraction of a save's filesystem operations).
-# Early fractions land in the shard writes, late ones after the publishing rename, in the pruning.
-KILL_CHAIN = [(2, 0.02), (1, 0.25), (2, 0.5), (1, 0.75), (2, 0.95), (1, 0.99), (2, 0.997), (1, 1.0)]
+# Kill -9 inside checkpoint saves, one per launch; each launch resumes where the previous one was killed.
+# With checkpoint.every=1 and keep=2, a launch's first save is of the step after the newest checkpoint.
+KILL_CHAIN = [
+    {"kill_save": 2, "op": 1},                  # the first operation of a save
+    {"kill_save": 1, "at": "write __0_0", "nth": 100},  # a torn write in the middle of the shard
+    {"kill_save": 1, "at": ".metadata"},        # DCP's metadata being written
+    {"kill_save": 2, "at": "moeforge.json"},    # the manifest being written
+    {"kill_save": 1, "at": "-> step_"},         # just before the publishing rename
+    {"kill_save": 1, "at": ".del-"},            # published; pruning not started
+    {"kill_save": 1, "at": ".del-", "nth": 2},  # pruning: files deleted, folder left
+    {"kill_save": 2, "fraction": 0.25},         # a torn write again, further on
+]
 
 
 def test_kill_chain_loses_nothing_and_resumes_to_the_same_losses(tmp_path: Path, reference: tuple[Path, list]) -> None:
     ckpt = tmp_path / "checkpoints"
     newest = 0
     kills = 0
-    for save, fraction in KILL_CHAIN:
-        out = launch(tmp_path, *COMMON, fault={"kill_save": save, "fraction": fraction})
-        if out.returncode == 0:
-            break  # finished before its kill point came
-        assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    for fault in KILL_CHAIN:
+        out = launch(tmp_path, *COMMON, fault=fault)
+        assert out.returncode == -signal.SIGKILL, (fault, out.stderr[-3000:])
         kills += 1
         after = newest_verified_step(ckpt)
-        assert after is not None and after >= newest, f"kill {kills} ({save}, {fraction}): newest verified {after}, was {newest}"
+        assert after is not None and after >= newest, f"kill {kills} ({fault}): newest verified {after}, was {newest}"
         newest = after
-    assert kills >= 6
+    assert kills == len(KILL_CHAIN) and newest >= 4
     final = launch(tmp_path, *COMMON)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "Traceback" not in final.stderr
