@@ -74,10 +74,6 @@ class StopSignals:
             signal.signal(num, previous)
         self._previous.clear()
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else ""
-
 
 class AgentWatch:
     """Under torchrun, tells whether this worker's agent (its parent process) is still there."""

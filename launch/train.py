@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -220,7 +221,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
         return {"step": start}
     first = guard.check()
     if first.signum:  # stopped during start-up: nothing new to save
-        raise Preempted(first.signum, f"moeforge: {signals.name} before the first step; nothing new to save, exiting with {128 + first.signum}")
+        raise Preempted(first.signum, f"moeforge: {signal.Signals(first.signum).name} before the first step; nothing new to save, "
+                                      f"exiting with {128 + first.signum}")
 
     writer = CheckpointWriter(job.checkpoint.dir, runtime, job.checkpoint.keep, manifest_of(job), job.checkpoint.async_save)
     on_cuda = runtime.device.type == "cuda"
@@ -246,6 +248,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 raise AgentLostError(f"the torchrun agent (pid {guard.agent.agent_pid}) is gone; stopping at step {step + 1} "
                                      f"without writing (a relaunch resumes from {latest_checkpoint(job.checkpoint.dir)})")
             if verdict.nonfinite:
+                writer.finish()  # an async save of an earlier, finite step is published before any stop
                 guard.on_nonfinite(step, loss, grad_norm, str(latest_checkpoint(job.checkpoint.dir) or "no checkpoint"), start or None)
                 optimizer.zero_grad(set_to_none=True)
             else:
@@ -291,7 +294,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 log.info(f"moeforge: checkpoint step {done} {'saved' if saved else 'staged (async)'} in "
                          f"{time.perf_counter() - t_save:.2f}s", extra=FILE_ONLY)
             if stop:
-                raise Preempted(verdict.signum, f"moeforge: {signals.name or 'stop signal'}: finished step {done} and saved "
+                raise Preempted(verdict.signum, f"moeforge: {signal.Signals(verdict.signum).name}: finished step {done} and saved "
                                 f"{latest_checkpoint(job.checkpoint.dir)}; exiting with {128 + verdict.signum} "
                                 f"(rerun the same command to resume)")
             if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time

@@ -111,12 +111,17 @@ def test_huge_lr_never_saves_nan_and_says_what_to_do(tmp_path: Path) -> None:
     assert "whose weights may already have diverged: start over with checkpoint.resume=never" in again.stderr
 
 
-def test_nan_step_stops_before_saving_and_the_rerun_matches(tmp_path: Path, reference: tuple[Path, list]) -> None:
-    out = launch(tmp_path, *COMMON, fault={"nan_step": 5})
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_nan_step_stops_before_saving_and_the_rerun_matches(tmp_path: Path, reference: tuple[Path, list], mode: str) -> None:
+    overrides = [*COMMON, f"checkpoint.async_save={mode == 'async'}"]
+    out = launch(tmp_path, *overrides, fault={"nan_step": 5})
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "step 5: loss nan, gradient norm nan (rank 0) is not finite" in out.stderr
-    assert newest_verified_step(tmp_path / "checkpoints") == 4
+    assert (f"step 5: loss nan, gradient norm nan (rank 0) is not finite; stopped before the optimizer step "
+            f"(train.on_nonfinite=stop), nothing saved after {tmp_path / 'checkpoints' / 'step_00000004'}") in out.stderr
+    assert newest_verified_step(tmp_path / "checkpoints") == 4  # async: the save staged at step 4 is still published
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
+    if mode == "async":
+        return
     again = launch(tmp_path, *COMMON)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_record(rows(tmp_path), reference[1])
