@@ -114,15 +114,18 @@ def describe(record: dict[str, Any] | None, command: bool = True) -> str:
 def hold(runtime: Runtime, dirs: list[tuple[Path, str]]) -> Iterator[None]:
     """Rank 0 locks every ``(directory, purpose)`` for the body; all ranks fail together if it cannot.
 
-    Directories are locked once each (a checkpoint dir inside the run dir is still locked on its
-    own: another run may point its ``checkpoint.dir`` there).
+    Each distinct directory is locked once (a checkpoint dir inside the run dir is still locked on
+    its own: another run may point its ``checkpoint.dir`` there).
     """
+    unique: dict[Path, str] = {}
+    for directory, purpose in dirs:
+        unique.setdefault(Path(directory).resolve(), purpose)
     with ExitStack() as stack:
         error: MoeforgeError | None = None
         stale: dict[str, Any] | None = None
         if runtime.is_main:
             try:
-                for directory, purpose in dirs:
+                for directory, purpose in unique.items():
                     lock = RunLock(directory, purpose)
                     lock.acquire()
                     stack.callback(lock.release)

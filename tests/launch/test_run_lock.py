@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.run_lock import LOCK_FILE, RunLock, RunLockedError
+from launch.run_lock import LOCK_FILE, RunLock, RunLockedError, hold
 from moe.errors import MoeforgeError
+from parallel import Runtime
 
 
 def test_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -40,3 +41,13 @@ def test_lock_of_a_killed_process_is_stale_and_taken_over(tmp_path: Path) -> Non
 def test_unwritable_directory_is_named(tmp_path: Path) -> None:
     with pytest.raises(MoeforgeError, match=r"checkpoint.dir /proc/x is not writable: .* \(/proc/x/moeforge.lock\)"):
         RunLock("/proc/x", "checkpoint.dir").acquire()
+
+
+def test_a_checkpoint_dir_equal_to_the_run_dir_is_locked_once(tmp_path: Path) -> None:
+    with hold(Runtime(), [(tmp_path, "run directory"), (tmp_path / ".", "checkpoint.dir"), (tmp_path / "ckpt", "checkpoint.dir")]):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / "ckpt" / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match="checkpoint.dir .*/ckpt is in use by pid"):
+            with hold(Runtime(), [(tmp_path / "ckpt", "checkpoint.dir")]):
+                pass
+    assert (tmp_path / LOCK_FILE).read_text() == ""
