@@ -168,6 +168,10 @@ def resume(job: JobConfig, model: torch.nn.Module, core: MoETransformer, optimiz
            window: LogWindow, runtime: Runtime) -> dict[str, Any]:
     """Load the newest checkpoint that verifies (``checkpoint.resume=auto``); returns its trainer counters."""
     if job.checkpoint.resume != "auto":
+        existing = latest_checkpoint(job.checkpoint.dir)
+        if existing is not None:
+            log.warning(f"moeforge: checkpoint.resume=never: starting over although {existing} exists (kept until pruned; "
+                        f"checkpoint.resume=auto would resume from the newest checkpoint there)")
         return {"step": 0}
     path = select_checkpoint(job.checkpoint.dir, runtime)
     if path is None:
