@@ -1,89 +1,360 @@
-"""DCP checkpoints written atomically, found again by ``checkpoint.resume=auto``.
+"""DCP checkpoints: never saved non-finite, verified before loading, published atomically, pruned safely.
 
 Layout of ``checkpoint.dir``::
 
-    step_00000100/            a complete checkpoint (DCP shards + .metadata)
-        moeforge.json         step, config of the model-shaping groups; written last, before the rename
-        rng_rank{r}.pt        each rank's torch RNG states
-    step_00000200.tmp-<id>/   one being written; never read, removed at the next save
+    moeforge.lock             the lock of the run writing here (launch/run_lock.py)
+    step_00000100/            a published checkpoint
+        .metadata             DCP metadata, read with a restricted unpickler (launch/dcp_io.py)
+        __0_0.distcp ...      DCP shards: tensors only
+        objects.json          every non-tensor value: LR scheduler, optimizer param groups, trainer counters
+        rng_rank{r}.pt        rank r's RNG state (tensors; read with torch.load(weights_only=True))
+        moeforge.json         the manifest, written last: format, step, world size, the config of the
+                              model-shaping groups, and the size and SHA-256 of every file above
+    step_00000200.tmp-<id>/   being written: never read, removed by the next save
+    step_00000050.del-<id>/   being pruned: never read, removed by the next save
 
-A checkpoint is written under a temporary name and renamed by rank 0 after every rank has
-finished (``Runtime.barrier``), so an interrupted save never replaces or corrupts the last good
-one. ``latest_checkpoint`` only considers renamed directories holding ``moeforge.json``.
+Saving (``CheckpointWriter``, every rank): refuse a state holding NaN/Inf (all ranks agree, the
+offending tensor is named), write into ``.tmp-<id>``, hash the files (each rank a share), then rank
+0 writes the manifest, fsyncs it, renames the directory to ``step_N`` (one atomic rename) and only
+then prunes: older checkpoints beyond ``keep`` are renamed to ``.del-<id>`` before they are deleted,
+so a kill at any point leaves every published checkpoint whole and never removes the newest one.
+With ``checkpoint.async_save`` the shards are written by DCP's ``async_save`` in a background
+thread while training goes on; the same hashing, manifest, rename and pruning happen when the
+next save starts or the run ends, so an unfinished async save is never published.
+
+Resuming (``select_checkpoint``): the newest published checkpoint whose files all verify. One that
+does not (a file missing, truncated or changed, metadata that is not plain DCP metadata, a
+manifest from before checksums) is named with its first problem in one line, and the next older
+one is tried.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
+from launch.checksums import digests, problems, share
+from launch.dcp_io import (
+    METADATA,
+    SafeFileSystemReader,
+    TensorOnlyPlanner,
+    merge_objects,
+    objects_from_json,
+    objects_to_json,
+    read_metadata,
+    split_state,
+)
 from moe.errors import CheckpointError
 from parallel import Runtime
+from parallel.dense import local_tensor
 
 _NAME = re.compile(r"^step_(\d{8})$")
 MANIFEST = "moeforge.json"
+OBJECTS = "objects.json"
+FORMAT = 2
+"""Manifest format: 2 = per-file SHA-256, tensors-only DCP, objects.json (1 = moeforge before checksums)."""
+
+log = logging.getLogger("moeforge")
+
+
+def step_of(path: Path) -> int:
+    """The step number in a ``step_N`` directory name."""
+    match = _NAME.match(path.name)
+    assert match is not None, path
+    return int(match.group(1))
+
+
+def published_checkpoints(directory: str | Path) -> list[Path]:
+    """Every renamed ``step_N`` directory holding a manifest, newest first (not yet verified)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of, reverse=True)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None."""
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    complete = [p for p in d.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()]
-    return max(complete, key=lambda p: int(_NAME.match(p.name).group(1)), default=None)
+    """The newest published checkpoint in ``directory`` (not verified), or None."""
+    found = published_checkpoints(directory)
+    return found[0] if found else None
+
+
+# ----------------------------------------------------------------------------------------- saving
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    future: Any = None
+
+
+class CheckpointWriter:
+    """Writes one run's checkpoints into ``directory`` (every rank calls ``save`` and ``finish`` together)."""
+
+    def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], async_save: bool = False) -> None:
+        self.dir, self.runtime, self.keep, self.manifest = Path(directory), runtime, keep, manifest
+        self.async_save = async_save
+        self._pending: _Pending | None = None
+        # DCP's async_save needs a CPU (gloo) group, and its background thread must not share a
+        # group with the training collectives of the main thread.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path | None:
+        """Checkpoint ``state`` as step ``step``. Sync: returns the published path. Async: returns None
+        once the shards are staged; ``finish`` (called by the next ``save`` or at the end) publishes.
+
+        Raises ``CheckpointError`` naming the tensor when any rank's state holds NaN/Inf; nothing is
+        written then, and the newest checkpoint stays the newest.
+        """
+        self.finish()
+        tensors, objects = split_state(state)
+        self._refuse_nonfinite(step, tensors)
+        tmp = self._fresh_tmp(step)
+        _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
+        if self.runtime.is_main:
+            _write_durably(tmp / OBJECTS, lambda f: f.write(objects_to_json(objects).encode()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
+            try:
+                if self.async_save:
+                    future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group, no_dist=not dist.is_initialized())
+                    self._pending = _Pending(step, tmp, future)
+                    return None
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
+                raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: {err}") from err
+        self._pending = _Pending(step, tmp)
+        return self.finish()
+
+    def finish(self) -> Path | None:
+        """Publish the pending save (wait for an async write first); returns its path, or None if none."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.future is not None:
+            future = getattr(pending.future, "upload_completion", pending.future)
+            try:
+                future.result()
+            except (Exception, CheckpointException) as err:
+                raise CheckpointError(f"could not write checkpoint step {pending.step} into {pending.tmp}: {err}") from err
+        rt = self.runtime
+        rt.barrier()  # every rank's shards and RNG file are on disk
+        names = _broadcast(sorted(p.name for p in pending.tmp.iterdir()) if rt.is_main else None, rt)
+        listed: dict[str, Any] = {}
+        for part in _gather(digests(pending.tmp, share(names, rt.rank, rt.world_size)), rt):
+            listed.update(part)
+        final = self.dir / f"step_{pending.step:08d}"
+        if rt.is_main:
+            manifest = {"format": FORMAT, "step": pending.step, "world_size": rt.world_size, **self.manifest, "files": listed}
+            _write_durably(pending.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+            _publish(pending.tmp, final)
+            self._prune(pending.step)
+        rt.barrier()
+        return final
+
+    def _refuse_nonfinite(self, step: int, tensors: dict[str, Any]) -> None:
+        bad = nonfinite_tensors(tensors)
+        flag = torch.tensor([float(len(bad))], device=self.runtime.device)
+        self.runtime.all_reduce_max_([flag])
+        if flag.item() == 0:
+            return
+        names = [name for part in _gather(bad, self.runtime) for name in part]
+        newest = latest_checkpoint(self.dir)
+        raise CheckpointError(
+            f"refusing to save step {step}: {names[0]} holds NaN/Inf ({len(names)} tensor(s) in all); "
+            f"the newest checkpoint stays {newest if newest is not None else '(none)'}"
+        )
+
+    def _fresh_tmp(self, step: int) -> Path:
+        """A new empty ``step_N.tmp-<id>`` (same id on every rank); stale tmp/del folders are removed."""
+        token = _broadcast(uuid.uuid4().hex[:8], self.runtime)
+        tmp = self.dir / f"step_{step:08d}.tmp-{token}"
+        if self.runtime.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.dir.glob("*.tmp-*"), *self.dir.glob("*.del-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # this run holds the lock: nobody else writes them
+            tmp.mkdir()
+        self.runtime.barrier()
+        return tmp
+
+    def _prune(self, step: int) -> None:
+        """Delete published checkpoints older than ``step`` beyond the newest ``keep``; never newer ones."""
+        older = [p for p in published_checkpoints(self.dir) if step_of(p) < step]
+        for old in older[max(self.keep - 1, 0):]:
+            doomed = old.with_name(f"{old.name}.del-{uuid.uuid4().hex[:8]}")
+            old.rename(doomed)  # no longer a checkpoint before any of its files goes
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], manifest: dict[str, Any], runtime: Runtime, keep: int) -> Path:
-    """Write ``state`` (DCP) + RNG + manifest for ``step``; atomically publish it; prune old ones."""
-    d = Path(directory)
-    final = d / f"step_{step:08d}"
-    token = [uuid.uuid4().hex[:8]]
-    if runtime.world_size > 1:
-        torch.distributed.broadcast_object_list(token, src=0)
-    tmp = d / f"{final.name}.tmp-{token[0]}"
-    if runtime.is_main:
-        d.mkdir(parents=True, exist_ok=True)
-        for stale in d.glob("*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    runtime.barrier()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
-        dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{runtime.rank}.pt")
-    runtime.barrier()
-    if runtime.is_main:
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, **manifest}, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        complete = sorted((p for p in d.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()), key=lambda p: p.name)
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    runtime.barrier()
+    """Write and publish one checkpoint synchronously (``CheckpointWriter`` for a single save)."""
+    final = CheckpointWriter(directory, runtime, keep, manifest).save(step, state)
+    assert final is not None
     return final
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def nonfinite_tensors(tensors: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in ``tensors`` (nested dicts) holding NaN or Inf.
+
+    One ``isfinite().all()`` per tensor, gathered with a single device-to-host copy per device.
+    """
+    names, flags = [], []
+    for name, t in _flatten(tensors, prefix):
+        local = local_tensor(t)
+        if local.is_floating_point() or local.is_complex():
+            names.append(name)
+            flags.append(torch.isfinite(local).all())
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    bad = []
+    for idx in by_device.values():
+        ok = torch.stack([flags[i] for i in idx]).cpu().tolist()
+        bad += [names[i] for i, good in zip(idx, ok) if not good]
+    return sorted(bad)
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> list[tuple[str, Tensor]]:
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _flatten(value, f"{name}.")
+        elif isinstance(value, Tensor):
+            out.append((name, value))
+    return out
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically make ``tmp`` the checkpoint ``final`` (replacing one of the same step)."""
+    replaced = final.with_name(f"{final.name}.del-{uuid.uuid4().hex[:8]}")
+    if final.exists():  # the same step again, e.g. after falling back from a corrupt one
+        final.rename(replaced)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _write_durably(path: Path, write: Any) -> None:
+    """Create ``path``, fill it with ``write(file)``, and fsync it before returning."""
+    with path.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST}: {err}") from None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _broadcast(obj: Any, runtime: Runtime) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if runtime.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, runtime: Runtime) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if runtime.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -------------------------------------------------------------------------------------- resuming
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{MANIFEST} is not readable ({err})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{MANIFEST} is not a JSON object")
+    return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``; ``CheckpointError`` naming the checkpoint if unreadable."""
+    try:
+        return _manifest(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+
+
+def verify_checkpoint(path: Path, runtime: Runtime) -> list[str]:
+    """Problems found with checkpoint ``path`` (empty when it verifies); the same list on every rank.
+
+    The manifest must be format 2 and list ``.metadata`` and ``objects.json``; every listed file must
+    have its size and SHA-256 (each rank hashes a share); the metadata must be plain DCP metadata
+    describing tensors only (``dcp_io.read_metadata``).
+    """
+    found: list[str] = []
+    try:
+        manifest = _manifest(path)
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"it was written before checkpoints carried checksums (format {manifest.get('format', 1)}, this moeforge writes {FORMAT})")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or METADATA not in files or OBJECTS not in files:
+            raise CheckpointError(f"{MANIFEST} does not list {METADATA} and {OBJECTS}")
+        found += problems(path, files, share(list(files), runtime.rank, runtime.world_size))
+        if not found and runtime.is_main:
+            read_metadata(path)
+    except CheckpointError as err:
+        found.append(str(err))
+    merged = sorted({p for part in _gather(found, runtime) for p in part})
+    return merged
+
+
+def select_checkpoint(directory: str | Path, runtime: Runtime) -> Path | None:
+    """The newest published checkpoint in ``directory`` that verifies, or None when there is none.
+
+    Each newer one that fails is named in one warning line with its first problem. If checkpoints
+    exist but none verifies, raises ``CheckpointError`` rather than silently starting over.
+    """
+    candidates = _broadcast(published_checkpoints(directory) if runtime.is_main else None, runtime)
+    for path in candidates:
+        found = verify_checkpoint(path, runtime)
+        if not found:
+            return path
+        more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
+        log.warning(f"moeforge: checkpoint {path} failed verification: {found[0]}{more}; trying the next older one")
+    if candidates:
+        raise CheckpointError(
+            f"no checkpoint in {directory} verifies ({len(candidates)} tried, see above); move them away to start "
+            f"over, or set checkpoint.resume=never"
+        )
+    return None
 
 
 def check_compatible(path: Path, manifest: dict[str, Any]) -> None:
     """Refuse a checkpoint whose model-shaping config differs from this run's, naming the key."""
     saved = read_manifest(path)
     for group, values in manifest.items():
-        if group == "step" or not isinstance(values, dict):
+        if not isinstance(values, dict):
             continue
         for key, value in values.items():
             old = saved.get(group, {}).get(key, value)
@@ -95,16 +366,38 @@ def check_compatible(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, state: dict[str, Any], runtime: Runtime) -> None:
-    """Load ``path`` into ``state`` in place (DCP) and restore this rank's RNG state."""
+    """Load checkpoint ``path`` into ``state`` in place: tensors by DCP, the rest from JSON, then RNG.
+
+    Nothing is unpickled except through allowlists (``dcp_io``; ``torch.load(weights_only=True)``).
+    """
+    tensors, _ = split_state(state)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyPlanner(), no_dist=not dist.is_initialized())
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: {err}") from err
+    objects_file = path / OBJECTS
+    try:
+        text = objects_file.read_text()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path}: cannot read {OBJECTS}: {err}") from None
+    merge_objects(state, objects_from_json(text, objects_file))
     rng_file = path / f"rng_rank{runtime.rank}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols it was not written with
+                _set_rng_state(torch.load(rng_file, weights_only=True))
+        except Exception as err:  # weights_only refuses anything but tensors and plain containers
+            named = re.search(r"GLOBAL ([\w.]+)", str(err))
+            opcode = re.search(r"Unsupported operand \d+", str(err))
+            what = f"it references {named.group(1)}" if named else opcode.group(0) if opcode else "torch.load(weights_only=True) refused it"
+            raise CheckpointError(f"{rng_file}: not a plain RNG state ({what}); refused without loading it") from None
+    else:
+        log.info(f"moeforge: {path} has no RNG state for rank {runtime.rank} (saved by fewer ranks); this rank keeps its seeded RNG")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.preemption import signal_number
 from moe.errors import ConfigError, check
 from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
@@ -97,6 +98,14 @@ class TrainConfig:
     """auto (cuda if available, else cpu) | cpu | cuda."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 keeps torch's default."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN/Inf: stop (before the update, nothing saved) | skip
+    (no update; the step still counts)."""
+    max_consecutive_skips: int = 10
+    """on_nonfinite=skip: stop anyway when this many steps in a row were skipped."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    """Signals that make the run finish its step, save a checkpoint and exit with 128 + the signal
+    number (143 for SIGTERM): preemption, Ctrl-C, SLURM's `--signal` ahead of a time limit."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
@@ -104,6 +113,10 @@ class TrainConfig:
             check(value >= 1, f"train.{key}", value, "must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be auto, cpu or cuda")
         check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
+        check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", self.on_nonfinite, "must be stop or skip")
+        check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", self.max_consecutive_skips, "must be >= 1")
+        for name in self.stop_signals:
+            signal_number(name)
 
 
 @dataclass(kw_only=True)
@@ -127,6 +140,9 @@ class CheckpointConfig:
     """auto: continue from the newest complete checkpoint in dir, if any | never: start fresh."""
     keep: int = 2
     """How many complete checkpoints to keep (older ones are deleted after a new one completes)."""
+    async_save: bool = False
+    """Write checkpoints in a background thread (DCP async_save) while training goes on; a save is
+    published (manifest, rename, pruning) when the next one starts or the run ends."""
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")

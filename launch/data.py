@@ -80,8 +80,10 @@ def memmap_corpus(path: str, dtype: str, val_fraction: float, vocab_size: int) -
     """Pre-tokenized shards: ``path`` is a ``.bin`` file or a folder of ``.bin`` files of ``dtype``.
 
     Shards are read in sorted name order and concatenated; the last ``val_fraction`` of tokens is
-    validation. Every shard is checked before training: size a multiple of the item size, and
-    token ids below ``vocab_size`` (so a wrong dtype or tokenizer fails here, not in the embedding).
+    validation. Every shard is checked before training: size a multiple of the item size, token
+    ids below ``vocab_size`` (so a wrong dtype or tokenizer fails here, not in the embedding), and,
+    for ``uint16``, that it does not look like ``uint32`` ids (``uint32_as_uint16``), whose ids
+    would all pass the vocabulary check.
     """
     p = Path(path)
     shards = sorted(p.glob("*.bin")) if p.is_dir() else [p]
@@ -97,11 +99,35 @@ def memmap_corpus(path: str, dtype: str, val_fraction: float, vocab_size: int) -
         top = int(arr.max())
         if top >= vocab_size:
             raise DataError(f"data.path shard {shard} holds token id {top} >= model.vocab_size ({vocab_size}); wrong data.dtype or vocab?")
+        zeros = uint32_as_uint16(arr) if dtype == "uint16" else None
+        if zeros is not None:
+            raise DataError(
+                f"data.path shard {shard} looks like uint32 token ids read with data.dtype=uint16: {zeros[0]:.0%} of its "
+                f"odd-position values are 0 against {zeros[1]:.0%} of the even ones; set data.dtype=uint32"
+            )
         arrays.append(arr)
     tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     n_val = max(1, int(tokens.size * val_fraction))
     train, val = tokens[:-n_val], tokens[-n_val:]
     return TokenSplits(train, val, f"memmap {len(shards)} shard(s) at {path}: {train.size:,} train / {val.size:,} val tokens")
+
+
+def uint32_as_uint16(tokens: np.ndarray, sample: int = 1 << 20) -> tuple[float, float] | None:
+    """(share of zeros at odd positions, at even positions) when ``tokens`` look like uint32 ids seen as uint16.
+
+    Read as uint16, little-endian uint32 ids below 65536 alternate (id, 0): every odd position is
+    0. In a real token stream the position's parity means nothing, so both shares are about the
+    frequency of token 0. Flagged when the odd share exceeds the even one by more than 0.5, on
+    up to ``sample`` values from 16 windows spread over the file; None otherwise.
+    """
+    n = tokens.size - tokens.size % 2
+    if n < 64:
+        return None
+    width = max(2, min(n, sample) // 16 // 2 * 2)
+    starts = np.linspace(0, n - width, 16).astype(np.int64) // 2 * 2
+    values = np.concatenate([np.asarray(tokens[s : s + width]) for s in starts])
+    odd, even = float((values[1::2] == 0).mean()), float((values[0::2] == 0).mean())
+    return (odd, even) if odd - even > 0.5 else None
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int, max_tokens: int, windows: int = 64) -> Tensor:
@@ -129,9 +155,12 @@ def token_counts(tokens: np.ndarray, vocab_size: int, max_tokens: int, windows: 
 class BatchSampler:
     """Random windows of ``seq_len + 1`` tokens; batch ``i`` depends only on ``(seed, split, i)``."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, split_id: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, split_id: int = 0,
+                 split: str = "training") -> None:
         if tokens.size < seq_len + 2:
-            raise DataError(f"the corpus has {tokens.size} tokens, fewer than train.seq_len + 2 ({seq_len + 2})")
+            hint = "raise data.val_fraction or " if split == "validation" else ""
+            raise DataError(f"the {split} split has {tokens.size} tokens, fewer than train.seq_len + 2 ({seq_len + 2}); "
+                            f"{hint}lower train.seq_len, or use more data")
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
         self.seed, self.split_id = seed, split_id
         per_rank = global_batch // world_size

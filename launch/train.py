@@ -1,23 +1,30 @@
 """Train an MoE language model.
 
-    python -m launch.train                                    # tiny MoE on the embedded stdlib corpus
-    python -m launch.train router.k=1 model.num_experts=16 train.steps=1000 logging=none
-    torchrun --standalone --nproc-per-node 8 -m launch.train parallel=ep parallel.ep_size=8
+    .venv/bin/python -m launch.train                          # tiny MoE on the embedded stdlib corpus
+    .venv/bin/python -m launch.train router.k=1 model.num_experts=16 train.steps=1000 logging=none
+    .venv/bin/python -m launch.torchrun --standalone --nproc-per-node 8 -m launch.train parallel=ep parallel.ep_size=8
 
 Hydra composes ``conf/train.yaml``; every group is validated (launch/config.py) before any
-process group, data or model exists. The loop below reads top to bottom: setup, resume, then
-step / log / evaluate / checkpoint until ``train.steps``. Exit status 0 on success, 2 on a
-configuration, data or checkpoint error (message on stderr naming the offending thing).
+process group, data or model exists. ``train`` then locks the run directory (one writer per run,
+launch/run_lock.py), and the loop reads top to bottom: setup, resume from the newest checkpoint
+that verifies, then step / guard / log / evaluate / checkpoint until ``train.steps``.
+
+Exit status: 0 done (or nothing left to do); 2 a configuration, data or checkpoint error, a run
+directory locked by another run, or a non-finite step (one message on stderr naming the offending
+thing); 128 + N after stop signal N (143 for SIGTERM, 130 for SIGINT): the current step finished
+and a checkpoint was saved, so rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,15 +34,24 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launch.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
+from launch import run_lock
+from launch.checkpoint import CheckpointWriter, check_compatible, latest_checkpoint, load_checkpoint, select_checkpoint
 from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
 from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus, token_counts
+from launch.log_window import LogWindow
+from launch.logs import FILE_ONLY
 from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
+from launch.optim import apply_config, build_optimizer
+from launch.preemption import AgentWatch, Preempted, StopSignals
+from launch.run_dir import register_resolvers
+from launch.step_guard import StepGuard
 from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
 from moe.stats import RoutingStats, routing_flip_fraction
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state, setup_runtime
 from parallel.config import check_experts
+
+log = logging.getLogger("moeforge")
 
 VAL_SPLIT = 1
 
@@ -55,50 +71,11 @@ def doc_ids(tokens_BS: torch.Tensor, separator: int | None) -> torch.Tensor | No
     return torch.cumsum(ends, dim=1) - ends
 
 
-def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (decay on matrices only) with linear warmup then cosine decay to lr*min_lr_ratio."""
-    o, steps = job.optim, job.train.steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    init_adamw_state(opt)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-@torch.no_grad()
-def init_adamw_state(opt: torch.optim.AdamW) -> None:
-    """Create every parameter's AdamW state now (step 0, zero moments) instead of at its first grad.
-
-    AdamW creates state lazily, so a parameter that has had no gradient yet (a gate during
-    EvoMoE's base phase, an expert no token reached) would be missing from a checkpoint, and the
-    checkpoint's keys would depend on routing history. State created here is exactly what AdamW
-    creates on a first step (``torch.optim.AdamW._init_group``: step 0, zero ``exp_avg`` and
-    ``exp_avg_sq``), and AdamW skips parameters without gradients, so training is unchanged.
-    """
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not opt.state[p]:
-                opt.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-
-
-def build_sinks(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any]) -> list[Sink]:
+def build_sinks(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any], start: int) -> list[Sink]:
+    """Rank 0: ``metrics.jsonl`` (lines after ``start`` dropped) and W&B (continuing the run's W&B run)."""
     if not runtime.is_main:
         return [NullSink()]
-    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl", start)]
     lg = job.logging
     if lg.name != "none":
         mode = "offline" if lg.name == "wandb_offline" else "online"
@@ -158,17 +135,62 @@ def manifest_of(job: JobConfig) -> dict[str, Any]:
     return {"model": model, "router": {"name": job.router.name}}
 
 
-def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) training described by ``job``; returns the final summary."""
-    runtime = setup_runtime(job.parallel)
+
+class AgentLostError(MoeforgeError):
+    """This torchrun worker's agent is gone; it stops without writing (a relaunch may be running)."""
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime, trainer: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint holds: model and optimizer (DCP form), LR schedule, trainer counters."""
+    return {**checkpoint_state(model, optimizer, runtime), "scheduler": scheduler.state_dict(), "trainer": trainer}
+
+
+def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = None, record: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) training described by ``job``; returns the final summary.
+
+    ``record`` runs on rank 0 once the run directory is locked (the Hydra app writes ``.hydra/``
+    there), so a refused second launch never overwrites the running one's record.
+    """
     t_start = time.perf_counter()
-    try:
-        return _train(job, run_dir, runtime, raw_config or {}, t_start)
-    finally:
-        runtime.shutdown()
+    with StopSignals(job.train.stop_signals, abort_on_second_sigint=not AgentWatch().under_torchrun) as signals:
+        runtime = setup_runtime(job.parallel)
+        try:
+            dirs = [(run_dir, "run directory"), (Path(job.checkpoint.dir), "checkpoint.dir")]
+            with run_lock.hold(runtime, dirs):
+                if record is not None and runtime.is_main:
+                    record()
+                return _train(job, run_dir, runtime, raw_config or {}, t_start, signals)
+        finally:
+            runtime.shutdown()
 
 
-def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any], t_start: float) -> dict[str, Any]:
+def resume(job: JobConfig, model: torch.nn.Module, core: MoETransformer, optimizer: torch.optim.Optimizer, scheduler: Any,
+           window: LogWindow, runtime: Runtime) -> dict[str, Any]:
+    """Load the newest checkpoint that verifies (``checkpoint.resume=auto``); returns its trainer counters."""
+    if job.checkpoint.resume != "auto":
+        existing = latest_checkpoint(job.checkpoint.dir)
+        if existing is not None:
+            log.warning(f"moeforge: checkpoint.resume=never: starting over although {existing} exists (kept until pruned; "
+                        f"checkpoint.resume=auto would resume from the newest checkpoint there)")
+        return {"step": 0}
+    path = select_checkpoint(job.checkpoint.dir, runtime)
+    if path is None:
+        return {"step": 0}
+    check_compatible(path, manifest_of(job))
+    state = training_state(model, optimizer, scheduler, runtime, {"step": 0})
+    load_checkpoint(path, state, runtime)
+    load_checkpoint_state(model, optimizer, state, runtime)
+    scheduler.load_state_dict(state["scheduler"])
+    trainer = state["trainer"]
+    window.load(trainer.get("window", {}), core)
+    changed = apply_config(optimizer, scheduler, job)
+    if changed:
+        log.info(f"moeforge: the config differs from the checkpoint ({'; '.join(changed)}); using the config")
+    log.info(f"moeforge: resumed from {path} at step {trainer['step']}")
+    return trainer
+
+
+def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any], t_start: float, signals: StopSignals) -> dict[str, Any]:
     tr = job.train
     if tr.batch_size % runtime.world_size:
         raise ConfigError(f"train.batch_size ({tr.batch_size}) must be divisible by the world size ({runtime.world_size})")
@@ -178,8 +200,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     if tr.threads:
         torch.set_num_threads(tr.threads)
     data = load_data(job)
-    train_sampler = BatchSampler(data.train, tr.seq_len, tr.batch_size, tr.seed, runtime.rank, runtime.world_size)
-    val_sampler = BatchSampler(data.val, tr.seq_len, tr.batch_size, tr.seed, runtime.rank, runtime.world_size, VAL_SPLIT)
+    train_sampler = BatchSampler(data.train, tr.seq_len, tr.batch_size, tr.seed, runtime.rank, runtime.world_size, split="training")
+    val_sampler = BatchSampler(data.val, tr.seq_len, tr.batch_size, tr.seed, runtime.rank, runtime.world_size, VAL_SPLIT, split="validation")
 
     torch.manual_seed(tr.seed)
     core = MoETransformer(job.model, job.router, job.experts).to(runtime.device)
@@ -193,106 +215,124 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     # ``model`` may be a wrapper (DDP); ``core`` stays the plain transformer for hooks and stats.
     model = apply_parallel(core, job.parallel, runtime)
     optimizer, scheduler = build_optimizer(model, job)
+    window = LogWindow(runtime)
+    guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, signals, AgentWatch())
+    trainer = resume(job, model, core, optimizer, scheduler, window, runtime)
+    start = int(trainer["step"])
+    guard.skipped_total = int(trainer.get("skipped_steps", 0))
+    if start >= tr.steps:
+        log.info(f"moeforge: nothing to do, checkpoint already at step {start} >= train.steps ({tr.steps})")
+        return {"step": start}
+    first = guard.check()
+    if first.signum:  # stopped during start-up: nothing new to save
+        raise Preempted(first.signum, f"moeforge: {signal.Signals(first.signum).name} before the first step; nothing new to save, "
+                                      f"exiting with {128 + first.signum}")
 
-    start = 0
-    ckpt_dir = Path(job.checkpoint.dir)
-    latest = latest_checkpoint(ckpt_dir) if job.checkpoint.resume == "auto" else None
-    if latest is not None:
-        check_compatible(latest, manifest_of(job))
-        state = {**checkpoint_state(model, optimizer, runtime), "scheduler": scheduler.state_dict(), "trainer": {"step": 0}}
-        load_checkpoint(latest, state, runtime)
-        load_checkpoint_state(model, optimizer, state, runtime)
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["trainer"]["step"])
-        if runtime.is_main:
-            print(f"moeforge: resumed from {latest} at step {start}", file=sys.stderr)
-
+    writer = CheckpointWriter(job.checkpoint.dir, runtime, job.checkpoint.keep, manifest_of(job), job.checkpoint.async_save)
     on_cuda = runtime.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
-    sinks = build_sinks(job, run_dir, runtime, raw_config) if start < tr.steps else [NullSink()]
+    sinks = build_sinks(job, run_dir, runtime, raw_config, start)
     progress = Progress(tr.steps, start) if runtime.is_main else None
-    if runtime.is_main:
-        params = sum(p.numel() for p in model.parameters())
-        print(f"moeforge: {data.description}; {params:,} parameters; run dir {run_dir}", file=sys.stderr)
-
+    params = sum(p.numel() for p in model.parameters())
+    log.info(f"moeforge: {data.description}; {params:,} parameters; run dir {run_dir}")
     summary: dict[str, Any] = {"step": start}
-    window_loss = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    window_t0, window_tokens = time.perf_counter(), 0
-    for step in range(start, tr.steps):
-        x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
-        with autocast:
-            logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
-        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-        if not torch.isfinite(loss):
-            raise MoeforgeError(f"non-finite loss {loss.item()} at step {step}; lower optim.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        runtime.before_optimizer_step(model)
-        grad_norm = runtime.clip_grad_norm_(model, job.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        runtime.after_optimizer_step(model, optimizer, step)
-        runtime.all_reduce_sum_([t for _, layer in core.moe_layers() for t in layer.router.step_sums()])
-        core.after_step(step)
-        done = step + 1
-        window_loss += torch.stack([ce.detach().double(), torch.ones((), dtype=torch.float64, device=runtime.device)])
-        window_tokens += x.numel() * runtime.world_size
+    try:
+        for step in range(start, tr.steps):
+            x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
+            with autocast:
+                logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            runtime.before_optimizer_step(model)
+            grad_norm = runtime.clip_grad_norm_(model, job.optim.grad_clip)
+            verdict = guard.check(loss, grad_norm)
+            if verdict.agent_gone and not verdict.signum:
+                raise AgentLostError(f"the torchrun agent (pid {guard.agent.agent_pid}) is gone; stopping at step {step + 1} "
+                                     f"without writing (a relaunch resumes from {latest_checkpoint(job.checkpoint.dir)})")
+            if verdict.nonfinite:
+                writer.finish()  # an async save of an earlier, finite step is published before any stop
+                guard.on_nonfinite(step, loss, grad_norm, str(latest_checkpoint(job.checkpoint.dir) or "no checkpoint"), start or None)
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                guard.on_finite()
+                optimizer.step()
+            scheduler.step()
+            runtime.after_optimizer_step(model, optimizer, step)
+            runtime.all_reduce_sum_([t for _, layer in core.moe_layers() for t in layer.router.step_sums()])
+            core.after_step(step)
+            done = step + 1
+            window.add(ce, x.numel() * runtime.world_size, finite=not verdict.nonfinite)
 
-        metrics: dict[str, Any] = {}
-        if done % tr.log_every == 0 or done == tr.steps:
-            runtime.all_reduce_sum_([window_loss])
-            elapsed = time.perf_counter() - window_t0
-            metrics.update({
-                "step": done,
-                "loss": float(window_loss[0] / window_loss[1]),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens / elapsed,
-                **{name: float(v.detach()) for name, v in aux.items()},
-                **runtime.comm_metrics(),
-                **routing_metrics(core, runtime),
-            })
-            window_loss.zero_()
-        if done % tr.eval_every == 0 or done == tr.steps:
-            metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
-        if metrics:
-            for sink in sinks:
-                sink.log(metrics)
-            summary.update(metrics)
-            if progress is not None and "loss" in metrics:
-                extra = f"val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-                progress.update(done, metrics["loss"], metrics["tokens_per_s"], extra)
-        if (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps:
-            state = {**checkpoint_state(model, optimizer, runtime), "scheduler": scheduler.state_dict(), "trainer": {"step": done}}
-            save_checkpoint(ckpt_dir, done, state, manifest_of(job), runtime, job.checkpoint.keep)
-        if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
-            window_t0, window_tokens = time.perf_counter(), 0
+            metrics: dict[str, Any] = {}
+            if done % tr.log_every == 0 or done == tr.steps:
+                metrics.update({
+                    "step": done,
+                    "loss": window.take_loss(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window.tokens / (time.perf_counter() - window.t0),
+                    **{name: float(v.detach()) for name, v in aux.items()},
+                    **runtime.comm_metrics(),
+                    **routing_metrics(core, runtime),
+                })
+                if tr.on_nonfinite == "skip":
+                    metrics["skipped_steps"] = guard.skipped_total
+            if done % tr.eval_every == 0 or done == tr.steps:
+                metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
+            if metrics:
+                for sink in sinks:
+                    sink.log(metrics)
+                summary.update(metrics)
+                if progress is not None and "loss" in metrics:
+                    extra = f"val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+                    progress.update(done, metrics["loss"], metrics["tokens_per_s"], extra)
+            stop = bool(verdict.signum) and done < tr.steps
+            if (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop:
+                t_save = time.perf_counter()
+                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core)}
+                saved = writer.save(done, training_state(model, optimizer, scheduler, runtime, trainer))
+                if done == tr.steps or stop:
+                    saved = writer.finish() or saved
+                log.info(f"moeforge: checkpoint step {done} {'saved' if saved else 'staged (async)'} in "
+                         f"{time.perf_counter() - t_save:.2f}s", extra=FILE_ONLY)
+            if stop:
+                raise Preempted(verdict.signum, f"moeforge: {signal.Signals(verdict.signum).name}: finished step {done} and saved "
+                                f"{latest_checkpoint(job.checkpoint.dir)}; exiting with {128 + verdict.signum} "
+                                f"(rerun the same command to resume)")
+            if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
+                window.restart_clock()
+    finally:
+        if progress is not None:
+            progress.close()
+        for sink in sinks:
+            sink.close()
 
-    if progress is not None:
-        progress.close()
-    for sink in sinks:
-        sink.close()
     summary["wall_s"] = time.perf_counter() - t_start
+    if start:
+        summary["resumed_at_step"] = start
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         scalars = {k: v for k, v in summary.items() if not isinstance(v, list)}
         (run_dir / "summary.json").write_text(json.dumps(scalars, indent=1))
-        if "val_loss" in summary:
-            uniform = math.log(job.model.vocab_size)
-            print(f"moeforge: step {summary['step']} val_loss {summary['val_loss']:.4f} (uniform over the vocabulary: "
-                  f"ln {job.model.vocab_size} = {uniform:.3f}) in {summary['wall_s']:.0f}s", file=sys.stderr)
-        else:
-            print(f"moeforge: nothing to do, checkpoint already at step {start} >= train.steps ({tr.steps})", file=sys.stderr)
+        uniform = math.log(job.model.vocab_size)
+        log.info(f"moeforge: step {summary['step']} val_loss {summary['val_loss']:.4f} (uniform over the vocabulary: "
+                 f"ln {job.model.vocab_size} = {uniform:.3f}) in {summary['wall_s']:.0f}s")
     return summary
 
 
-def _rank0_only(value: str) -> str | None:
-    """Hydra resolver: ``value`` on rank 0 (or outside torchrun), None elsewhere."""
-    return value if os.environ.get("RANK", "0") == "0" else None
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``overrides.yaml`` and ``hydra.yaml``: the files Hydra would write, written
+    only once the run directory is locked (``conf/hydra/moeforge.yaml`` turns Hydra's own copy off)."""
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    hc = HydraConfig.get()
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), out / "hydra.yaml")
 
 
-OmegaConf.register_new_resolver("moeforge_rank0", _rank0_only, replace=True)
+register_resolvers()
 register_schemas()
 
 
@@ -301,9 +341,12 @@ def main(cfg: DictConfig) -> None:
     try:
         job = to_job_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        train(job, run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        train(job, run_dir, OmegaConf.to_container(cfg, resolve=True), lambda: write_hydra_record(run_dir, cfg))  # type: ignore[arg-type]
+    except Preempted as stop:
+        log.warning(str(stop))
+        sys.exit(stop.exit_code)
     except MoeforgeError as err:
-        print(f"moeforge: error: {err}", file=sys.stderr)
+        log.error(f"moeforge: error: {err}")
         sys.exit(2)
 
 

@@ -70,9 +70,28 @@ def test_batches_are_addressed_and_ranks_split_the_global_batch() -> None:
     assert torch.equal(torch.cat(parts), x)
 
 
-def test_too_small_corpus_is_refused() -> None:
-    with pytest.raises(DataError, match="fewer than train.seq_len"):
+def test_too_small_corpus_is_refused_naming_the_split() -> None:
+    with pytest.raises(DataError, match=r"the training split has 10 tokens, fewer than train.seq_len \+ 2 \(18\); lower"):
         BatchSampler(np.arange(10, dtype=np.uint16), 16, 2, seed=0)
+    with pytest.raises(DataError, match=r"the validation split has 10 tokens, .* raise data.val_fraction or lower train.seq_len"):
+        BatchSampler(np.arange(10, dtype=np.uint16), 16, 2, seed=0, split_id=1, split="validation")
+
+
+def test_uint32_ids_read_as_uint16_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.zipf(1.3, 20_000).clip(0, 50_000).astype(np.uint32)  # every id < 65536: the uint16 view passes the vocab check
+    ids.tofile(tmp_path / "ids.bin")
+    with pytest.raises(DataError, match=r"ids.bin looks like uint32 token ids read with data.dtype=uint16: 100% of its odd-position "
+                                         r"values are 0 against 0% of the even ones; set data.dtype=uint32"):
+        memmap_corpus(str(tmp_path / "ids.bin"), "uint16", 0.1, vocab_size=50_304)
+    assert memmap_corpus(str(tmp_path / "ids.bin"), "uint32", 0.1, vocab_size=50_304).train.size == 18_000
+
+
+def test_real_uint16_streams_with_many_zeros_pass(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    ids = np.where(rng.random(50_000) < 0.4, 0, rng.integers(1, 50_000, 50_000)).astype(np.uint16)  # token 0 is 40% of the text
+    ids.tofile(tmp_path / "zeros.bin")
+    assert memmap_corpus(str(tmp_path / "zeros.bin"), "uint16", 0.1, vocab_size=50_304).train.size == 45_000
 
 
 def test_token_counts_whole_and_windowed() -> None:

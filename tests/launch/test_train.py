@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,9 +18,13 @@ SMALL = ["model.num_layers=2", "model.d_model=64", "model.d_ff=64", "model.dense
          "train.batch_size=8", "train.seq_len=64", "logging=none", "train.threads=1", "data.max_bytes=400000"]
 
 
-def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.train", f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+def launch(run_dir: Path, *overrides: str, fault: dict[str, Any] | None = None) -> subprocess.CompletedProcess:
+    """``python -m launch.train`` into ``run_dir``; with ``fault``, under ``tests.faults.inject`` (see there)."""
+    module = "tests.faults.inject" if fault else "launch.train"
+    env = {**os.environ, "MOEFORGE_FAULT": json.dumps(fault or {})}
+    env.pop("MOEFORGE_RUN_ID", None)
+    cmd = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -35,6 +41,8 @@ def test_short_run_lowers_validation_loss(tmp_path: Path) -> None:
     assert evals[0] > evals[-1]
     assert evals[-1] < math.log(256) - 1.5
     assert (tmp_path / "checkpoints" / "step_00000060" / ".metadata").is_file()
+    log = (tmp_path / "train_rank0.log").read_text()  # the per-rank log holds what the console showed
+    assert "step 60/60 loss" in log and "moeforge: step 60 val_loss" in log and "checkpoint step 60 saved" in log
     m = read_metrics(tmp_path)[-1]
     for key in ("step", "loss", "lr", "tokens_per_s", "routing/layer0/load_cv", "routing/layer1/entropy",
                 "routing/layer0/tokens_per_expert", "routing/layer0/dropped_frac", "routing/layer0/aux_loss", "routing/layer0/flips"):
@@ -69,8 +77,11 @@ def test_resume_gives_identical_losses(tmp_path: Path, backend: str) -> None:
 @pytest.mark.slow
 def test_finished_run_resumes_to_nothing_and_mismatch_is_refused(tmp_path: Path) -> None:
     assert launch(tmp_path, *SMALL, "train.steps=2").returncode == 0
+    summary = (tmp_path / "summary.json").read_text()
     again = launch(tmp_path, *SMALL, "train.steps=2")
     assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert (tmp_path / "summary.json").read_text() == summary  # a run that did no work leaves the summary alone
+    assert json.loads(summary)["step"] == 2 and "val_loss" in json.loads(summary)
     other = launch(tmp_path, *SMALL, "train.steps=4", "model.num_experts=8")
     assert other.returncode == 2
     assert "model.num_experts=4" in other.stderr and "model.num_experts=8" in other.stderr
@@ -93,6 +104,9 @@ BAD = [
     ("experts.backend=grouped_mm model.d_ff=30", "model.d_ff"),
     ("train.batch_size=0", "train.batch_size"),
     ("experts.capacity_factor=-1", "experts.capacity_factor"),
+    ("checkpoint.dir=/proc/x", "checkpoint.dir /proc/x is not writable"),
+    ("train.on_nonfinite=ignore", "train.on_nonfinite"),
+    ("train.stop_signals=[SIGKILL]", "train.stop_signals"),
 ]
 
 

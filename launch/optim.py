@@ -1,0 +1,82 @@
+"""AdamW with linear warmup then cosine decay, and the config's values winning over a checkpoint's.
+
+A checkpoint restores the optimizer's moments and the schedule's position exactly. Its
+hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``) are restored too, but the run's
+config then takes precedence (``apply_config``): after a divergence, rerunning with a lower
+``optim.lr`` must train with that lr, not with the one that diverged. When nothing changed, nothing
+is touched, so a plain resume stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from launch.config import JobConfig
+
+log = logging.getLogger("moeforge")
+
+
+def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (decay on matrices only) with linear warmup then cosine decay to lr*min_lr_ratio."""
+    o, steps = job.optim, job.train.steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    init_adamw_state(opt)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def init_adamw_state(opt: torch.optim.AdamW) -> None:
+    """Create every parameter's AdamW state now (step 0, zero moments) instead of at its first grad.
+
+    AdamW creates state lazily, so a parameter that has had no gradient yet (a gate during
+    EvoMoE's base phase, an expert no token reached) would be missing from a checkpoint, and the
+    checkpoint's keys would depend on routing history. State created here is exactly what AdamW
+    creates on a first step (``torch.optim.AdamW._init_group``: step 0, zero ``exp_avg`` and
+    ``exp_avg_sq``), and AdamW skips parameters without gradients, so training is unchanged.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state[p]:
+                opt.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, job: JobConfig) -> list[str]:
+    """After loading a checkpoint, put back the config's lr, betas, eps and weight decay where they differ.
+
+    Returns one ``optim.<key>: checkpoint -> config`` entry per changed value (empty for a plain
+    resume, which is then left untouched).
+    """
+    o = job.optim
+    changed: list[str] = []
+    for i, group in enumerate(optimizer.param_groups):
+        want = {"initial_lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay if i == 0 else 0.0}
+        for key, value in want.items():
+            if group.get(key) != value:
+                note = f"optim.{'lr' if key == 'initial_lr' else key}: {group.get(key)} -> {value}"
+                if note not in changed:
+                    changed.append(note)
+                group[key] = value
+    if changed:
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+    return changed
