@@ -72,11 +72,6 @@ class LogWindow:
             entry = saved.get(str(i))
             if entry is None:
                 continue
-            sums, maxes = layer.stats.raw()
-            sums.clear()
-            maxes.clear()
-            for k, v in entry["sums"].items():
-                t = torch.tensor(v, dtype=torch.float64, device=dev)
-                sums[k] = t if main else torch.zeros_like(t)
-            for k, v in entry["maxes"].items():
-                maxes[k] = torch.tensor(v, dtype=torch.float64, device=dev)
+            sums = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in entry["sums"].items()}
+            maxes = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in entry["maxes"].items()}
+            layer.stats.load_raw({k: t if main else torch.zeros_like(t) for k, t in sums.items()}, maxes)

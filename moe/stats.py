@@ -43,20 +43,24 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
+        self._carried: dict[str, float] = {}  # load_raw's scalar sums, each the seed of its accumulator
         self._host: dict[str, float] = {}
         self._device: dict[tuple[str, ...], Tensor] = {}  # names -> float64 sums, one vector per key set
         self._counts: Tensor | None = None
         self._max: dict[str, Tensor | float] = {}
 
     def _add_host(self, key: str, value: float) -> None:
-        self._host[key] = self._host.get(key, 0.0) + float(value)
+        self._host[key] = self._host.get(key, self._carried.pop(key, 0.0)) + float(value)
 
     def _add_device(self, names: tuple[str, ...], values: list[Tensor]) -> None:
         stacked = torch.stack([v.detach() for v in values])
         if names in self._device:
             self._device[names].add_(stacked)
-        else:
-            self._device[names] = stacked.double()
+            return
+        self._device[names] = stacked.double()
+        seeds = [self._carried.pop(n, 0.0) for n in names]
+        if any(seeds):  # a resumed window: seed + first value, the order the uninterrupted run added them in
+            self._device[names] += torch.tensor(seeds, dtype=torch.float64, device=stacked.device)
 
     def _running_max(self, key: str, value: Tensor | float) -> None:
         """Keep the larger of the running maximum and ``value`` (host floats stay on the host)."""
@@ -102,13 +106,24 @@ class RoutingStats:
             return {}, {}
         device = self._counts.device
         sums: dict[str, Tensor] = {"counts_E": self._counts.double()}
-        sums.update({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in self._host.items()})
+        sums.update({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in {**self._carried, **self._host}.items()})
         for names, vec in self._device.items():
             for i, name in enumerate(names):
                 sums[name] = sums[name] + vec[i] if name in sums else vec[i].clone()
         sums.setdefault("dropped", torch.zeros((), dtype=torch.float64, device=device))
         maxes = {k: torch.as_tensor(v, dtype=torch.float64, device=device).clone() for k, v in self._max.items()}
         return sums, maxes
+
+    def load_raw(self, sums: dict[str, Tensor], maxes: dict[str, Tensor]) -> None:
+        """Start over from ``raw()`` output (a resumed run's half-done log window). Each carried sum
+        seeds its accumulator, so the window adds its values in the order an uninterrupted run
+        does and logs the same bits. Reads the values on the host (once, at resume)."""
+        self.reset()
+        if "counts_E" not in sums:
+            return
+        self._counts = sums["counts_E"].round().long()
+        self._carried = {k: float(v) for k, v in sums.items() if k != "counts_E"}
+        self._max = {k: v.double().clone() for k, v in maxes.items()}
 
     @staticmethod
     def summarize(sums: dict[str, Tensor], maxes: dict[str, Tensor]) -> dict[str, float | list[int]]:

@@ -74,3 +74,21 @@ def test_masked_forward_max_is_kept_after_unmasked_forwards():
     stats.update(wide, dispatch(wide, 8))
     stats.update(d, dispatch(d, 8))
     assert stats.raw()[1]["experts_per_token_max"].item() == float(wide.mask_TK.sum(1).max())
+
+
+def test_load_raw_carries_a_half_done_window():
+    """Sums taken mid-window and loaded into a fresh accumulator, plus the rest of the window,
+    summarise exactly like the uninterrupted window (a resumed run's first log line)."""
+    gen = torch.Generator().manual_seed(5)
+    decisions = [_decision(24, 2, 6, gen, masked=m) for m in (False, True, False)]
+    whole, first, rest = RoutingStats(6), RoutingStats(6), RoutingStats(6)
+    for d in decisions:
+        whole.update(d, dispatch(d, 6))
+    first.update(decisions[0], dispatch(decisions[0], 6))
+    rest.load_raw(*first.raw())
+    for d in decisions[1:]:
+        rest.update(d, dispatch(d, 6))
+    assert RoutingStats.summarize(*rest.raw()) == RoutingStats.summarize(*whole.raw())
+    empty = RoutingStats(6)
+    empty.load_raw(*first.raw())
+    assert RoutingStats.summarize(*empty.raw()) == RoutingStats.summarize(*first.raw())
