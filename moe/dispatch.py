@@ -86,7 +86,6 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     slot_idx_R = order_S[:num_rows]
     position_S = torch.empty(S, dtype=torch.int32, device=dev).scatter_(0, order_S, torch.arange(S, dtype=torch.int32, device=dev))
     row_of_slot_S = position_S if valid_TK is None else torch.where(position_S < num_rows, position_S, -1)
-    every_slot = valid_TK is None
     num_routed = torch.full((), S, dtype=torch.int64, device=dev) if decision.mask_TK is None else decision.mask_TK.sum()
     return DispatchPlan(
         slot_idx_R=slot_idx_R,
@@ -95,7 +94,7 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
         counts_E=counts_E,
         num_slots=K,
         num_routed=num_routed,
-        num_dropped=torch.zeros((), dtype=torch.int64, device=dev) if every_slot else num_routed - counts_E.sum(),
+        num_dropped=torch.zeros((), dtype=torch.int64, device=dev) if valid_TK is None else num_routed - counts_E.sum(),
         row_of_slot_S=row_of_slot_S,
     )
 

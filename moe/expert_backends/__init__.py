@@ -37,10 +37,7 @@ def expert_backend(name: str) -> ExpertBackend:
 
 def resolve_backend(name: str, device: torch.device, d_model: int, d_ff: int, num_experts: int) -> ExpertBackend:
     """The concrete backend ``name`` means on ``device`` for these shapes (``auto`` chooses), checked."""
-    backend = expert_backend(name)
-    if isinstance(backend, AutoBackend):
-        return backend.resolve_for(device, d_model, d_ff, num_experts)
-    return backend.resolve(device, d_model, d_ff)
+    return expert_backend(name).resolve(device, d_model, d_ff, num_experts)
 
 
 __all__ = ["BACKENDS", "ExpertBackend", "ExpertOptions", "expert_backend", "resolve_backend", "swiglu_loop"]

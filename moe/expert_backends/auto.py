@@ -81,14 +81,11 @@ class AutoBackend(ExpertBackend):
     def __init__(self, registry: dict[str, ExpertBackend]) -> None:
         self.registry = registry
 
-    def resolve_for(self, device: torch.device, d_model: int, d_ff: int, num_experts: int) -> ExpertBackend:
+    def resolve(self, device: torch.device, d_model: int, d_ff: int, num_experts: int) -> ExpertBackend:
         chosen = self.registry[measured_choice(device, num_experts)]
         if chosen.unavailable(device) is not None:
             chosen = self.registry["torch"]
-        return chosen.resolve(device, d_model, d_ff)
-
-    def resolve(self, device: torch.device, d_model: int, d_ff: int) -> ExpertBackend:
-        raise TypeError("auto needs the expert count: call resolve_for")
+        return chosen.resolve(device, d_model, d_ff, num_experts)
 
     def grouped(self, *args: object) -> object:
         raise TypeError("experts.backend=auto must be resolved to a concrete backend first (Experts.resolve)")

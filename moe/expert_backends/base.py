@@ -14,8 +14,8 @@ call them all the same way and no code outside ``moe.expert_backends`` compares 
   ``moe.dispatch.DispatchPlan`` (gather rows, grouped SwiGLU, weighted combine) -> ``y_TD``; the
   default composes ``grouped`` with ``moe.dispatch.gather_rows``/``combine``, and a backend with a
   fused path (gather and combine inside its kernels) overrides it;
-- ``resolve(device, d_model, d_ff)``: the concrete backend to use there (itself, after the
-  checks; ``auto`` answers with the backend measured fastest).
+- ``resolve(device, d_model, d_ff, num_experts)``: the concrete backend to use there (itself,
+  after the checks; ``auto`` answers with the backend measured fastest for that expert count).
 
 ``options`` are the knobs a backend may honour (``ExpertOptions``); ``honours`` names the ones it
 does, so the config refuses an option the chosen backend would silently ignore.
@@ -66,7 +66,7 @@ class ExpertBackend:
         y_RD = self.grouped(gather_rows(x_TD, plan), plan.counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, options)
         return combine(y_RD, plan, x_TD.shape[0])
 
-    def resolve(self, device: torch.device, d_model: int, d_ff: int) -> ExpertBackend:
+    def resolve(self, device: torch.device, d_model: int, d_ff: int, num_experts: int) -> ExpertBackend:
         """This backend, after checking it can run on ``device`` with these shapes."""
         reason = self.unavailable(device)
         if reason is not None:
