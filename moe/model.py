@@ -28,6 +28,9 @@ class ModelConfig:
     d_model: int = 128
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (Ainslie et al. 2023); null = num_heads (plain
+    multi-head attention). Each group of num_heads / num_kv_heads query heads shares one K/V head."""
     num_experts: int = 8
     d_ff: int = 256
     """Hidden width F of each routed expert."""
@@ -45,8 +48,16 @@ class ModelConfig:
             value = getattr(self, key)
             check(value >= 1, f"model.{key}", value, "must be >= 1")
         check(self.num_shared_experts >= 0, "model.num_shared_experts", self.num_shared_experts, "must be >= 0")
+        kv = self.kv_heads
+        check(1 <= kv <= self.num_heads and self.num_heads % kv == 0, "model.num_kv_heads", self.num_kv_heads,
+              f"must divide model.num_heads ({self.num_heads})")
         check(self.d_model % self.num_heads == 0, "model.d_model", self.d_model, f"must be divisible by model.num_heads ({self.num_heads})")
         check((self.d_model // self.num_heads) % 2 == 0, "model.d_model", self.d_model, "/ model.num_heads must be even (RoPE rotates pairs)")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads in use (``num_kv_heads``, or ``num_heads`` when unset)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
 class RMSNorm(nn.Module):
@@ -74,31 +85,39 @@ def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE.
+    """Causal multi-head attention with RoPE, grouped-query when ``num_kv_heads < num_heads``.
 
-    With ``want_probs`` it computes attention explicitly and also returns the head-averaged
+    One fused projection yields H query heads and G key and G value heads (G = ``num_kv_heads``);
+    query head h reads K/V head ``h // (H / G)`` (GQA, Ainslie et al. 2023, sec. 2). With G = H the
+    projection and result are exactly those of plain multi-head attention. With ``want_probs`` it
+    computes attention explicitly and also returns the head-averaged
     probabilities [B, S, S] (for attention-aware routing), so no second attention is run.
     """
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.qkv = nn.Linear(d_model, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False) -> tuple[Tensor, Tensor | None]:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BSD).view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         probs_BSS = None
         if want_probs:
+            if G != H:  # every query head reads its group's K/V head
+                k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
             causal = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
             attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
             y = (attn.to(v.dtype) @ v)
             probs_BSS = attn.mean(dim=1)
         else:
-            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
         return self.out(y.transpose(1, 2).reshape(B, S, D)), probs_BSS
 
 
@@ -117,7 +136,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.num_heads)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 

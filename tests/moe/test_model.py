@@ -10,7 +10,7 @@ import torch
 from moe.errors import ConfigError
 from moe.experts import ExpertsConfig
 from moe.layer import MoELayer
-from moe.model import DenseFFN, ModelConfig, MoETransformer
+from moe.model import Attention, DenseFFN, ModelConfig, MoETransformer, rope_tables
 from moe.routers.topk import TopKConfig
 
 
@@ -63,3 +63,49 @@ def test_bad_model_config_names_key() -> None:
         ModelConfig(d_model=30)
     with pytest.raises(ConfigError, match=r"model\.num_layers"):
         ModelConfig(num_layers=0)
+
+
+def reference_attention(attn: Attention, x_BSD: torch.Tensor) -> torch.Tensor:
+    """Head by head, in float64: query head h attends with K/V head h // (H / G), causally."""
+    B, S, D = x_BSD.shape
+    H, G, d = attn.num_heads, attn.num_kv_heads, D // attn.num_heads
+    w = attn.qkv.weight.double()
+    x = x_BSD.double()
+    cos, sin = rope_tables(S, d, 10000.0, x.device)
+
+    def rope(t: torch.Tensor) -> torch.Tensor:  # rotate (first half, second half) pairs by position
+        t1, t2 = t[..., : d // 2], t[..., d // 2 :]
+        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
+
+    heads = []
+    for h in range(H):
+        g = h // (H // G)
+        q = rope(x @ w[h * d : (h + 1) * d].T)
+        k = rope(x @ w[(H + g) * d : (H + g + 1) * d].T)
+        v = x @ w[(H + G + g) * d : (H + G + g + 1) * d].T
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        scores = scores.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+        heads.append(torch.softmax(scores, dim=-1) @ v)
+    return torch.cat(heads, dim=-1) @ attn.out.weight.double().T
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("want_probs", [False, True])
+def test_grouped_query_attention_matches_per_head_reference(kv_heads: int, want_probs: bool) -> None:
+    torch.manual_seed(kv_heads)
+    attn = Attention(32, 4, kv_heads)
+    assert attn.qkv.weight.shape == ((4 + 2 * kv_heads) * 8, 32)
+    x = torch.randn(2, 7, 32)
+    cos, sin = rope_tables(7, 8, 10000.0, x.device)
+    y, probs = attn(x, cos, sin, want_probs)
+    torch.testing.assert_close(y.double(), reference_attention(attn, x), rtol=1e-5, atol=1e-5)
+    assert (probs is not None) == want_probs
+
+
+def test_num_kv_heads_shrinks_kv_projection_and_is_validated() -> None:
+    full, grouped = build(), build(num_kv_heads=1)
+    n_full = sum(p.numel() for p in full.parameters())
+    n_grouped = sum(p.numel() for p in grouped.parameters())
+    assert n_full - n_grouped == 4 * 2 * (4 - 1) * 8 * 32  # layers * (K and V) * dropped heads * head_dim * d_model
+    with pytest.raises(ConfigError, match=r"model\.num_kv_heads \(3\) must divide model\.num_heads \(4\)"):
+        ModelConfig(num_kv_heads=3)
