@@ -24,10 +24,13 @@ from moe.errors import ConfigError, check
 from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
+from moe.recompute import MODES as RECOMPUTE_MODES
 from moe.routers import ROUTERS, router_class
 from parallel import ParallelConfig
 
 DATA_NAMES = ("stdlib_bytes", "memmap")
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
 LOGGING_NAMES = ("wandb_offline", "wandb", "none")
 
 
@@ -62,8 +65,14 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 3e-3
     """Peak learning rate after warmup."""
+    schedule: str = "cosine"
+    """After a linear warmup: cosine (decay to lr * min_lr_ratio at train.steps) | wsd (warmup-stable-
+    decay: constant lr, then a linear decay to lr * min_lr_ratio over the last decay_fraction of the
+    steps) | constant."""
     min_lr_ratio: float = 0.1
-    """Cosine decays to lr * min_lr_ratio at train.steps."""
+    """Where cosine and wsd end, as a fraction of lr."""
+    decay_fraction: float = 0.2
+    """wsd: share of train.steps spent decaying at the end."""
     warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -75,6 +84,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check(self.name == "adamw", "optim.name", self.name, "must be adamw")
         check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        check(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"must be one of {list(SCHEDULES)}")
+        check(0 < self.decay_fraction <= 1, "optim.decay_fraction", self.decay_fraction, "must be in (0, 1]")
         check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
@@ -87,7 +98,24 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16
-    """Global batch in sequences; split evenly across ranks."""
+    """Global batch in sequences per optimizer step; split evenly across ranks, then into
+    grad_accum micro-batches on each rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: gradients of batch_size / (ranks * grad_accum) sequences
+    at a time are summed before the update, the same step as one big batch with less memory.
+    Cross-entropy, z-loss and routing statistics are those of the whole batch; a batch-level
+    balance loss (Switch's f.P) sees each micro-batch's statistics, as in Megatron-Core."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast; weights and optimizer stay fp32)
+    | fp32."""
+    activation_checkpointing: str = "none"
+    """none | full (recompute every block in the backward) | selective (keep GEMM and attention
+    outputs, recompute the elementwise rest)."""
+    compile: bool = False
+    """torch.compile every transformer block (inductor)."""
+    peak_tflops: float = 0.0
+    """Dense peak TFLOP/s per device for MFU; 0 looks the device up in launch/throughput.py
+    (CPUs and unknown GPUs then report TFLOP/s without MFU)."""
     seq_len: int = 128
     log_every: int = 10
     eval_every: int = 100
@@ -112,6 +140,13 @@ class TrainConfig:
             value = getattr(self, key)
             check(value >= 1, f"train.{key}", value, "must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be auto, cpu or cuda")
+        check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        check(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
+              f"must be divisible by train.grad_accum ({self.grad_accum})")
+        check(self.precision in PRECISIONS, "train.precision", self.precision, f"must be one of {list(PRECISIONS)}")
+        check(self.activation_checkpointing in RECOMPUTE_MODES, "train.activation_checkpointing", self.activation_checkpointing,
+              f"must be one of {list(RECOMPUTE_MODES)}")
+        check(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "must be >= 0")
         check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
         check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", self.on_nonfinite, "must be stop or skip")
         check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", self.max_consecutive_skips, "must be >= 1")

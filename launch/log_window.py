@@ -53,13 +53,10 @@ class LogWindow:
         loss = self.loss.clone()
         self.runtime.all_reduce_sum_([loss])
         layers: dict[str, Any] = {}
-        for i, layer in core.moe_layers():
-            sums, maxes = layer.stats.raw()
-            s = {k: v.clone() for k, v in sums.items()}
-            m = {k: v.clone() for k, v in maxes.items()}
-            self.runtime.all_reduce_sum_(list(s.values()))
-            self.runtime.all_reduce_max_(list(m.values()))
-            layers[str(i)] = {"sums": {k: v.tolist() for k, v in s.items()}, "maxes": {k: v.tolist() for k, v in m.items()}}
+        for i, (sums, maxes) in core.routing_sums().items():  # fresh tensors: reducing them leaves the model's alone
+            self.runtime.all_reduce_sum_(list(sums.values()))
+            self.runtime.all_reduce_max_(list(maxes.values()))
+            layers[str(i)] = {"sums": {k: v.tolist() for k, v in sums.items()}, "maxes": {k: v.tolist() for k, v in maxes.items()}}
         return {"loss": loss.tolist(), "routing": layers}
 
     def load(self, state: dict[str, Any], core: MoETransformer) -> None:
@@ -67,11 +64,9 @@ class LogWindow:
         main = self.runtime.is_main
         dev = self.loss.device
         self.loss.copy_(torch.tensor(state.get("loss", [0.0, 0.0]), dtype=torch.float64, device=dev) * (1.0 if main else 0.0))
-        saved = state.get("routing", {})
-        for i, layer in core.moe_layers():
-            entry = saved.get(str(i))
-            if entry is None:
-                continue
+        seeds = {}
+        for i, entry in state.get("routing", {}).items():
             sums = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in entry["sums"].items()}
             maxes = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in entry["maxes"].items()}
-            layer.stats.load_raw({k: t if main else torch.zeros_like(t) for k, t in sums.items()}, maxes)
+            seeds[int(i)] = ({k: t if main else torch.zeros_like(t) for k, t in sums.items()}, maxes)
+        core.load_routing_sums(seeds)

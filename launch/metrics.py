@@ -134,12 +134,23 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
-    def update(self, step: int, loss: float, tokens_per_s: float, extra: str = "") -> None:
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        """Print the step line from a log step's ``metrics`` (loss, throughput, MFU, memory, val loss)."""
         frac = step / self.total
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(step - self.start, 1) * (self.total - step)
-        line = f"[{bar}] step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s eta {eta:.0f}s {extra}"
+        parts = [f"[{bar}] step {step}/{self.total} loss {metrics['loss']:.4f}", f"{metrics['tokens_per_s']:,.0f} tok/s"]
+        if "tflops_per_gpu" in metrics:
+            parts.append(f"{metrics['tflops_per_gpu']:.3g} TFLOP/s/GPU")
+        if "mfu" in metrics:
+            parts.append(f"MFU {metrics['mfu']:.1%}")
+        if "peak_mem_gib" in metrics:
+            parts.append(f"mem {metrics['peak_mem_gib']:.2f} GiB")
+        parts.append(f"eta {eta:.0f}s")
+        if "val_loss" in metrics:
+            parts.append(f"val {metrics['val_loss']:.4f}")
+        line = " ".join(parts)
         if self.tty:
             sys.stderr.write("\r" + line.ljust(110))
             sys.stderr.flush()

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup then cosine decay, and the config's values winning over a checkpoint's.
+"""AdamW with linear warmup then a cosine, WSD or constant schedule, and the config's values winning over a checkpoint's.
 
 A checkpoint restores the optimizer's moments and the schedule's position exactly. Its
 hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``) are restored too, but the run's
@@ -14,13 +14,13 @@ import math
 
 import torch
 
-from launch.config import JobConfig
+from launch.config import JobConfig, OptimConfig
 
 log = logging.getLogger("moeforge")
 
 
 def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (decay on matrices only) with linear warmup then cosine decay to lr*min_lr_ratio."""
+    """AdamW (decay on matrices only) with the learning-rate schedule of ``lr_factor``."""
     o, steps = job.optim, job.train.steps
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -29,14 +29,33 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim
     ]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
     init_adamw_state(opt)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, o))
+
+
+def lr_factor(step: int, steps: int, o: OptimConfig) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) of ``steps``, as a fraction of ``o.lr``.
+
+    Warmup: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. Then
+    - cosine: ``m + (1 - m) (1 + cos(pi p)) / 2``, ``p`` the fraction of the post-warmup steps done
+      (Loshchilov & Hutter 2017, SGDR, without restarts), ``m = min_lr_ratio``;
+    - wsd: 1 until the last ``decay_fraction`` of ``steps``, then linear to ``m`` at ``steps``
+      (warmup-stable-decay, Hu et al. 2024, "MiniCPM", sec. 4);
+    - constant: 1.
+    """
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    m = o.min_lr_ratio
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "wsd":
+        decay_steps = max(1, round(o.decay_fraction * steps))
+        start = max(o.warmup_steps, steps - decay_steps)
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - m) * min(1.0, (step - start) / max(1, steps - start))
+    progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()

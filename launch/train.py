@@ -42,12 +42,12 @@ from launch.log_window import LogWindow
 from launch.logs import FILE_ONLY
 from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config, build_optimizer
+from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
 from launch.run_dir import register_resolvers
 from launch.step_guard import StepGuard
 from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
-from moe.stats import RoutingStats, routing_flip_fraction
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state, setup_runtime
 from parallel.config import check_experts
 
@@ -83,19 +83,6 @@ def build_sinks(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dic
     return sinks
 
 
-def routing_metrics(model: MoETransformer, runtime: Runtime) -> dict[str, Any]:
-    """Reduce every MoE layer's accumulated stats across ranks, summarise, and reset them."""
-    out: dict[str, Any] = {}
-    for i, layer in model.moe_layers():
-        sums, maxes = layer.stats.raw()
-        runtime.all_reduce_sum_(list(sums.values()))
-        runtime.all_reduce_max_(list(maxes.values()))
-        for key, value in RoutingStats.summarize(sums, maxes).items():
-            out[f"routing/layer{i}/{key}"] = value
-        layer.stats.reset()
-    return out
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler, job: JobConfig, runtime: Runtime, autocast: Any) -> dict[str, Any]:
     """Mean validation cross-entropy over ``train.eval_batches`` fixed batches, and routing flips.
@@ -107,25 +94,53 @@ def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     for index in range(job.train.eval_batches):
         x, y = (t.to(runtime.device) for t in sampler.batch(index))
-        for _, layer in core.moe_layers():
-            layer.record_probe = index == 0
-        with autocast:
+        with core.probing_routing() if index == 0 else nullcontext(), autocast:
             logits, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator))
         total[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         total[1] += y.numel()
-    out: dict[str, Any] = {}
-    flips = []
-    for i, layer in core.moe_layers():
-        layer.record_probe = False
-        if layer.previous_probe_top1_T is not None:
-            flips.append((i, routing_flip_fraction(layer.previous_probe_top1_T, layer.probe_top1_T)))
-    counts = torch.tensor([f for _, f in flips] + [1.0], dtype=torch.float64, device=runtime.device)
+    flips = core.routing_flips()
+    counts = torch.tensor([*flips.values(), 1.0], dtype=torch.float64, device=runtime.device)
     runtime.all_reduce_sum_([total, counts])
-    for j, (i, _) in enumerate(flips):
-        out[f"routing/layer{i}/flips"] = float(counts[j] / counts[-1])
+    out: dict[str, Any] = {f"routing/layer{i}/flips": float(counts[j] / counts[-1]) for j, i in enumerate(flips)}
     out["val_loss"] = float(total[0] / total[1])
     model.train()
     return out
+
+
+def precision_of(job: JobConfig, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere."""
+    if job.train.precision != "auto":
+        return job.train.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """bf16 autocast on ``device`` (weights, gradients and optimizer state stay fp32), or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def forward_backward(model: torch.nn.Module, runtime: Runtime, x_BS: torch.Tensor, y_BS: torch.Tensor, step: int, job: JobConfig,
+                     autocast: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate one optimizer step's gradients over ``train.grad_accum`` micro-batches.
+
+    Each micro-batch's loss is divided by their number, so the summed gradients are those of the
+    mean over the whole batch; gradient communication runs only in the last backward. Returns the
+    step's mean cross-entropy and mean auxiliary losses (detached).
+    """
+    n = job.train.grad_accum
+    ce_total = torch.zeros((), device=runtime.device)
+    aux_total: dict[str, torch.Tensor] = {}
+    for j, (x, y) in enumerate(zip(x_BS.chunk(n), y_BS.chunk(n))):
+        with runtime.grad_sync(model, enabled=j == n - 1):
+            with autocast:
+                logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
+            (loss / n if n > 1 else loss).backward()
+        ce_total += ce.detach()
+        for name, value in aux.items():
+            aux_total[name] = aux_total.get(name, 0.0) + value.detach()
+    return ce_total / n, {name: value / n for name, value in aux_total.items()}
 
 
 def manifest_of(job: JobConfig) -> dict[str, Any]:
@@ -192,8 +207,9 @@ def resume(job: JobConfig, model: torch.nn.Module, core: MoETransformer, optimiz
 
 def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any], t_start: float, signals: StopSignals) -> dict[str, Any]:
     tr = job.train
-    if tr.batch_size % runtime.world_size:
-        raise ConfigError(f"train.batch_size ({tr.batch_size}) must be divisible by the world size ({runtime.world_size})")
+    if tr.batch_size % (runtime.world_size * tr.grad_accum):
+        raise ConfigError(f"train.batch_size ({tr.batch_size}) must be divisible by the world size ({runtime.world_size}) "
+                          f"x train.grad_accum ({tr.grad_accum})")
     check_experts(job.parallel, runtime.world_size, job.model.num_experts)
     if tr.device == "cuda" and runtime.device.type != "cuda":
         raise ConfigError("train.device ('cuda') was asked for but no CUDA device is available")
@@ -205,13 +221,14 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
 
     torch.manual_seed(tr.seed)
     core = MoETransformer(job.model, job.router, job.experts).to(runtime.device)
-    for _, layer in core.moe_layers():
-        layer.resolve_backend(runtime.device)
-    wanted = max((layer.router.wants_token_counts for _, layer in core.moe_layers()), default=0)
+    counts = count_model(core, tr.seq_len)
+    core.prepare(runtime.device)
+    wanted = core.token_counts_wanted()
     if wanted:  # e.g. hash routing's frequency-balanced table; a resume reloads the same table
-        counts_V = token_counts(data.train, job.model.vocab_size, wanted)
-        for _, layer in core.moe_layers():
-            layer.router.fit_token_counts(counts_V)
+        core.fit_token_counts(token_counts(data.train, job.model.vocab_size, wanted))
+    core.set_activation_checkpointing(tr.activation_checkpointing)
+    if tr.compile:
+        core.compile_blocks()
     # ``model`` may be a wrapper (DDP); ``core`` stays the plain transformer for hooks and stats.
     model = apply_parallel(core, job.parallel, runtime)
     optimizer, scheduler = build_optimizer(model, job)
@@ -229,22 +246,21 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                                       f"exiting with {128 + first.signum}")
 
     writer = CheckpointWriter(job.checkpoint.dir, runtime, job.checkpoint.keep, manifest_of(job), job.checkpoint.async_save)
-    on_cuda = runtime.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+    precision = precision_of(job, runtime.device)
+    autocast = autocast_for(precision, runtime.device)
+    peak = peak_tflops(runtime.device, precision, tr.peak_tflops)
     sinks = build_sinks(job, run_dir, runtime, raw_config, start)
     progress = Progress(tr.steps, start) if runtime.is_main else None
-    params = sum(p.numel() for p in model.parameters())
-    log.info(f"moeforge: {data.description}; {params:,} parameters; run dir {run_dir}")
+    log.info(f"moeforge: {data.description}; model {job.model.name}: {counts.describe()}; "
+             f"{counts.flops_per_token / 1e9:.3g} GFLOP per token; {precision}; run dir {run_dir}")
+    reset_peak_memory(runtime.device)
     summary: dict[str, Any] = {"step": start}
     try:
         for step in range(start, tr.steps):
             x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
-            with autocast:
-                logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
-            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            ce, aux = forward_backward(model, runtime, x, y, step, job, autocast)
+            loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
             runtime.before_optimizer_step(model)
             grad_norm = runtime.clip_grad_norm_(model, job.optim.grad_clip)
             verdict = guard.check(loss, grad_norm)
@@ -260,22 +276,25 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 optimizer.step()
             scheduler.step()
             runtime.after_optimizer_step(model, optimizer, step)
-            runtime.all_reduce_sum_([t for _, layer in core.moe_layers() for t in layer.router.step_sums()])
+            runtime.all_reduce_sum_(core.router_step_sums())
             core.after_step(step)
             done = step + 1
             window.add(ce, x.numel() * runtime.world_size, finite=not verdict.nonfinite)
 
             metrics: dict[str, Any] = {}
             if done % tr.log_every == 0 or done == tr.steps:
+                seconds = time.perf_counter() - window.t0
                 metrics.update({
                     "step": done,
                     "loss": window.take_loss(),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
-                    "tokens_per_s": window.tokens / (time.perf_counter() - window.t0),
-                    **{name: float(v.detach()) for name, v in aux.items()},
+                    "tokens_per_s": window.tokens / seconds,
+                    **window_metrics(counts, window.tokens, seconds, runtime.world_size, peak),
+                    "peak_mem_gib": peak_memory_gib(runtime.device),
+                    **{name: float(v) for name, v in aux.items()},
                     **runtime.comm_metrics(),
-                    **routing_metrics(core, runtime),
+                    **core.take_routing_metrics(runtime.all_reduce_sum_, runtime.all_reduce_max_),
                 })
                 if tr.on_nonfinite == "skip":
                     metrics["skipped_steps"] = guard.skipped_total
@@ -286,8 +305,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                     sink.log(metrics)
                 summary.update(metrics)
                 if progress is not None and "loss" in metrics:
-                    extra = f"val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-                    progress.update(done, metrics["loss"], metrics["tokens_per_s"], extra)
+                    progress.update(done, metrics)
             stop = bool(verdict.signum) and done < tr.steps
             if (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop:
                 t_save = time.perf_counter()
@@ -303,6 +321,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                                 f"(rerun the same command to resume)")
             if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
                 window.restart_clock()
+                reset_peak_memory(runtime.device)
     finally:
         if progress is not None:
             progress.close()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from moe.dispatch import DispatchPlan, dispatch
 from moe.experts import Experts, ExpertsConfig, dense_swiglu
+from moe.recompute import is_recomputing
 from moe.routers import RouterContext, build_router
 from moe.stats import RoutingStats
 
@@ -73,7 +74,9 @@ class MoELayer(nn.Module):
         y_TD = self.runner(self.experts, x_TD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        if self.training:
+        if is_recomputing():  # a checkpointed forward run again: its statistics were recorded the first time
+            pass
+        elif self.training:
             self.stats.update(decision, plan)
         elif self.record_probe:
             self.previous_probe_top1_T = self.probe_top1_T

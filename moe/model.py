@@ -9,6 +9,8 @@ otherwise. No parallelism lives here: ``parallel/`` rewires a built model.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,7 +19,12 @@ from torch import Tensor, nn
 from moe.errors import check
 from moe.experts import ExpertsConfig, dense_swiglu
 from moe.layer import MoELayer
+from moe.recompute import MODES as RECOMPUTE_MODES
+from moe.recompute import run_checkpointed
 from moe.routers import RouterContext
+from moe.stats import RoutingStats, routing_flip_fraction
+
+Reduce = Callable[[list[Tensor]], None]
 
 
 @dataclass(kw_only=True)
@@ -176,16 +183,98 @@ class MoETransformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=cfg.d_model**-0.5)
+        self.checkpointing = "none"
 
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block."""
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    # What a trainer asks of the model. It never reaches into the layers: every per-layer detail
+    # (statistics, probes, router hooks, backends) stays behind these methods.
+
+    def prepare(self, device: torch.device) -> None:
+        """Fix every MoE layer's concrete expert backend for ``device`` (``auto`` chooses once)."""
+        for _, layer in self.moe_layers():
+            layer.resolve_backend(device)
+
+    def token_counts_wanted(self) -> int:
+        """How many training tokens the routers want counted before step 0 (0: none; see hash routing)."""
+        return max((layer.router.wants_token_counts for _, layer in self.moe_layers()), default=0)
+
+    def fit_token_counts(self, counts_V: Tensor) -> None:
+        """Hand every router the training split's token-id counts (int64 [V])."""
+        for _, layer in self.moe_layers():
+            layer.router.fit_token_counts(counts_V)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Recompute each block's activations in the backward: ``none`` | ``full`` | ``selective`` (moe/recompute.py)."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r}: must be one of {list(RECOMPUTE_MODES)}")
+        self.checkpointing = mode
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` every transformer block in place (one compiled graph per block, reused by
+        all blocks of the same shape). Data-dependent parts of the MoE layer (expert counts) become
+        graph breaks, so they run eagerly."""
+        for block in self.blocks:
+            block.compile(backend=backend, dynamic=False)
+
+    def router_step_sums(self) -> list[Tensor]:
+        """Tensors to sum across data-parallel ranks (in place) before ``after_step``."""
+        return [t for _, layer in self.moe_layers() for t in layer.router.step_sums()]
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Per-optimizer-step hook of every MoE layer (see ``MoELayer.after_step``)."""
         for _, layer in self.moe_layers():
             layer.after_step(step)
+
+    def routing_sums(self) -> dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        """Each MoE layer's raw routing sums and maxima since the last reset (fresh tensors)."""
+        return {i: layer.stats.raw() for i, layer in self.moe_layers()}
+
+    def load_routing_sums(self, sums: dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]]) -> None:
+        """Seed the routing accumulators (a resumed log window), layer index -> (sums, maxes)."""
+        for i, layer in self.moe_layers():
+            if i in sums:
+                layer.stats.load_raw(*sums[i])
+
+    def take_routing_metrics(self, reduce_sum: Reduce, reduce_max: Reduce) -> dict[str, float | list[int]]:
+        """Routing statistics since the last call, as ``routing/layer{i}/{stat}``; then reset.
+
+        ``reduce_sum`` / ``reduce_max`` reduce a list of tensors in place across data-parallel ranks
+        (identity in one process) before the values are summarised (``RoutingStats.summarize``).
+        """
+        out: dict[str, float | list[int]] = {}
+        for i, (sums, maxes) in self.routing_sums().items():
+            reduce_sum(list(sums.values()))
+            reduce_max(list(maxes.values()))
+            for key, value in RoutingStats.summarize(sums, maxes).items():
+                out[f"routing/layer{i}/{key}"] = value
+        for _, layer in self.moe_layers():
+            layer.stats.reset()
+        return out
+
+    @contextlib.contextmanager
+    def probing_routing(self) -> Iterator[None]:
+        """Evaluation forwards inside this block record each MoE layer's top-1 choices (the probe
+        batch), keeping the previous probe for ``routing_flips``."""
+        for _, layer in self.moe_layers():
+            layer.record_probe = True
+        try:
+            yield
+        finally:
+            for _, layer in self.moe_layers():
+                layer.record_probe = False
+
+    def routing_flips(self) -> dict[int, float]:
+        """Per MoE layer: fraction of probe tokens whose top-1 expert changed between the last two
+        probes; layers probed only once are absent."""
+        return {
+            i: routing_flip_fraction(layer.previous_probe_top1_T, layer.probe_top1_T)
+            for i, layer in self.moe_layers()
+            if layer.previous_probe_top1_T is not None and layer.probe_top1_T is not None
+        }
 
     def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         B, S = tokens_BS.shape
@@ -203,7 +292,7 @@ class MoETransformer(nn.Module):
         x = self.embed(tokens_BS)
         aux_total: dict[str, Tensor] = {}
         for block in self.blocks:
-            x, aux = block(x, cos, sin, context)
+            x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
             for name, value in aux.items():
                 aux_total[name] = aux_total[name] + value if name in aux_total else value
         x = self.norm(x)

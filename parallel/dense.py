@@ -52,6 +52,8 @@ class GradAverager:
         self.bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
         self.buckets = self._buckets(list(reversed(params)))
         self.world = group_size(group)
+        self.paused = False
+        """While set (gradient accumulation's earlier micro-batches), backward starts no bucket."""
         self._reset()
         if overlap and self.world > 1:
             index = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
@@ -79,6 +81,8 @@ class GradAverager:
         self._started: list[tuple[Tensor, object]] = []  # (flat buffer, work handle) in bucket order
 
     def _ready(self, p: nn.Parameter, b: int) -> None:
+        if self.paused:  # a micro-batch before the last of a step: keep accumulating locally
+            return
         if id(p) in self._seen:
             raise RuntimeError(
                 "parallel.overlap_grad_reduce: a gradient was accumulated twice before the optimizer step "

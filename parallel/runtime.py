@@ -18,6 +18,9 @@ the global mean loss), ``clip_grad_norm_``, ``optimizer.step``, ``after_optimize
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from dataclasses import dataclass, field
 
 import torch
@@ -135,6 +138,32 @@ class Runtime:
                 if p.grad is not None:
                     local_tensor(p.grad).mul_(coef.to(p.grad.dtype))
         return norm
+
+    @contextlib.contextmanager
+    def grad_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:
+        """Backward passes inside run with (``enabled``) or without gradient communication.
+
+        Gradient accumulation runs its earlier micro-batches with ``enabled=False``: the overlapped
+        DDP buckets do not start and FSDP2 keeps unsharded gradients, so each rank sums its
+        micro-batches locally and the last backward communicates the sum once (DDP's ``no_sync``).
+        Expert gradients (EP, FSSDP) are reduced in ``before_optimizer_step`` or, for FSSDP's
+        sparse reduce-scatter, summed into their owners per backward, which adds up the same.
+        """
+        if enabled or self.mesh is None:
+            yield
+            return
+        if self.dense_sync is not None:
+            self.dense_sync.paused = True
+        fsdp_modules = [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]
+        for m in fsdp_modules:
+            m.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            if self.dense_sync is not None:
+                self.dense_sync.paused = False
+            for m in fsdp_modules:
+                m.set_requires_gradient_sync(True, recurse=False)
 
     @torch.no_grad()
     def before_optimizer_step(self, model: nn.Module) -> None:

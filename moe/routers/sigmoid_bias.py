@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
+from moe.recompute import is_recomputing
 from moe.routers.base import Router, RouterContext, RoutingDecision
 from moe.routers.gate import gate_logits
 
@@ -127,7 +128,7 @@ class SigmoidBiasRouter(Router):
         if cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = weights_TK * cfg.route_scale
-        if self.training:
+        if self.training and not is_recomputing():  # a checkpointed forward run again counts once
             with torch.no_grad():
                 self.load_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts).float()
         aux: dict[str, Tensor] = {}

@@ -1,0 +1,88 @@
+"""Activation checkpointing of transformer blocks: full, or selective (keep GEMM and attention outputs).
+
+A checkpointed block keeps only its input during the forward and runs its forward again in the
+backward to rebuild what the backward needs (Chen et al. 2016, "Training Deep Nets with Sublinear
+Memory Cost"). ``full`` recomputes the whole block; ``selective`` saves the outputs of the matrix
+products and of attention (the costly ops) and recomputes only the cheap elementwise ones (norms,
+RoPE, SwiGLU, softmax, dispatch), the trade Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", sec. 4.2) argue for: most of the memory for a few
+percent of the FLOPs.
+
+A forward that runs again must not count twice: routing statistics, routing probes and routers'
+per-step load counts are side effects of an MoE layer's forward. ``is_recomputing()`` is true
+while a checkpointed forward runs again; the code that records side effects skips them then, so a
+checkpointed step records exactly what an uncheckpointed one records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+MODES = ("none", "full", "selective")
+
+_state = threading.local()
+
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._grouped_mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+"""Ops whose outputs ``selective`` keeps: the GEMMs and the attention kernels."""
+
+
+def is_recomputing() -> bool:
+    """True while a checkpointed forward runs again inside the backward."""
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def _keep_costly(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _full_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), _recomputing()
+
+
+@contextlib.contextmanager
+def _together(*contexts: contextlib.AbstractContextManager) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for ctx in contexts:
+            stack.enter_context(ctx)
+        yield
+
+
+def _selective_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_keep_costly)
+    return forward_ctx, _together(_recomputing(), recompute_ctx)
+
+
+def run_checkpointed(mode: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, its activations dropped and recomputed in the backward per ``mode``.
+
+    Non-reentrant checkpointing (``use_reentrant=False``): outputs may be any structure, and
+    random ops replay the same draws (RNG state is saved and restored).
+    """
+    if mode == "none" or not torch.is_grad_enabled():
+        return fn(*args)
+    contexts = _full_contexts if mode == "full" else _selective_contexts
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
