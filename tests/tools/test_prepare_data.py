@@ -172,7 +172,13 @@ def test_tiktoken_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257, b" the": 258}
     enc = tiktoken.Encoding("toy", pat_str=r"""\s?\w+|\s?[^\w\s]+|\s+""", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 259})
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc if name == "toy" else (_ for _ in ()).throw(ValueError(f"Unknown encoding {name}")))
+
+    def get_encoding(name: str) -> tiktoken.Encoding:
+        if name != "toy":
+            raise ValueError(f"Unknown encoding {name}")  # what tiktoken raises for a name it does not know
+        return enc
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
     src = tmp_path / "c.jsonl"
     docs = ["the cat saw the other <|endoftext|> thing", "Ünïcödé the end"]
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
