@@ -106,3 +106,134 @@ def test_token_counts_whole_and_windowed() -> None:
     assert [int(i) for i in torch.nonzero(counts).flatten()[[0, 25, 50, 75]]] == [0, 325, 650, 975]
     with pytest.raises(DataError, match=r"model.vocab_size=3"):
         token_counts(tokens, 3, 100)
+
+
+# --- Lazy shards: equal to the concatenation, bit-identical batches, sampled start-up checks ---
+
+def write_shards(root: Path, lengths: list[int], seed: int = 0, vocab: int = 5000, dtype: str = "uint16") -> np.ndarray:
+    """Random shards ``root/shard_0000i.bin`` of the given lengths; returns their concatenation, read back with np.fromfile."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(lengths):
+        rng.integers(0, vocab, n).astype(dtype).tofile(root / f"shard_{i:05d}.bin")
+    return np.concatenate([np.fromfile(root / f"shard_{i:05d}.bin", dtype=dtype) for i in range(len(lengths))])
+
+
+def reference_batch(tokens: np.ndarray, seq_len: int, batch: int, seed: int, split_id: int, index: int) -> torch.Tensor:
+    """The addressing rule written out: window starts from a generator seeded by (seed, split, index), over a plain array."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + split_id) * 1_000_000_007 + index)
+    starts = torch.randint(0, tokens.size - seq_len - 1, (batch,), generator=g).tolist()
+    return torch.tensor(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts]))
+
+
+def test_sharded_tokens_equal_the_concatenation_on_random_and_straddling_windows(tmp_path: Path) -> None:
+    from launch.data import ShardedTokens
+
+    lengths = [1000, 7, 2500, 1]
+    ref = write_shards(tmp_path, lengths)
+    tokens = ShardedTokens(sorted(tmp_path.glob("*.bin")), "uint16", 5000)
+    assert tokens.size == len(tokens) == sum(lengths) == ref.size
+    rng = np.random.default_rng(1)
+    ends = [1000, 1007, 3507]
+    cases = [(e - 3, e + 3) for e in ends] + [(990, 1010), (0, ref.size), (1003, 1004), (5, 5)]
+    cases += [tuple(sorted(rng.integers(0, ref.size + 1, 2).tolist())) for _ in range(200)]
+    for a, b in cases:
+        assert np.array_equal(tokens[a:b], ref[a:b]), (a, b)
+    assert [int(tokens[i]) for i in (0, 1006, 1007, -1, -2)] == [int(ref[i]) for i in (0, 1006, 1007, -1, -2)]
+    view = tokens.view(995, 1500)
+    assert view.size == 505 and np.array_equal(view[0:505], ref[995:1500]) and np.array_equal(view[-10:], ref[1490:1500])
+    windows = view.windows([0, 8, 400], 100)
+    assert windows.dtype == np.int64 and np.array_equal(windows, np.stack([ref[995 + s : 1095 + s] for s in (0, 8, 400)]))
+    with pytest.raises(IndexError):
+        tokens[ref.size]
+    with pytest.raises(IndexError):
+        view.windows([406], 100)  # would run past the view's end into tokens it does not own
+
+
+@pytest.mark.parametrize("lengths", [[30_000], [9_000, 13, 4_000, 11_000]], ids=["one_bin", "four_shards"])
+def test_memmap_batches_are_bit_identical_to_the_concatenated_reference(tmp_path: Path, lengths: list[int]) -> None:
+    from launch.data import token_counts
+
+    ref = write_shards(tmp_path, lengths, seed=len(lengths))
+    path = tmp_path / "shard_00000.bin" if len(lengths) == 1 else tmp_path
+    splits = memmap_corpus(str(path), "uint16", 0.1, vocab_size=5000)
+    n_val = int(ref.size * 0.1)
+    ref_train, ref_val = ref[:-n_val], ref[-n_val:]
+    assert splits.train.size == ref_train.size and splits.val.size == ref_val.size
+    for split_id, tokens, reference in ((0, splits.train, ref_train), (1, splits.val, ref_val)):
+        sampler = BatchSampler(tokens, 32, 16, seed=7, split_id=split_id)
+        for index in (0, 1, 99):
+            x, y = sampler.batch(index)
+            want = reference_batch(reference, 32, 16, 7, split_id, index)
+            assert torch.equal(x, want[:, :-1]) and torch.equal(y, want[:, 1:])
+    assert torch.equal(token_counts(splits.train, 5000, 10**9), torch.from_numpy(np.bincount(ref_train, minlength=5000)))
+    starts = np.linspace(0, ref_train.size - 50, 64).astype(np.int64)
+    windowed = np.bincount(np.concatenate([ref_train[s : s + 50] for s in starts]), minlength=5000)
+    assert torch.equal(token_counts(splits.train, 5000, 3200), torch.from_numpy(windowed))
+
+
+def test_stdlib_batches_follow_the_addressing_rule() -> None:
+    splits = stdlib_corpus(0.05, 200_000)
+    for split_id, tokens in ((0, splits.train), (1, splits.val)):
+        x, y = BatchSampler(tokens, 64, 8, seed=2, split_id=split_id).batch(3)
+        want = reference_batch(tokens, 64, 8, 2, split_id, 3)
+        assert torch.equal(x, want[:, :-1]) and torch.equal(y, want[:, 1:])
+
+
+def spans_read(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Record every (shard, lo, hi) of token data that ``ShardedTokens`` reads from now on."""
+    from launch.data import ShardedTokens
+
+    spans: list[tuple[int, int, int]] = []
+    original = ShardedTokens._piece
+
+    def spy(self: ShardedTokens, index: int, lo: int, hi: int) -> np.ndarray:
+        spans.append((index, lo, hi))
+        return original(self, index, lo, hi)
+
+    monkeypatch.setattr(ShardedTokens, "_piece", spy)
+    return spans
+
+
+def test_opening_shards_reads_only_a_bounded_sample_and_batches_catch_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch.data import SAMPLE_WIDTH, SAMPLE_WINDOWS
+
+    lengths = [400_000, 400_000, 400_000]
+    write_shards(tmp_path, lengths, vocab=1000)
+    spans = spans_read(monkeypatch)
+    memmap_corpus(str(tmp_path), "uint16", 0.05, vocab_size=1000)
+    assert sum(hi - lo for _, lo, hi in spans) <= SAMPLE_WINDOWS * SAMPLE_WIDTH < sum(lengths) // 4
+    # Plant an out-of-vocabulary id in shard 1 where the start-up sample did not read.
+    read = sorted((lo, hi) for index, lo, hi in spans if index == 1)
+    gap = next(lo_next - 1 for (_, hi), (lo_next, _) in zip(read, read[1:]) if lo_next - hi > 100)
+    ids = np.fromfile(tmp_path / "shard_00001.bin", dtype=np.uint16)
+    ids[gap] = 4321
+    ids.tofile(tmp_path / "shard_00001.bin")
+    splits = memmap_corpus(str(tmp_path), "uint16", 0.05, vocab_size=1000)  # the sample misses it
+    message = rf"shard_00001.bin holds token id 4321 >= model.vocab_size \(1000\) at token {gap:,} "
+    with pytest.raises(DataError, match=message):
+        splits.train.windows([400_000 + gap - 10], 64)
+    sampler = BatchSampler(splits.train, 64, 64, seed=0)
+    with pytest.raises(DataError, match=message):
+        for index in range(2000):  # deterministic: the first batch whose windows cover the planted id
+            sampler.batch(index)
+
+
+def test_meta_json_must_agree_with_config_and_files(tmp_path: Path) -> None:
+    import json
+
+    write_shards(tmp_path, [3000, 2000], vocab=300)
+    meta = {"dtype": "uint16", "vocab_size": 300,
+            "shards": [{"file": "shard_00000.bin", "tokens": 3000}, {"file": "shard_00001.bin", "tokens": 2000}]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert memmap_corpus(str(tmp_path), "uint16", 0.1, vocab_size=320).train.size == 4500
+    with pytest.raises(DataError, match="says the shards are uint16 but data.dtype=uint32; set data.dtype=uint16"):
+        memmap_corpus(str(tmp_path), "uint32", 0.1, vocab_size=320)
+    with pytest.raises(DataError, match="says the tokenizer has 300 ids but model.vocab_size=256; set model.vocab_size=300"):
+        memmap_corpus(str(tmp_path), "uint16", 0.1, vocab_size=256)
+    np.zeros(1999, dtype=np.uint16).tofile(tmp_path / "shard_00001.bin")
+    with pytest.raises(DataError, match="shard_00001.bin has 3998 bytes but meta.json records 2000 tokens"):
+        memmap_corpus(str(tmp_path), "uint16", 0.1, vocab_size=320)
+    (tmp_path / "shard_00001.bin").unlink()
+    with pytest.raises(DataError, match=r"missing shards \['shard_00001.bin'\], unlisted shards \[\]"):
+        memmap_corpus(str(tmp_path), "uint16", 0.1, vocab_size=320)
