@@ -161,9 +161,13 @@ class LoggingConfig:
     project: str = "moeforge"
     entity: str | None = None
     run_name: str | None = None
+    heatmap_every: int = 10
+    """W&B: log each MoE layer's experts x steps load heatmap image every this many log steps (and at
+    the end); 0 turns it off."""
 
     def __post_init__(self) -> None:
         check(self.name in LOGGING_NAMES, "logging.name", self.name, f"must be one of {list(LOGGING_NAMES)}")
+        check(self.heatmap_every >= 0, "logging.heatmap_every", self.heatmap_every, "must be >= 0")
 
 
 @dataclass(kw_only=True)

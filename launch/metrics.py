@@ -3,7 +3,8 @@
 The trainer builds one flat dict per log step (``step``, ``loss``, ``lr``, ``tokens_per_s``,
 ``routing/layer{i}/{stat}``, ...) and hands it to every sink. Only rank 0 builds sinks; other
 ranks get ``NullSink`` with the same methods. W&B is imported lazily, so ``logging=none`` never
-imports it.
+imports it. ``WandbSink`` adds views that keep expert identity (per-expert load shares, a load
+heatmap); their formulas live in ``launch/routing_view.py``.
 
 Across restarts the record stays true: a run resuming at step S first drops the lines of
 ``metrics.jsonl`` after S (they are recomputed, identically), and continues the same W&B run (its
@@ -13,6 +14,8 @@ id is kept in ``<run dir>/wandb_id``). A NaN or Inf is written to ``metrics.json
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import logging
 import math
@@ -23,7 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from launch.logs import FILE_ONLY
+from launch.routing_view import LOAD_LIST, heatmap_key, heatmap_png, per_expert_loads, per_expert_scalars
 
 log = logging.getLogger("moeforge")
 
@@ -95,15 +101,29 @@ def truncate_after(path: Path, step: int) -> int:
 
 
 class WandbSink:
-    """A W&B run in ``mode`` (offline | online) under ``run_dir``; per-expert loads as histograms.
+    """A W&B run in ``mode`` (offline | online) under ``run_dir``, logging per-expert load with identity.
+
+    Each log step is one ``run.log(..., step=step)`` carrying ``trainer/step`` too, with
+    ``define_metric("*", step_metric="trainer/step")`` so every chart's x axis is the training step.
+    Per MoE layer, beside the trainer's scalars (``launch/routing_view.py`` has the formulas):
+
+    - ``routing/layer{i}/load/e{j:02d}``: expert j's share of the token-slots, one scalar per expert;
+    - ``routing/layer{i}/tokens_per_expert``: a histogram with one bin per expert (bin j holds expert
+      j's count, so W&B's histogram-over-steps panel is an experts x steps map; none past 512 experts);
+    - ``routing/layer{i}/load_heatmap``: every ``heatmap_every`` log steps (and at ``close``), an
+      image of the load shares, experts x every log step so far (0 turns it off; needs matplotlib).
 
     The run id is created once per run directory and kept in ``<run_dir>/wandb_id``; every restart
-    continues that W&B run (``resume="allow"``). W&B keeps a run's history monotonic, so the steps a
-    crashed run logged after its last checkpoint keep their first values (the same, as training is
-    deterministic; ``tokens_per_s`` differs).
+    continues that W&B run (``resume="allow"``) and re-reads the load history from
+    ``<run_dir>/metrics.jsonl``, so a resumed run's heatmap starts at step 0 too. W&B keeps a run's
+    history monotonic, so the steps a crashed run logged after its last checkpoint keep their first
+    values (the same, as training is deterministic; ``tokens_per_s`` differs).
     """
 
-    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: Path, config: dict[str, Any]) -> None:
+    STEP = "trainer/step"
+
+    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: Path, config: dict[str, Any],
+                 heatmap_every: int | None = None) -> None:
         import wandb  # lazy: only when W&B logging is on
 
         self._wandb = wandb
@@ -117,12 +137,81 @@ class WandbSink:
             project=project, entity=entity, name=name, dir=str(run_dir), mode=mode, config=config, id=run_id, resume="allow",
             settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True),
         )
+        self.run.define_metric(self.STEP)  # defined again on every (re)start: definitions belong to the process
+        self.run.define_metric("*", step_metric=self.STEP)
+        if heatmap_every is None:  # the trainer hands over the composed config; logging.heatmap_every lives there
+            heatmap_every = int((config.get("logging") or {}).get("heatmap_every", 10))
+        if heatmap_every and importlib.util.find_spec("matplotlib") is None:
+            log.warning("moeforge: no W&B load heatmaps: matplotlib is not installed (pip install -e '.[dashboard]')")
+            heatmap_every = 0
+        self.heatmap_every = heatmap_every
+        self._loads: dict[int, dict[int, list[float]]] = {}  # layer -> step -> load shares, in step order
+        self._load_logs = 0
+        self._last_step = 0
+        self._drawn_at = 0
+        self._seed_history(run_dir / "metrics.jsonl")
+
+    def _seed_history(self, path: Path) -> None:
+        """Load shares of the steps already in ``metrics.jsonl`` (a resumed run's earlier steps)."""
+        if not self.heatmap_every or not path.is_file():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                self._remember(int(row["step"]), per_expert_loads(row))
+            except (ValueError, TypeError, KeyError):
+                continue
+
+    def _remember(self, step: int, loads: dict[int, list[float]]) -> None:
+        for layer, shares in loads.items():
+            history = self._loads.setdefault(layer, {})
+            for later in [s for s in history if s >= step]:  # a resumed run logs these steps again
+                del history[later]
+            history[step] = shares
+
+    def _heatmaps(self) -> dict[str, Any]:
+        """One image per layer: load shares, experts x every remembered log step."""
+        from PIL import Image  # matplotlib's own dependency
+
+        out = {}
+        for layer in sorted(self._loads):
+            png = heatmap_png(*self.load_history(layer), f"layer {layer}: share of token-slots per expert")
+            out[heatmap_key(layer)] = self._wandb.Image(Image.open(io.BytesIO(png)))
+        return out
+
+    def load_history(self, layer: int) -> tuple[list[int], np.ndarray]:
+        """(steps, load_ES) the next heatmap of ``layer`` draws: shares, experts x remembered log steps."""
+        history = self._loads.get(layer, {})
+        return list(history), np.asarray(list(history.values()), dtype=np.float64).T
 
     def log(self, metrics: dict[str, Any]) -> None:
-        out = {k: (self._wandb.Histogram(v) if isinstance(v, list) else v) for k, v in metrics.items() if k != "step"}
-        self.run.log(out, step=int(metrics["step"]))
+        step = int(metrics["step"])
+        out: dict[str, Any] = {self.STEP: step}
+        for key, value in metrics.items():
+            if key == "step":
+                continue
+            if isinstance(value, list) and LOAD_LIST.match(key):
+                if len(value) <= self._wandb.Histogram.MAX_LENGTH:
+                    out[key] = self._wandb.Histogram(np_histogram=(value, list(range(len(value) + 1))))
+            elif isinstance(value, list):
+                out[key] = self._wandb.Histogram(value)
+            else:
+                out[key] = value
+        out.update(per_expert_scalars(metrics))
+        loads = per_expert_loads(metrics)
+        if loads and self.heatmap_every:
+            self._remember(step, loads)
+            self._load_logs += 1
+            if self._load_logs % self.heatmap_every == 0:
+                out.update(self._heatmaps())
+                self._drawn_at = step
+        self._last_step = max(self._last_step, step)  # W&B drops a step below the last one
+        self.run.log(out, step=step)
 
     def close(self) -> None:
+        """Draw the final heatmap (merged into the last logged step) unless it was drawn there, and finish."""
+        if self.heatmap_every and self._loads and self._drawn_at != self._last_step:
+            self.run.log({self.STEP: self._last_step, **self._heatmaps()}, step=self._last_step)
         self.run.finish()
 
 

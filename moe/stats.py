@@ -10,6 +10,7 @@ and forwards) and turns the reduced sums into the logged values with ``summarize
 - ``tokens_per_expert``: list, routed token-slots per expert ``n_e`` (after drops).
 - ``load_cv``: coefficient of variation of the load, ``std_e(n_e) / mean_e(n_e)`` (population std).
 - ``max_min_load``: ``max_e n_e / max(min_e n_e, 1)`` (an idle expert counts as 1 so it stays finite).
+- ``dead_fraction``: fraction of experts that received no token-slot in the window, ``mean_e [n_e = 0]``.
 - ``entropy``: mean over tokens of ``H(p_t) = -sum_e p_te ln p_te``, nats, of the router's distribution.
 - ``experts_per_token_mean`` / ``experts_per_token_max``: used slots per token.
 - ``dropped_frac``: slots dropped by the capacity limit / slots routed (0 when dropless).
@@ -136,6 +137,7 @@ class RoutingStats:
             "tokens_per_expert": [int(c) for c in counts.tolist()],
             "load_cv": float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0,
             "max_min_load": float(counts.max() / counts.min().clamp_min(1.0)),
+            "dead_fraction": float((counts == 0).double().mean()),
             "entropy": float(sums["entropy_sum"] / sums["tokens"]),
             "experts_per_token_mean": float(sums["slots_used"] / sums["tokens"]),
             "experts_per_token_max": float(maxes["experts_per_token_max"]),

@@ -59,6 +59,7 @@ def test_sums_over_mixed_forwards_equal_a_direct_computation():
     assert math.isclose(out["entropy"], entropy / tokens, rel_tol=1e-6)
     assert math.isclose(out["experts_per_token_mean"], slots / tokens, rel_tol=1e-12)
     assert out["experts_per_token_max"] == ept_max == K
+    assert out["dead_fraction"] == float((counts == 0).sum()) / E
     assert dropped > 0 and math.isclose(out["dropped_frac"], dropped / routed, rel_tol=1e-12)
     for k, v in aux_sum.items():
         assert math.isclose(out[k], v / len(cases), rel_tol=1e-6), k
@@ -92,3 +93,22 @@ def test_load_raw_carries_a_half_done_window():
     empty = RoutingStats(6)
     empty.load_raw(*first.raw())
     assert RoutingStats.summarize(*empty.raw()) == RoutingStats.summarize(*first.raw())
+
+
+def test_dead_fraction_counts_the_experts_with_no_load_in_the_window():
+    """Tokens routed only to experts 1 and 4 of 6: four of six experts are dead; a later forward
+    in the same window that reaches expert 0 revives it (3 of 6), and a reset window starts over."""
+    E = 6
+    probs = torch.full((5, E), 1.0 / E)
+    ids = torch.tensor([[1, 4]] * 5)
+    only_1_4 = RoutingDecision(expert_ids_TK=ids, weights_TK=torch.full((5, 2), 0.5), probs_TE=probs, mask_TK=None, aux_losses={})
+    stats = RoutingStats(E)
+    stats.update(only_1_4, dispatch(only_1_4, E))
+    assert RoutingStats.summarize(*stats.raw())["dead_fraction"] == 4 / 6
+    with_0 = RoutingDecision(expert_ids_TK=torch.tensor([[0, 1]]), weights_TK=torch.full((1, 2), 0.5), probs_TE=probs[:1], mask_TK=None, aux_losses={})
+    stats.update(with_0, dispatch(with_0, E))
+    out = RoutingStats.summarize(*stats.raw())
+    assert out["tokens_per_expert"] == [1, 6, 0, 0, 5, 0] and out["dead_fraction"] == 3 / 6
+    stats.reset()
+    stats.update(with_0, dispatch(with_0, E))
+    assert RoutingStats.summarize(*stats.raw())["dead_fraction"] == 4 / 6
