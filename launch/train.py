@@ -79,7 +79,7 @@ def build_sinks(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dic
     lg = job.logging
     if lg.name != "none":
         mode = "offline" if lg.name == "wandb_offline" else "online"
-        sinks.append(WandbSink(mode, lg.project, lg.entity, lg.run_name, run_dir, raw_config))
+        sinks.append(WandbSink(mode, lg.project, lg.entity, lg.run_name, run_dir, raw_config, heatmap_every=lg.heatmap_every))
     return sinks
 
 

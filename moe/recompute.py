@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,13 +46,24 @@ def is_recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-@contextlib.contextmanager
-def _recomputing() -> Iterator[None]:
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
+class _Recomputing:
+    """Marks a recomputation; reusable, as checkpointing may recompute a block more than once
+    (a backward with ``retain_graph``, or saved tensors read twice)."""
+
+    def __init__(self, inner: contextlib.AbstractContextManager | None = None) -> None:
+        self.inner = inner
+
+    def __enter__(self) -> None:
+        _state.depth = getattr(_state, "depth", 0) + 1
+        if self.inner is not None:
+            self.inner.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.inner is not None:
+                self.inner.__exit__(*exc)
+        finally:
+            _state.depth -= 1
 
 
 def _keep_costly(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -60,20 +71,12 @@ def _keep_costly(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPoli
 
 
 def _full_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    return contextlib.nullcontext(), _recomputing()
-
-
-@contextlib.contextmanager
-def _together(*contexts: contextlib.AbstractContextManager) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for ctx in contexts:
-            stack.enter_context(ctx)
-        yield
+    return contextlib.nullcontext(), _Recomputing()
 
 
 def _selective_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_keep_costly)
-    return forward_ctx, _together(_recomputing(), recompute_ctx)
+    return forward_ctx, _Recomputing(recompute_ctx)
 
 
 def run_checkpointed(mode: str, fn: Callable[..., Any], *args: Any) -> Any:

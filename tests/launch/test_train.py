@@ -51,6 +51,24 @@ def test_short_run_lowers_validation_loss(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_knobs_run_together_and_report_throughput(tmp_path: Path) -> None:
+    """Accumulation, selective recomputation, bf16 autocast and WSD in one run; the step line and
+    metrics.jsonl carry TFLOP/s and peak memory (MFU too, given a peak), and the parameter counts."""
+    out = launch(tmp_path, *SMALL, "train.steps=6", "train.log_every=3", "train.eval_every=6", "train.grad_accum=2",
+                 "train.activation_checkpointing=selective", "train.precision=bf16", "optim.schedule=wsd",
+                 "optim.warmup_steps=2", "train.peak_tflops=2.0")
+    assert out.returncode == 0, out.stderr
+    rows = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in rows] == [3, 6]
+    for m in rows:
+        assert m["tflops_per_gpu"] > 0 and m["mfu"] == pytest.approx(m["tflops_per_gpu"] / 2.0)
+        assert m["peak_mem_gib"] > 0 and math.isfinite(m["loss"])
+    assert rows[0]["lr"] == pytest.approx(3e-3)  # WSD: flat until the last 20% of 6 steps (step 5)
+    log = (tmp_path / "train_rank0.log").read_text()
+    assert "TFLOP/s/GPU" in log and "MFU" in log and "M active per token" in log and "; bf16;" in log
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
 def test_resume_gives_identical_losses(tmp_path: Path, backend: str) -> None:
     common = [*SMALL, f"experts.backend={backend}", "train.steps=8", "train.log_every=1", "train.eval_every=4",
