@@ -30,17 +30,26 @@ def local_runner(experts: Experts, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 class SharedExperts(nn.Module):
-    """DeepSeekMoE shared experts: ``n`` always-on SwiGLU FFNs, fused as one of width n*F."""
+    """DeepSeekMoE shared experts: ``n`` always-on SwiGLU FFNs, fused as one of width n*F.
 
-    def __init__(self, num_shared: int, d_model: int, d_ff: int) -> None:
+    Added unweighted (DeepSeekMoE, Dai et al. 2024, §3.2) unless ``sigmoid_gate``: then the output
+    is scaled per token by ``sigmoid(x w_D1)``, a learned scalar gate (Qwen1.5/Qwen2-MoE's
+    ``shared_expert_gate``, a bias-free linear to one logit; transformers' Qwen2MoeSparseMoeBlock).
+    """
+
+    def __init__(self, num_shared: int, d_model: int, d_ff: int, sigmoid_gate: bool = False) -> None:
         super().__init__()
         width = num_shared * d_ff
         self.w_gate_DF = nn.Parameter(torch.randn(d_model, width) * d_model**-0.5)
         self.w_up_DF = nn.Parameter(torch.randn(d_model, width) * d_model**-0.5)
         self.w_down_FD = nn.Parameter(torch.randn(width, d_model) * width**-0.5)
+        self.w_sigmoid_D1 = nn.Parameter(torch.randn(d_model, 1) * d_model**-0.5) if sigmoid_gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        return dense_swiglu(x_TD, self.w_gate_DF, self.w_up_DF, self.w_down_FD)
+        y_TD = dense_swiglu(x_TD, self.w_gate_DF, self.w_up_DF, self.w_down_FD)
+        if self.w_sigmoid_D1 is None:
+            return y_TD
+        return torch.sigmoid(x_TD @ self.w_sigmoid_D1) * y_TD
 
 
 class MoELayer(nn.Module):
@@ -54,13 +63,14 @@ class MoELayer(nn.Module):
         router_cfg: object,
         experts_cfg: ExpertsConfig,
         num_shared_experts: int = 0,
+        shared_expert_gate: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.capacity_factor = experts_cfg.capacity_factor
         self.router = build_router(router_cfg, d_model, num_experts)
         self.experts = Experts(num_experts, d_model, d_ff, backend=experts_cfg.backend, options=experts_cfg.options())
-        self.shared = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
+        self.shared = SharedExperts(num_shared_experts, d_model, d_ff, shared_expert_gate) if num_shared_experts > 0 else None
         self.runner: ExpertRunner = local_runner
         self.stats = RoutingStats(num_experts)
         # Routing-flip probe: while record_probe is set, the forward keeps the top-1 choices.

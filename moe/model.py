@@ -27,6 +27,9 @@ from moe.stats import RoutingStats, routing_flip_fraction
 Reduce = Callable[[list[Tensor]], None]
 
 
+QK_NORMS = ("none", "full", "per_head")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "tiny"
@@ -49,6 +52,13 @@ class ModelConfig:
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    qk_norm: str = "none"
+    """RMSNorm on queries and keys before RoPE (eps ``norm_eps``): none | full (one norm over all
+    query heads together and one over all key heads: OLMoE, Muennighoff et al. 2024) | per_head
+    (one norm over head_dim shared by every head: Qwen3, Yang et al. 2025)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by a learned sigmoid gate (Qwen1.5/Qwen2-MoE);
+    needs model.num_shared_experts >= 1."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "d_ff", "dense_d_ff", "moe_every", "max_seq_len"):
@@ -60,6 +70,9 @@ class ModelConfig:
               f"must divide model.num_heads ({self.num_heads})")
         check(self.d_model % self.num_heads == 0, "model.d_model", self.d_model, f"must be divisible by model.num_heads ({self.num_heads})")
         check((self.d_model // self.num_heads) % 2 == 0, "model.d_model", self.d_model, "/ model.num_heads must be even (RoPE rotates pairs)")
+        check(self.qk_norm in QK_NORMS, "model.qk_norm", self.qk_norm, f"must be one of {list(QK_NORMS)}")
+        check(not self.shared_expert_gate or self.num_shared_experts >= 1, "model.shared_expert_gate", self.shared_expert_gate,
+              "needs model.num_shared_experts >= 1 (there is no shared expert to gate)")
 
     @property
     def kv_heads(self) -> int:
@@ -96,23 +109,36 @@ class Attention(nn.Module):
 
     One fused projection yields H query heads and G key and G value heads (G = ``num_kv_heads``);
     query head h reads K/V head ``h // (H / G)`` (GQA, Ainslie et al. 2023, sec. 2). With G = H the
-    projection and result are exactly those of plain multi-head attention. With ``want_probs`` it
+    projection and result are exactly those of plain multi-head attention. ``qk_norm`` (see
+    ``ModelConfig.qk_norm``) RMS-normalises queries and keys before RoPE: ``full`` over each whole
+    projection (H*d and G*d wide), ``per_head`` over each head's d. With ``want_probs`` it
     computes attention explicitly and also returns the head-averaged
     probabilities [B, S, S] (for attention-aware routing), so no second attention is run.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None) -> None:
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, qk_norm: str = "none", norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = d_model // num_heads
         self.qkv = nn.Linear(d_model, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            full = qk_norm == "full"
+            self.q_norm = RMSNorm(num_heads * self.head_dim if full else self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim if full else self.head_dim, norm_eps)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False) -> tuple[Tensor, Tensor | None]:
         B, S, D = x_BSD.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x_BSD).view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+        qkv = self.qkv(x_BSD)
+        if self.qk_norm == "full":  # normalise the whole query / key projections, then split heads
+            q, k, v = qkv.split([H * d, G * d, G * d], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        q, k, v = qkv.view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         probs_BSS = None
         if want_probs:
@@ -143,7 +169,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
@@ -174,7 +200,8 @@ class MoETransformer(nn.Module):
         blocks = []
         for i in range(cfg.num_layers):
             if (i + 1) % cfg.moe_every == 0:
-                ffn: nn.Module = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, router_cfg, experts_cfg, cfg.num_shared_experts)
+                ffn: nn.Module = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, router_cfg, experts_cfg, cfg.num_shared_experts,
+                                          cfg.shared_expert_gate)
             else:
                 ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff)
             blocks.append(Block(cfg, ffn))

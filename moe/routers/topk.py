@@ -6,6 +6,12 @@ Shape legend: T tokens, D model dim, E experts, K slots.
 (identical to a softmax over the selected logits, GShard's top-2 form). For k = 1 the weight is
 the full-softmax probability, not renormalised (Switch Transformer, Fedus et al. 2021 §2.1):
 renormalising would make it 1 and leave the router without gradient.
+
+``router.renormalize`` overrides that rule for parity with released checkpoints: ``always``
+renormalises for every k, top-1 included (Mixtral, Jiang et al. 2024 §2.1: a softmax over the
+top-k logits, so a top-1 weight is exactly 1; transformers' ``MixtralTopKRouter``); ``never`` keeps
+the full-softmax probabilities for every k (``norm_topk_prob=False`` in transformers' Qwen2/3-MoE
+and OLMoE configs; OLMoE, Muennighoff et al. 2024). ``auto`` is the rule above.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
 from moe.routers.losses import router_z_loss, switch_balance_loss
 
 
+RENORMALIZE = ("auto", "always", "never")
+
+
 @dataclass(kw_only=True)
 class TopKConfig:
     name: str = "topk"
@@ -35,12 +44,18 @@ class TopKConfig:
     """Coefficient of the ST-MoE router z-loss (Zoph et al. eq. 5)."""
     local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
     """Permutation local search of the expert axis (COMET+ wrapper, moe.routers.local_search)."""
+    renormalize: str = "auto"
+    """Gate weights of the selected experts: auto (k >= 2: renormalised over the top k, GShard;
+    k = 1: the full-softmax probability, Switch) | always (renormalised for every k, so top-1 gets
+    weight 1 and the router learns only through the auxiliary losses: Mixtral) | never (the
+    full-softmax probabilities: norm_topk_prob=False in Qwen-MoE and OLMoE)."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "router.k", self.k, "must be >= 1")
         check(0.0 <= self.jitter < 1.0, "router.jitter", self.jitter, "must be in [0, 1)")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        check(self.renormalize in RENORMALIZE, "router.renormalize", self.renormalize, f"must be one of {list(RENORMALIZE)}")
 
 
 class TopKRouter(Router):
@@ -67,9 +82,9 @@ class TopKRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.local_search is None:
-            return topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef)
+            return topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef, self.cfg.renormalize)
         probs_TE, perm_aux = self.local_search.mix(probs_TE.unsqueeze(1), context.step)
-        decision = topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef)
+        decision = topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef, self.cfg.renormalize)
         return replace(decision, aux_losses={**decision.aux_losses, **perm_aux})
 
     @torch.no_grad()
@@ -79,15 +94,16 @@ class TopKRouter(Router):
 
 
 def topk_decision(
-    logits_TE: Tensor, probs_TE: Tensor, k: int, aux_loss_coef: float, z_loss_coef: float
+    logits_TE: Tensor, probs_TE: Tensor, k: int, aux_loss_coef: float, z_loss_coef: float, renormalize: str = "auto"
 ) -> RoutingDecision:
     """Select the top-k of ``probs_TE`` and build the decision with Switch weights and losses.
 
-    Shared by routers that differ only in how they produce ``probs_TE`` (similarity- and
-    attention-aware mixing select on the mixed distribution).
+    ``renormalize`` is ``TopKConfig.renormalize`` (auto: only for k >= 2). Shared by routers that
+    differ only in how they produce ``probs_TE`` (similarity- and attention-aware mixing select on
+    the mixed distribution).
     """
     weights_TK, expert_ids_TK = torch.topk(probs_TE, k, dim=-1)
-    if k > 1:
+    if renormalize == "always" or (renormalize == "auto" and k > 1):
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     aux = {}
     if aux_loss_coef > 0:

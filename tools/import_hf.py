@@ -1,0 +1,59 @@
+"""Import a Hugging Face MoE model folder as a moeforge checkpoint that ``launch.train`` continues from.
+
+    .venv/bin/python -m tools.import_hf hf/mixtral --out runs/mixtral_cpt
+    .venv/bin/python -m tools.import_hf hf/olmoe --out runs/olmoe_cpt data=memmap data.path=tokens/ train.seq_len=2048
+
+The folder's ``config.json`` picks the architecture (mixtral, qwen3_moe, olmoe, qwen2_moe); weights
+are read from safetensors only. It writes ``<out>/checkpoints/step_00000000`` (fp32 weights, the
+trainer's AdamW with empty moments) and ``<out>/overrides.txt``: the Hydra overrides that rebuild
+this model and router (every model-shaping key, plus ``checkpoint.dir``), followed by any overrides
+given after ``--out``. It prints the ``python -m launch.train`` command that continues training; add
+``parallel=...`` or run it under ``launch.torchrun`` at any world size: the checkpoint is
+layout-independent. A setting moeforge cannot compute exactly (biases, RoPE scaling, sliding
+windows, q/k/v clipping, ...) is refused, naming it. Exit status: 0 written; 2 refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moe.errors import MoeforgeError
+from moe.model import ModelConfig
+from tools.hf_arch import arch_of_model_type, moeforge_config, overrides
+from tools.hf_checkpoint import launch_command, read_hf_config, read_hf_tensors, write_moeforge_checkpoint
+from tools.hf_mapping import describe, from_hf
+
+
+def import_hf(src: Path, out: Path, extra: list[str] | None = None) -> tuple[Path, list[str]]:
+    """Convert the HF folder ``src`` into a checkpoint under ``out``; returns (checkpoint, trainer overrides)."""
+    config = read_hf_config(src)
+    arch = arch_of_model_type(config.model_type, moe=True)
+    model_kw, router_kw = moeforge_config(config, arch)
+    args = [*overrides(model_kw, router_kw), f"checkpoint.dir={out.resolve() / 'checkpoints'}", *(extra or [])]
+    state = from_hf(read_hf_tensors(src), ModelConfig(**model_kw), arch)
+    path = write_moeforge_checkpoint(state, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overrides.txt").write_text("\n".join(args) + "\n")
+    print(f"moeforge: imported {arch.hf_class} ({describe(state)}) into {path}\n"
+          f"moeforge: continue training with:\n  {launch_command(args)}", file=sys.stderr)
+    return path, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.import_hf", description=__doc__.split("\n")[0])
+    p.add_argument("src", type=Path, help="a Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="folder for checkpoints/ and overrides.txt")
+    p.add_argument("overrides", nargs="*", help="more Hydra overrides for the continued run (data=..., train.steps=...)")
+    args = p.parse_args(argv)
+    try:
+        import_hf(args.src, args.out, args.overrides)
+    except MoeforgeError as err:
+        print(f"moeforge: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
