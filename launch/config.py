@@ -179,6 +179,8 @@ class CheckpointConfig:
     """auto: continue from the newest complete checkpoint in dir, if any | never: start fresh."""
     keep: int = 2
     """How many complete checkpoints to keep (older ones are deleted after a new one completes)."""
+    enabled: bool = True
+    """false: never write a checkpoint (throughput runs); a stopped run then has nothing to resume."""
     async_save: bool = False
     """Write checkpoints in a background thread (DCP async_save) while training goes on; a save is
     published (manifest, rename, pruning) when the next one starts or the run ends."""

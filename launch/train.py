@@ -168,7 +168,7 @@ def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = Non
     """
     t_start = time.perf_counter()
     with StopSignals(job.train.stop_signals, abort_on_second_sigint=not AgentWatch().under_torchrun) as signals:
-        runtime = setup_runtime(job.parallel)
+        runtime = setup_runtime(job.parallel, job.train.device)
         try:
             dirs = [(run_dir, "run directory"), (Path(job.checkpoint.dir), "checkpoint.dir")]
             with run_lock.hold(runtime, dirs):
@@ -220,7 +220,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     val_sampler = BatchSampler(data.val, tr.seq_len, tr.batch_size, tr.seed, runtime.rank, runtime.world_size, VAL_SPLIT, split="validation")
 
     torch.manual_seed(tr.seed)
-    core = MoETransformer(job.model, job.router, job.experts).to(runtime.device)
+    with runtime.device:  # initialise in place: a billion-parameter preset is not drawn on the host
+        core = MoETransformer(job.model, job.router, job.experts)
     counts = count_model(core, tr.seq_len)
     core.prepare(runtime.device)
     wanted = core.token_counts_wanted()
@@ -307,7 +308,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 if progress is not None and "loss" in metrics:
                     progress.update(done, metrics)
             stop = bool(verdict.signum) and done < tr.steps
-            if (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop:
+            due = (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop
+            if due and job.checkpoint.enabled:
                 t_save = time.perf_counter()
                 trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core)}
                 saved = writer.save(done, training_state(model, optimizer, scheduler, runtime, trainer))

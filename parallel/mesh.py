@@ -83,12 +83,13 @@ def torchrun_env() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-def use_cuda(local_world: int) -> bool:
-    """Whether this process runs on a GPU: CUDA is there and ``MOEFORGE_DEVICE`` is not ``cpu``.
+def use_cuda(local_world: int, wanted: str = "auto") -> bool:
+    """Whether this process runs on a GPU: CUDA is there and neither ``wanted`` (``train.device``)
+    nor the environment variable ``MOEFORGE_DEVICE`` (which wins when set) says ``cpu``.
 
     Raises ``EnvironmentError_`` when the node runs more ranks than it has GPUs (NCCL would put two
     ranks on one GPU and fail with 'Duplicate GPU detected' deep inside the first collective)."""
-    choice = os.environ.get("MOEFORGE_DEVICE", "auto")
+    choice = os.environ.get("MOEFORGE_DEVICE", wanted)
     if choice not in ("auto", "cpu", "cuda"):
         raise EnvironmentError_(f"environment variable MOEFORGE_DEVICE ({choice!r}) must be auto, cpu or cuda")
     if choice == "cpu":
@@ -106,10 +107,11 @@ def use_cuda(local_world: int) -> bool:
     return True
 
 
-def init_mesh(cfg: ParallelConfig) -> MeshInfo:
-    """Initialise the default process group (if a parallel mode asks for one) and the DeviceMesh."""
+def init_mesh(cfg: ParallelConfig, device: str = "auto") -> MeshInfo:
+    """Initialise the default process group (if a parallel mode asks for one) and the DeviceMesh
+    on ``device`` (auto | cpu | cuda; see ``use_cuda``)."""
     rank, world, local_rank, local_world = torchrun_env()
-    cuda = use_cuda(local_world)
+    cuda = use_cuda(local_world, device)
     device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -209,9 +209,10 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def setup_runtime(cfg: ParallelConfig) -> Runtime:
-    """Read the torchrun environment, initialise the process group and mesh for ``cfg.mode``."""
-    info = init_mesh(cfg)
+def setup_runtime(cfg: ParallelConfig, device: str = "auto") -> Runtime:
+    """Read the torchrun environment, initialise the process group and mesh for ``cfg.mode`` on
+    ``device`` (auto: CUDA when present; cpu; cuda)."""
+    info = init_mesh(cfg, device)
     return Runtime(
         rank=info.rank,
         world_size=info.world_size,

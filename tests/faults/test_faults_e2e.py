@@ -178,7 +178,7 @@ def test_restart_keeps_a_true_record(tmp_path: Path) -> None:
 
 def test_second_writer_is_refused_and_the_first_stops_gracefully(tmp_path: Path) -> None:
     overrides = [f"hydra.run.dir={tmp_path}", *SMALL, "train.steps=100000", "train.log_every=20", "checkpoint.every=0"]
-    env = {k: v for k, v in os.environ.items() if k != "MOEFORGE_RUN_ID"}
+    env = {k: v for k, v in os.environ.items() if k != "MOEFORGE_RUN_ID"} | {"MOEFORGE_DEVICE": "cpu"}
     with running([sys.executable, "-m", "launch.train", *overrides], env, stderr=subprocess.PIPE) as first:
         wait_for_metrics(tmp_path, first)
         second = launch(tmp_path, *SMALL, "train.steps=100000")

@@ -22,7 +22,7 @@ TWO_RANKS = [*SMALL, "parallel=ddp", "train.log_every=1"]
 
 
 def _env(fault: dict | None = None) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MOEFORGE_FAULT=json.dumps(fault or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MOEFORGE_FAULT=json.dumps(fault or {}), MOEFORGE_DEVICE="cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MOEFORGE_RUN_ID", "TORCHELASTIC_RUN_ID"):
         env.pop(key, None)
     return env

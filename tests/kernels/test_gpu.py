@@ -13,7 +13,7 @@ from kernels.layout import BlockSizes
 from kernels.moe_experts import fused_moe_experts
 from kernels.route_meta import route_meta
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")]
 
 
 def _plan(T: int, K: int, E: int, gen: torch.Generator, skew: float = 0.0):

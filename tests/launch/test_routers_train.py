@@ -72,11 +72,13 @@ def test_local_search_freeze_resumes_exactly(tmp_path: Path, router: str) -> Non
 @pytest.mark.slow
 def test_hash_frequency_table_balances_bytes(tmp_path: Path) -> None:
     """router.balance=frequency builds the hash table from the training bytes' counts: the load
-    spread (max/min tokens per expert) drops well below the random table's on the same batches."""
+    spread (max/min tokens per expert) is below the random table's on the same batches. (How far
+    below depends on the corpus, here the running Python's stdlib, so only the order is asserted;
+    tests/moe/routers/test_hash.py checks the table against the greedy assignment exactly.)"""
     spread = {}
     for balance in ("random", "frequency"):
         out = launch(tmp_path / balance, "router=hash", f"router.balance={balance}", "router.table_size=256", "train.steps=3", *QUICK)
         assert out.returncode == 0, out.stderr[-3000:]
         rows = [m for m in read_metrics(tmp_path / balance) if "routing/layer0/max_min_load" in m]
         spread[balance] = rows[-1]["routing/layer0/max_min_load"]
-    assert spread["frequency"] < spread["random"] / 2, spread
+    assert spread["frequency"] < spread["random"], spread

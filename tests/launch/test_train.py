@@ -18,10 +18,12 @@ SMALL = ["model.num_layers=2", "model.d_model=64", "model.d_ff=64", "model.dense
          "train.batch_size=8", "train.seq_len=64", "logging=none", "train.threads=1", "data.max_bytes=400000"]
 
 
-def launch(run_dir: Path, *overrides: str, fault: dict[str, Any] | None = None) -> subprocess.CompletedProcess:
-    """``python -m launch.train`` into ``run_dir``; with ``fault``, under ``tests.faults.inject`` (see there)."""
+def launch(run_dir: Path, *overrides: str, fault: dict[str, Any] | None = None, device: str = "cpu") -> subprocess.CompletedProcess:
+    """``python -m launch.train`` into ``run_dir`` on ``device``; with ``fault``, under ``tests.faults.inject`` (see there)."""
     module = "tests.faults.inject" if fault else "launch.train"
-    env = {**os.environ, "MOEFORGE_FAULT": json.dumps(fault or {})}
+    # CPU ranks on every machine: these runs are compared bit for bit (exact on the CPU; on CUDA
+    # see test_resume_on_cuda_within_tolerance).
+    env = {**os.environ, "MOEFORGE_FAULT": json.dumps(fault or {}), "MOEFORGE_DEVICE": device}
     env.pop("MOEFORGE_RUN_ID", None)
     cmd = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -68,28 +70,48 @@ def test_knobs_run_together_and_report_throughput(tmp_path: Path) -> None:
     assert "TFLOP/s/GPU" in log and "MFU" in log and "M active per token" in log and "; bf16;" in log
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
-def test_resume_gives_identical_losses(tmp_path: Path, backend: str) -> None:
-    common = [*SMALL, f"experts.backend={backend}", "train.steps=8", "train.log_every=1", "train.eval_every=4",
-              "checkpoint.every=4", "router.jitter=0.1"]
+def straight_and_resumed(tmp_path: Path, common: list[str], device: str = "cpu") -> tuple[dict[int, dict], dict[int, dict]]:
+    """Metrics by step of an 8-step run, and of a run that died after its step-4 checkpoint (a fresh
+    run dir holding only that checkpoint; keep=2 leaves steps 4 and 8 in the straight run) resumed
+    with the same command."""
     straight = tmp_path / "straight"
-    assert launch(straight, *common).returncode == 0
-    # A run that died after its step-4 checkpoint: a fresh run dir holding only that checkpoint
-    # (keep=2 leaves steps 4 and 8 in the straight run), resumed with the same command.
+    assert launch(straight, *common, device=device).returncode == 0
     crashed = tmp_path / "crashed"
     (crashed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step_00000004", crashed / "checkpoints" / "step_00000004")
-    resumed = launch(crashed, *common)
+    resumed = launch(crashed, *common, device=device)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    a = {m["step"]: m for m in read_metrics(straight)}
-    b = {m["step"]: m for m in read_metrics(crashed)}
+    return {m["step"]: m for m in read_metrics(straight)}, {m["step"]: m for m in read_metrics(crashed)}
+
+
+RESUME = ["train.steps=8", "train.log_every=1", "train.eval_every=4", "checkpoint.every=4", "router.jitter=0.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
+def test_resume_gives_identical_losses(tmp_path: Path, backend: str) -> None:
+    """On the CPU a resumed run is bit-identical to the uninterrupted one."""
+    a, b = straight_and_resumed(tmp_path, [*SMALL, f"experts.backend={backend}", *RESUME])
     assert sorted(b) == [5, 6, 7, 8]
     for step in (5, 6, 7, 8):
         assert b[step]["loss"] == a[step]["loss"], step
         assert b[step]["routing/layer0/tokens_per_expert"] == a[step]["routing/layer0/tokens_per_expert"]
     assert b[8]["val_loss"] == a[8]["val_loss"]
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_within_tolerance(tmp_path: Path) -> None:
+    """On CUDA, kernels that reduce in a run-dependent order (atomics in attention's and the
+    embedding's backward, cuBLAS split-K) make two runs of the same step differ in the last bf16
+    bits, so a resume matches the uninterrupted run to 1e-3 relative, not bit for bit (the gap
+    seen on an H200: 2.5e-5). A resume that lost state (moments, schedule, data position) is off
+    by far more."""
+    a, b = straight_and_resumed(tmp_path, [*SMALL, "experts.backend=auto", *RESUME], device="cuda")
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-3), step
+    assert b[8]["val_loss"] == pytest.approx(a[8]["val_loss"], rel=1e-3)
 
 
 @pytest.mark.slow
