@@ -29,6 +29,10 @@ import torch
 
 from moe.model import MoETransformer
 
+TIMING_KEYS = ("tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gib")
+"""Logged keys measured from the clock or the process (not from the computation): two runs of the
+same steps, or a resumed run, differ in these and only these."""
+
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     # Dense (no 2:4 sparsity) tensor-core bf16 and plain fp32 peaks from NVIDIA's datasheets, most
     # specific name first (a name matches when it occurs in torch.cuda.get_device_name()).

@@ -18,9 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe.errors import MoeforgeError
 from tools.hf_arch import EXPORT_ARCHS, arch_named, hf_config
-from tools.hf_checkpoint import DTYPES, load_moeforge_model, model_configs, need_hf, run_config_of, write_hf_folder
+from tools.hf_checkpoint import DTYPES, cli_status, load_moeforge_model, model_configs, need_hf, run_config_of, write_hf_folder
 from tools.hf_mapping import describe, to_hf
 
 
@@ -45,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="the run's .hydra/config.yaml (default: <run>/.hydra/config.yaml beside checkpoints/)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = p.parse_args(argv)
-    try:
-        export(args.checkpoint, args.arch, args.out, args.config, args.dtype)
-    except MoeforgeError as err:
-        print(f"moeforge: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_status(lambda: export(args.checkpoint, args.arch, args.out, args.config, args.dtype))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from moe.errors import CheckpointError
+from moe.errors import CheckpointError, MoeforgeError
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
 from moe.routers import router_class
@@ -190,3 +192,23 @@ def write_moeforge_checkpoint(state_dict: dict[str, Tensor], overrides: list[str
 def launch_command(overrides: list[str]) -> str:
     """The command that continues training from the written checkpoint."""
     return " ".join([".venv/bin/python -m launch.train", *(shlex.quote(o) for o in overrides)])
+
+
+def publish_import(state_dict: dict[str, Tensor], trainer_overrides: list[str], out: Path, what: str) -> Path:
+    """Write ``state_dict`` as a step-0 checkpoint for ``trainer_overrides``, keep the overrides in
+    ``out/overrides.txt``, and print (stderr) ``what`` was written and the command that continues."""
+    path = write_moeforge_checkpoint(state_dict, trainer_overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overrides.txt").write_text("\n".join(trainer_overrides) + "\n")
+    print(f"moeforge: {what} at {path}\nmoeforge: continue training with:\n  {launch_command(trainer_overrides)}", file=sys.stderr)
+    return path
+
+
+def cli_status(action: Callable[[], object]) -> int:
+    """Run a tool's ``action``: exit status 0, or 2 with one ``moeforge: error:`` line for a MoeforgeError."""
+    try:
+        action()
+    except MoeforgeError as err:
+        print(f"moeforge: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -19,10 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe.errors import MoeforgeError
 from moe.model import ModelConfig
 from tools.hf_arch import arch_of_model_type, moeforge_config, overrides
-from tools.hf_checkpoint import launch_command, read_hf_config, read_hf_tensors, write_moeforge_checkpoint
+from tools.hf_checkpoint import cli_status, publish_import, read_hf_config, read_hf_tensors
 from tools.hf_mapping import describe, from_hf
 
 
@@ -33,12 +32,7 @@ def import_hf(src: Path, out: Path, extra: list[str] | None = None) -> tuple[Pat
     model_kw, router_kw = moeforge_config(config, arch)
     args = [*overrides(model_kw, router_kw), f"checkpoint.dir={out.resolve() / 'checkpoints'}", *(extra or [])]
     state = from_hf(read_hf_tensors(src), ModelConfig(**model_kw), arch)
-    path = write_moeforge_checkpoint(state, args)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overrides.txt").write_text("\n".join(args) + "\n")
-    print(f"moeforge: imported {arch.hf_class} ({describe(state)}) into {path}\n"
-          f"moeforge: continue training with:\n  {launch_command(args)}", file=sys.stderr)
-    return path, args
+    return publish_import(state, args, out, f"imported {arch.hf_class} ({describe(state)})"), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for checkpoints/ and overrides.txt")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides for the continued run (data=..., train.steps=...)")
     args = p.parse_args(argv)
-    try:
-        import_hf(args.src, args.out, args.overrides)
-    except MoeforgeError as err:
-        print(f"moeforge: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_status(lambda: import_hf(args.src, args.out, args.overrides))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from moe.errors import MoeforgeError
 from moe.model import ModelConfig
 from moe.routers.topk import RENORMALIZE, TopKConfig
 from tools.hf_arch import arch_of_model_type, dense_base_config, overrides
-from tools.hf_checkpoint import launch_command, read_hf_config, read_hf_tensors, write_moeforge_checkpoint
+from tools.hf_checkpoint import cli_status, publish_import, read_hf_config, read_hf_tensors
 from tools.hf_mapping import HFTensors, backbone_from_hf, dense_from_hf, describe, is_moe_layer
 
 
@@ -74,12 +74,7 @@ def upcycle(src: Path, out: Path, num_experts: int, k: int, moe_every: int = 1, 
     std = float(router_std if router_std is not None else getattr(config, "initializer_range", 0.02))
     args = [*overrides(model_kw, router_kw), f"checkpoint.dir={out.resolve() / 'checkpoints'}", *(extra or [])]
     state = upcycle_state(read_hf_tensors(src), cfg, arch, std, noise, torch.Generator().manual_seed(seed))
-    path = write_moeforge_checkpoint(state, args)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overrides.txt").write_text("\n".join(args) + "\n")
-    print(f"moeforge: upcycled {arch.hf_class} into {num_experts} experts top-{k} ({describe(state)}) at {path}\n"
-          f"moeforge: continue training with:\n  {launch_command(args)}", file=sys.stderr)
-    return path, args
+    return publish_import(state, args, out, f"upcycled {arch.hf_class} into {num_experts} experts top-{k} ({describe(state)})"), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the router init and the noise")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides for the continued run (data=..., train.steps=...)")
     a = p.parse_args(argv)
-    try:
-        upcycle(a.src, a.out, a.num_experts, a.k, a.moe_every, a.noise, a.router_std, a.renormalize, a.seed, a.overrides)
-    except MoeforgeError as err:
-        print(f"moeforge: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_status(lambda: upcycle(a.src, a.out, a.num_experts, a.k, a.moe_every, a.noise, a.router_std, a.renormalize, a.seed, a.overrides))
 
 
 if __name__ == "__main__":

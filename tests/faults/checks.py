@@ -12,9 +12,10 @@ import torch.distributed.checkpoint as dcp
 
 from launch.checkpoint import published_checkpoints, select_checkpoint, step_of
 from launch.dcp_io import SafeFileSystemReader, TensorOnlyPlanner, read_metadata
+from launch.throughput import TIMING_KEYS
 from parallel import Runtime
 
-WALL_CLOCK = ("tokens_per_s",)
+WALL_CLOCK = TIMING_KEYS
 
 
 def rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -23,7 +24,7 @@ def rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def comparable(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics row without what legitimately differs between runs: wall-clock throughput, and the
+    """A metrics row without what legitimately differs between runs: throughput and memory, and the
     routing flips that are absent at the first evaluation of every process."""
     return {k: v for k, v in row.items() if k not in WALL_CLOCK and not k.endswith("/flips")}
 
