@@ -39,6 +39,7 @@ from launch.checkpoint import check_compatible, latest_checkpoint
 from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
 from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus, token_counts
 from launch.engines import Engine, build_engine, native
+from launch.engines.deepspeed import from_deepspeed_launcher
 from launch.log_window import LogWindow
 from launch.logs import FILE_ONLY
 from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
@@ -362,4 +363,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = from_deepspeed_launcher(sys.argv)  # the deepspeed launcher's --local_rank=N is not a Hydra override
     main()

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 ENGINES: dict[str, str] = {
     "native": "launch.engines.native:NativeEngine",
+    "deepspeed": "launch.engines.deepspeed:DeepSpeedEngine",
 }
 """Engine name -> ``module:class``, imported on first use."""
 
