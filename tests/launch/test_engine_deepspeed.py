@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,9 @@ from launch.engines.deepspeed import DeepSpeedEngine, ds_config, from_deepspeed_
 from launch.run_dir import register_resolvers
 from moe.errors import ConfigError
 from tests.parallel import dist_harness
-from tests.parallel.dist_harness import run_distributed
+from tests.parallel.dist_harness import free_port, run_distributed
 
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 10
 SMALL = ["model.num_layers=2", "model.d_model=64", "model.d_ff=64", "model.dense_d_ff=128", "model.num_experts=4",
          "train.batch_size=8", "train.seq_len=64", "logging=none", "train.threads=1", "data.max_bytes=400000",
@@ -198,3 +202,19 @@ def test_resume_refuses_a_native_checkpoint(tmp_path: Path) -> None:
     shutil.copytree(native_dir / "ckpt" / "step_00000002", tmp_path / "ckpt" / "step_00000002")
     with pytest.raises(AssertionError, match="written by engine=native"):
         run(tmp_path, "engine=deepspeed", "train.steps=4")
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_two_ranks(tmp_path: Path) -> None:
+    """``deepspeed --num_gpus 2 --module launch.train``: its ``--local_rank=N`` argument and ``LOCAL_SIZE`` are handled."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(MOEFORGE_DEVICE="cpu", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", "2", f"--master_port={free_port()}",
+           "--module", "launch.train", *SMALL, "train.steps=3", "engine=deepspeed", "parallel=ddp", "engine.zero_stage=1",
+           f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(per_step(rows, "loss")) == [1, 2, 3]
+    assert json.loads((tmp_path / "checkpoints" / "step_00000003" / "moeforge.json").read_text())["world_size"] == 2
