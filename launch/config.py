@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.engines import ENGINES, check_job as check_engine_job
 from launch.preemption import signal_number
 from moe.errors import ConfigError, check
 from moe.expert_backends import expert_backend
@@ -194,10 +195,18 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class EngineConfig:
     name: str = "native"
-    """native (this trainer). deepspeed is planned, not built yet."""
+    """native (this trainer's own step and DCP checkpoints) | deepspeed (a DeepSpeed engine with ZeRO
+    stage ``zero_stage``; needs the ``[deepspeed]`` extra and ``parallel=ddp``); launch/engines/."""
+    zero_stage: int = 0
+    """deepspeed: ZeRO stage for every parameter, experts included: 0 (replicated), 1 (optimizer state
+    sharded), 2 (optimizer state and gradients sharded). Stage 3 is not supported."""
 
     def __post_init__(self) -> None:
-        check(self.name == "native", "engine.name", self.name, "must be native (deepspeed is not available yet)")
+        check(self.name in ENGINES, "engine.name", self.name, f"must be one of {list(ENGINES)}")
+        check(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage,
+              "must be 0, 1 or 2 (ZeRO-3 is not supported: DeepSpeed refuses it for MoE models)")
+        check(self.zero_stage == 0 or self.name == "deepspeed", "engine.zero_stage", self.zero_stage,
+              f"is only used by engine=deepspeed (engine.name is {self.name!r})")
 
 
 @dataclass
@@ -283,3 +292,4 @@ def validate_job(job: JobConfig) -> None:
         check(0 <= sep < m.vocab_size, "data.doc_separator", sep, f"must be a token id in [0, model.vocab_size={m.vocab_size})")
     if job.data.name == "stdlib_bytes":
         check(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, "must be >= 256 for data=stdlib_bytes (bytes)")
+    check_engine_job(job)

@@ -35,20 +35,22 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launch import run_lock
-from launch.checkpoint import CheckpointWriter, check_compatible, latest_checkpoint, load_checkpoint, select_checkpoint
+from launch.checkpoint import check_compatible, latest_checkpoint
 from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
 from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus, token_counts
+from launch.engines import Engine, build_engine, native
+from launch.engines.deepspeed import from_deepspeed_launcher
 from launch.log_window import LogWindow
 from launch.logs import FILE_ONLY
 from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
-from launch.optim import apply_config, build_optimizer
+from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
 from launch.run_dir import register_resolvers
 from launch.step_guard import StepGuard
 from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
-from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state, setup_runtime
+from parallel import Runtime, setup_runtime
 from parallel.config import check_experts
 
 log = logging.getLogger("moeforge")
@@ -120,23 +122,26 @@ def autocast_for(precision: str, device: torch.device) -> Any:
 
 
 def forward_backward(model: torch.nn.Module, runtime: Runtime, x_BS: torch.Tensor, y_BS: torch.Tensor, step: int, job: JobConfig,
-                     autocast: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     autocast: Any, engine: Engine | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulate one optimizer step's gradients over ``train.grad_accum`` micro-batches.
 
     Each micro-batch's loss is divided by their number, so the summed gradients are those of the
-    mean over the whole batch; gradient communication runs only in the last backward. Returns the
-    step's mean cross-entropy and mean auxiliary losses (detached).
+    mean over the whole batch; gradient communication runs only in the last backward. ``engine``
+    owns both (the native engine's way when None). Returns the step's mean cross-entropy and mean
+    auxiliary losses (detached).
     """
     n = job.train.grad_accum
+    sync = engine.micro_batch if engine is not None else lambda last: native.micro_batch(model, runtime, last)
+    backward = engine.backward if engine is not None else native.backward
     ce_total = torch.zeros((), device=runtime.device)
     aux_total: dict[str, torch.Tensor] = {}
     for j, (x, y) in enumerate(zip(x_BS.chunk(n), y_BS.chunk(n))):
-        with runtime.grad_sync(model, enabled=j == n - 1):
+        with sync(j == n - 1):
             with autocast:
                 logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
             ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-            (loss / n if n > 1 else loss).backward()
+            backward(loss, n)
         ce_total += ce.detach()
         for name, value in aux.items():
             aux_total[name] = aux_total.get(name, 0.0) + value.detach()
@@ -153,11 +158,6 @@ def manifest_of(job: JobConfig) -> dict[str, Any]:
 
 class AgentLostError(MoeforgeError):
     """This torchrun worker's agent is gone; it stops without writing (a relaunch may be running)."""
-
-
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime, trainer: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint holds: model and optimizer (DCP form), LR schedule, trainer counters."""
-    return {**checkpoint_state(model, optimizer, runtime), "scheduler": scheduler.state_dict(), "trainer": trainer}
 
 
 def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = None, record: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -179,8 +179,7 @@ def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = Non
             runtime.shutdown()
 
 
-def resume(job: JobConfig, model: torch.nn.Module, core: MoETransformer, optimizer: torch.optim.Optimizer, scheduler: Any,
-           window: LogWindow, runtime: Runtime) -> dict[str, Any]:
+def resume(job: JobConfig, engine: Engine, core: MoETransformer, window: LogWindow) -> dict[str, Any]:
     """Load the newest checkpoint that verifies (``checkpoint.resume=auto``); returns its trainer counters."""
     if job.checkpoint.resume != "auto":
         existing = latest_checkpoint(job.checkpoint.dir)
@@ -188,17 +187,13 @@ def resume(job: JobConfig, model: torch.nn.Module, core: MoETransformer, optimiz
             log.warning(f"moeforge: checkpoint.resume=never: starting over although {existing} exists (kept until pruned; "
                         f"checkpoint.resume=auto would resume from the newest checkpoint there)")
         return {"step": 0}
-    path = select_checkpoint(job.checkpoint.dir, runtime)
+    path = engine.select_checkpoint()
     if path is None:
         return {"step": 0}
-    check_compatible(path, manifest_of(job))
-    state = training_state(model, optimizer, scheduler, runtime, {"step": 0})
-    load_checkpoint(path, state, runtime)
-    load_checkpoint_state(model, optimizer, state, runtime)
-    scheduler.load_state_dict(state["scheduler"])
-    trainer = state["trainer"]
+    check_compatible(path, engine.manifest)
+    trainer = engine.load(path)
     window.load(trainer.get("window", {}), core)
-    changed = apply_config(optimizer, scheduler, job)
+    changed = apply_config(engine.optimizer, engine.scheduler, job)
     if changed:
         log.info(f"moeforge: the config differs from the checkpoint ({'; '.join(changed)}); using the config")
     log.info(f"moeforge: resumed from {path} at step {trainer['step']}")
@@ -230,12 +225,12 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     core.set_activation_checkpointing(tr.activation_checkpointing)
     if tr.compile:
         core.compile_blocks()
-    # ``model`` may be a wrapper (DDP); ``core`` stays the plain transformer for hooks and stats.
-    model = apply_parallel(core, job.parallel, runtime)
-    optimizer, scheduler = build_optimizer(model, job)
+    # ``model`` may be a wrapper (DeepSpeed); ``core`` stays the plain transformer for hooks and stats.
+    engine = build_engine(job, core, runtime, manifest_of(job))
+    model, scheduler = engine.model, engine.scheduler
     window = LogWindow(runtime)
     guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, signals, AgentWatch())
-    trainer = resume(job, model, core, optimizer, scheduler, window, runtime)
+    trainer = resume(job, engine, core, window)
     start = int(trainer["step"])
     guard.skipped_total = int(trainer.get("skipped_steps", 0))
     if start >= tr.steps:
@@ -246,7 +241,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
         raise Preempted(first.signum, f"moeforge: {signal.Signals(first.signum).name} before the first step; nothing new to save, "
                                       f"exiting with {128 + first.signum}")
 
-    writer = CheckpointWriter(job.checkpoint.dir, runtime, job.checkpoint.keep, manifest_of(job), job.checkpoint.async_save)
+    writer = engine.checkpoint_writer()
     precision = precision_of(job, runtime.device)
     autocast = autocast_for(precision, runtime.device)
     peak = peak_tflops(runtime.device, precision, tr.peak_tflops)
@@ -259,11 +254,10 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     try:
         for step in range(start, tr.steps):
             x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
-            optimizer.zero_grad(set_to_none=True)
-            ce, aux = forward_backward(model, runtime, x, y, step, job, autocast)
+            engine.zero_grad()
+            ce, aux = forward_backward(model, runtime, x, y, step, job, autocast, engine)
             loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-            runtime.before_optimizer_step(model)
-            grad_norm = runtime.clip_grad_norm_(model, job.optim.grad_clip)
+            grad_norm = engine.grad_norm()
             verdict = guard.check(loss, grad_norm)
             if verdict.agent_gone and not verdict.signum:
                 raise AgentLostError(f"the torchrun agent (pid {guard.agent.agent_pid}) is gone; stopping at step {step + 1} "
@@ -271,12 +265,11 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
             if verdict.nonfinite:
                 writer.finish()  # an async save of an earlier, finite step is published before any stop
                 guard.on_nonfinite(step, loss, grad_norm, str(latest_checkpoint(job.checkpoint.dir) or "no checkpoint"), start or None)
-                optimizer.zero_grad(set_to_none=True)
+                engine.skip_step()
             else:
                 guard.on_finite()
-                optimizer.step()
-            scheduler.step()
-            runtime.after_optimizer_step(model, optimizer, step)
+                engine.step()
+            runtime.after_optimizer_step(model, engine.optimizer, step)
             runtime.all_reduce_sum_(core.router_step_sums())
             core.after_step(step)
             done = step + 1
@@ -312,7 +305,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
             if due and job.checkpoint.enabled:
                 t_save = time.perf_counter()
                 trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core)}
-                saved = writer.save(done, training_state(model, optimizer, scheduler, runtime, trainer))
+                saved = engine.save(writer, done, trainer)
                 if done == tr.steps or stop:
                     saved = writer.finish() or saved
                 log.info(f"moeforge: checkpoint step {done} {'saved' if saved else 'staged (async)'} in "
@@ -372,4 +365,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = from_deepspeed_launcher(sys.argv)  # the deepspeed launcher's --local_rank=N is not a Hydra override
     main()

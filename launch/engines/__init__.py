@@ -1,0 +1,96 @@
+"""Training engines: what owns the model's gradient sync, the optimizer step and the checkpoint files.
+
+``engine=<name>`` picks one entry of ``ENGINES``; the trainer (launch/train.py) talks to it only
+through the ``Engine`` interface below and never compares engine names:
+
+- ``native`` (launch/engines/native.py): moeforge's own loop pieces: ``parallel.apply_parallel``
+  (ddp/fsdp/ep/fssdp), ``launch.optim`` AdamW + schedule, DCP checkpoints (launch/checkpoint.py).
+- ``deepspeed`` (launch/engines/deepspeed.py): the same model, optimizer and schedule inside a
+  ``deepspeed.initialize`` engine (ZeRO stage 0/1/2), DeepSpeed's own checkpoint files published
+  with the native writer's atomic rename and SHA-256 manifest.
+
+An engine module is imported only when its name is chosen, so ``deepspeed`` is needed only by
+runs that ask for it (and its rules, ``check_job``, run without it installed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from launch.checkpoint import CheckpointWriter
+    from launch.config import JobConfig
+    from moe.model import MoETransformer
+    from parallel import Runtime
+
+ENGINES: dict[str, str] = {
+    "native": "launch.engines.native:NativeEngine",
+    "deepspeed": "launch.engines.deepspeed:DeepSpeedEngine",
+}
+"""Engine name -> ``module:class``, imported on first use."""
+
+
+class Engine(Protocol):
+    """What the training loop asks of an engine, in the order it asks (one optimizer step)."""
+
+    model: nn.Module
+    """What the loop calls for forward passes (the core model, or a wrapper around it)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    manifest: dict[str, Any]
+    """The config a checkpoint records and a resume must match (``launch.checkpoint.check_compatible``)."""
+
+    def zero_grad(self) -> None:
+        """Drop the previous step's gradients."""
+
+    def micro_batch(self, last: bool) -> AbstractContextManager[None]:
+        """Forward and backward of one micro-batch run inside; ``last``: it ends the step's accumulation."""
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        """Backward of one micro-batch's mean loss; the step's gradient is that of the mean over ``micro_batches``."""
+
+    def grad_norm(self) -> Tensor:
+        """Finish the step's gradient reduction; the global gradient L2 norm before clipping (every rank the same)."""
+
+    def step(self) -> None:
+        """Clip (if the engine has not), update the weights, advance the learning-rate schedule."""
+
+    def skip_step(self) -> None:
+        """A non-finite step skipped (``train.on_nonfinite=skip``): no update, the schedule still advances."""
+
+    def checkpoint_writer(self) -> CheckpointWriter:
+        """The writer the loop saves through (``finish`` publishes a pending save)."""
+
+    def save(self, writer: CheckpointWriter, step: int, trainer: dict[str, Any]) -> Path | None:
+        """Checkpoint the engine's state and ``trainer`` (JSON-ready counters) as step ``step``."""
+
+    def select_checkpoint(self) -> Path | None:
+        """The newest checkpoint in ``checkpoint.dir`` this engine can resume from and that verifies."""
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Load checkpoint ``path`` into the model, optimizer and schedule; returns its trainer counters."""
+
+
+def engine_class(name: str) -> type:
+    """The class registered as ``name`` (``ENGINES``); ``KeyError`` for an unknown one."""
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_job(job: JobConfig) -> None:
+    """The chosen engine's rules across config groups (``ConfigError`` naming the keys), before anything is built."""
+    engine_class(job.engine.name).check_job(job)
+
+
+def build_engine(job: JobConfig, core: MoETransformer, runtime: Runtime, manifest: dict[str, Any]) -> Engine:
+    """The engine of ``engine.name`` around the built single-device ``core`` (on ``runtime.device``).
+
+    ``manifest``: the model-shaping config its checkpoints record (``launch.train.manifest_of``).
+    """
+    return engine_class(job.engine.name)(job, core, runtime, manifest)

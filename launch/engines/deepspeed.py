@@ -1,0 +1,282 @@
+"""``engine=deepspeed``: the moeforge model, optimizer and schedule trained inside a DeepSpeed engine.
+
+    .venv/bin/python -m launch.torchrun --standalone --nproc-per-node 8 -m launch.train engine=deepspeed engine.zero_stage=2 parallel=ddp
+    deepspeed --num_gpus 8 --module launch.train engine=deepspeed engine.zero_stage=1 parallel=ddp
+
+What DeepSpeed gets (``deepspeed.initialize``): the plain ``MoETransformer``; the AdamW and
+``LambdaLR`` of ``launch.optim.build_optimizer`` (the same param groups and hyperparameters as the
+native engine: weight decay on matrices only); a config with ``train_batch_size`` =
+``train.batch_size``, ``gradient_accumulation_steps`` = ``train.grad_accum`` (micro-batch = batch /
+(ranks x accumulation)), ``gradient_clipping`` = ``optim.grad_clip``, ``zero_optimization.stage``
+= ``engine.zero_stage`` (0, 1 or 2) and ``zero_allow_untested_optimizer`` (torch's AdamW under ZeRO).
+DeepSpeed then averages gradients over all ranks, clips, steps the optimizer and the schedule.
+
+Decisions, and why:
+
+- **Experts are not marked as DeepSpeed MoE parameters** (no ``allreduce=False`` / ``group_name``,
+  no separate MoE param groups). DeepSpeed reduces a parameter marked that way over its
+  expert-data-parallel group, which it only creates for its own ``deepspeed.moe.layer.MoE``
+  modules (``engine.has_moe_layers``); here every rank holds every expert (pure data
+  parallelism, ``parallel=ddp``), so expert gradients must be all-reduced over all ranks exactly
+  like dense ones, or ranks diverge. Unmarked, they are: and ZeRO 1/2 then shard the experts'
+  optimizer state (and gradients) over all ranks like every other parameter. Expert parallelism
+  under DeepSpeed (``parallel=ep|fssdp``) is refused, as are ``fsdp`` (two owners of the same
+  parameters) and ZeRO-3 (``engine.zero_stage``: DeepSpeed refuses it with MoE).
+- **Precision**: ``train.precision=bf16`` is the same bf16 autocast as the native engine (the
+  trainer's ``autocast_for`` around the forward); DeepSpeed sees an fp32 model, so weights,
+  gradients, their all-reduce and the optimizer state stay fp32 as ``train.precision`` documents.
+  DeepSpeed's ``bf16.enabled`` (bf16 weights with fp32 master copies) is a different recipe and is
+  not used.
+- **Guard**: the gradient norm is read before DeepSpeed's step (ZeRO 0: from the all-reduced
+  ``.grad``; ZeRO 1/2: ``scaled_global_norm`` of the reduced partitions), so a non-finite step stops
+  before any update as in the native engine. ``train.on_nonfinite=skip`` is refused: DeepSpeed
+  applies clip, update and schedule in one ``step`` that the trainer cannot half-apply.
+- **Checkpoints**: DeepSpeed's own ``save_checkpoint`` files (module, optimizer and ZeRO partitions,
+  LR schedule, the trainer counters as ``client_state``) plus each rank's RNG state, written into
+  the native writer's ``step_N.tmp-<id>`` folder and published by ``CheckpointWriter.finish``: the
+  same SHA-256 manifest (with ``engine: {name, zero_stage}``), fsync, atomic rename and pruning.
+  A resume verifies every file before DeepSpeed reads it. ZeRO's per-rank partitions are not DCP
+  tensors, so these checkpoints resume only under ``engine=deepspeed`` at the same ZeRO stage and
+  (stage 1/2) the same number of ranks; both are refused with a message otherwise. DeepSpeed's
+  files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed): the checksums catch
+  corruption, not tampering, so resume only checkpoints you wrote.
+- **Launchers**: torchrun (``launch.torchrun``) as for every mode; the ``deepspeed`` launcher sets
+  ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` too, and ``from_deepspeed_launcher`` drops the
+  ``--local_rank=N`` argument it appends and maps its ``LOCAL_SIZE`` to ``LOCAL_WORLD_SIZE``.
+
+Known differences from ``parallel=ddp``: a parameter with no gradient on any rank (an expert no
+token reached, EvoMoE's unspawned experts) gets a zero gradient from DeepSpeed, so AdamW still
+moves it (decay, moments), where the native engine leaves it untouched. ``parallel.bucket_mb`` and
+``parallel.overlap_grad_reduce`` are the native reducer's; DeepSpeed uses its own buckets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from launch.checkpoint import (
+    FORMAT,
+    CheckpointWriter,
+    _broadcast,
+    _gather,
+    _Pending,
+    _rng_state,
+    _set_rng_state,
+    _write_durably,
+    published_checkpoints,
+    read_manifest,
+)
+from launch.checksums import problems, share
+from launch.config import JobConfig
+from launch.optim import build_optimizer
+from moe.errors import CheckpointError, EnvironmentError_, MoeforgeError, check
+from parallel import Runtime
+
+log = logging.getLogger("moeforge")
+
+INSTALL = "pip install -e '.[deepspeed]' with DS_BUILD_OPS=0 (launch/setup_env.sh does)"
+
+
+def from_deepspeed_launcher(argv: list[str], environ: dict[str, str] | Any = os.environ) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` (or ``--local_rank N``) the ``deepspeed`` launcher appends.
+
+    Hydra would refuse it as an override; the launcher also sets ``LOCAL_RANK``, which
+    ``setup_runtime`` reads. Its ``LOCAL_SIZE`` becomes ``LOCAL_WORLD_SIZE`` (torchrun's name) when
+    that is unset. Anything else passes through unchanged.
+    """
+    if "LOCAL_SIZE" in environ and "LOCAL_WORLD_SIZE" not in environ:
+        environ["LOCAL_WORLD_SIZE"] = environ["LOCAL_SIZE"]
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            out.append(arg)
+    return out
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """``deepspeed``, on the accelerator of ``device`` (``DS_ACCELERATOR=cpu`` for CPU ranks)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as err:
+        raise EnvironmentError_(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
+    if get_accelerator().device_name() != device.type:
+        raise EnvironmentError_(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
+                                f"set DS_ACCELERATOR={device.type} (MOEFORGE_DEVICE=cpu ranks need DS_ACCELERATOR=cpu)")
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes of C++) that only its
+        # inference path calls; training reduces through torch.distributed (gloo).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def ds_config(job: JobConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config moeforge's groups map to (see the module docstring)."""
+    tr = job.train
+    return {
+        "train_batch_size": tr.batch_size,
+        "train_micro_batch_size_per_gpu": tr.batch_size // (world_size * tr.grad_accum),
+        "gradient_accumulation_steps": tr.grad_accum,
+        "gradient_clipping": job.optim.grad_clip,
+        "zero_optimization": {"stage": job.engine.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class DeepSpeedEngine:
+    """``engine=deepspeed``: a ``DeepSpeedEngine`` around the core model (ZeRO stage 0/1/2)."""
+
+    def __init__(self, job: JobConfig, core: nn.Module, runtime: Runtime, manifest: dict[str, Any]) -> None:
+        deepspeed = _import_deepspeed(runtime.device)
+        os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
+        self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
+        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage}}
+        optimizer, scheduler = build_optimizer(core, job)
+        if self.stage > 0:  # ZeRO re-points the groups at flat fp32 partitions and creates their state at step 1
+            optimizer.state.clear()
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=core, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job, runtime.world_size), dist_init_required=False,
+        )
+        self.model: nn.Module = self.ds
+
+    @staticmethod
+    def check_job(job: JobConfig) -> None:
+        """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
+        p, tr = job.parallel, job.train
+        check(p.mode == "ddp", "parallel.mode", p.mode,
+              "must be ddp with engine.name=deepspeed (data parallelism over every rank, one process included; DeepSpeed reduces "
+              "every gradient, experts included: expert or FSDP sharding under DeepSpeed is not supported)")
+        check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
+              "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")
+        check(tr.on_nonfinite == "stop", "train.on_nonfinite", tr.on_nonfinite,
+              "must be stop with engine.name=deepspeed (DeepSpeed clips, updates and steps the schedule in one call, so a "
+              "non-finite step cannot be skipped; it stops before the update)")
+
+    def zero_grad(self) -> None:
+        """Nothing: DeepSpeed's ``step`` releases the gradients it consumed."""
+
+    def micro_batch(self, last: bool) -> AbstractContextManager[None]:
+        """Tell DeepSpeed whether this backward ends the step (it reduces gradients only then)."""
+        self.ds.set_gradient_accumulation_boundary(last)
+        return nullcontext()
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        """``engine.backward``: DeepSpeed divides by ``gradient_accumulation_steps`` (= ``micro_batches``)."""
+        self.ds.backward(loss)
+
+    def grad_norm(self) -> Tensor:
+        """The reduced gradients' global L2 norm before clipping (DeepSpeed clips inside ``step``)."""
+        if self.stage == 0:
+            norms = [p.grad.detach().float().norm() for p in self.ds.module.parameters() if p.grad is not None]
+            return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.runtime.device)
+        norm = torch.as_tensor(self.ds.optimizer.scaled_global_norm(), dtype=torch.float32, device=self.runtime.device)
+        return torch.where(norm < 0, torch.full_like(norm, float("inf")), norm)  # DeepSpeed reports inf/NaN as -1
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def skip_step(self) -> None:
+        raise MoeforgeError("engine=deepspeed cannot skip a step (train.on_nonfinite=skip is refused at start-up)")
+
+    def checkpoint_writer(self) -> CheckpointWriter:
+        c = self.job.checkpoint
+        return DeepSpeedCheckpointWriter(c.dir, self.runtime, c.keep, self.manifest, self.ds)
+
+    def save(self, writer: CheckpointWriter, step: int, trainer: dict[str, Any]) -> Path | None:
+        return writer.save(step, {"trainer": trainer})
+
+    def select_checkpoint(self) -> Path | None:
+        """The newest published checkpoint in ``checkpoint.dir`` written by this engine whose files all verify."""
+        rt, directory = self.runtime, self.job.checkpoint.dir
+        candidates = _broadcast(published_checkpoints(directory) if rt.is_main else None, rt)
+        first = ""
+        for path in candidates:
+            found = verify_deepspeed_checkpoint(path, rt)
+            if not found:
+                return path
+            more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
+            first = first or f"{path}: {found[0]}"
+            log.warning(f"moeforge: checkpoint {path} failed verification: {found[0]}{more}; trying the next older one")
+        if candidates:
+            raise CheckpointError(f"no checkpoint in {directory} verifies for engine=deepspeed ({len(candidates)} tried; the newest, "
+                                  f"{first}); move them away to start over, or set checkpoint.resume=never")
+        return None
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """DeepSpeed's ``load_checkpoint`` (module, optimizer/ZeRO partitions, schedule), then this rank's RNG."""
+        saved = read_manifest(path)
+        if self.stage > 0 and saved.get("world_size") != self.runtime.world_size:
+            raise CheckpointError(f"checkpoint {path} holds ZeRO-{self.stage} partitions of {saved.get('world_size')} ranks but this run has "
+                                  f"{self.runtime.world_size}; resume with the same number of ranks (or engine.zero_stage=0 checkpoints)")
+        loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None or "moeforge" not in client:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        # The schedule's position is restored; put each group's lr where that position says.
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(self.scheduler.last_epoch)
+        rng = path / f"rng_rank{self.runtime.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=True))
+        return client["moeforge"]["trainer"]
+
+
+class DeepSpeedCheckpointWriter(CheckpointWriter):
+    """``CheckpointWriter`` whose files are DeepSpeed's ``save_checkpoint`` output (published the same way)."""
+
+    def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], ds: Any) -> None:
+        super().__init__(directory, runtime, keep, manifest, async_save=False)
+        self.ds = ds
+
+    def save(self, step: int, state: dict[str, Any]) -> Path | None:
+        """Refuse NaN/Inf weights, write DeepSpeed's files and this rank's RNG into a fresh tmp folder, publish.
+
+        ``state``: ``{"trainer": counters}``, stored as DeepSpeed's ``client_state``.
+        """
+        self.finish()
+        self._refuse_nonfinite(step, {"model": dict(self.ds.module.named_parameters())})
+        tmp = self._fresh_tmp(step)
+        _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
+        try:
+            self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"moeforge": state}, save_latest=False)
+        except Exception as err:
+            raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: {err}") from err
+        self._pending = _Pending(step, tmp)
+        return self.finish()
+
+
+def verify_deepspeed_checkpoint(path: Path, runtime: Runtime) -> list[str]:
+    """Problems with DeepSpeed checkpoint ``path`` (empty when it verifies); the same list on every rank.
+
+    The manifest must be this format and say ``engine.name: deepspeed``; every listed file must have
+    its size and SHA-256 (each rank hashes a share).
+    """
+    found: list[str] = []
+    try:
+        manifest = read_manifest(path)
+        engine = manifest.get("engine", {}).get("name", "native")
+        if engine != "deepspeed":
+            raise CheckpointError(f"it was written by engine={engine}; engine=deepspeed resumes only its own checkpoints")
+        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+            raise CheckpointError(f"its manifest is not format {FORMAT} with a file list")
+        files = manifest["files"]
+        found += problems(path, files, share(list(files), runtime.rank, runtime.world_size))
+    except CheckpointError as err:
+        found.append(str(err))
+    return sorted({p for part in _gather(found, runtime) for p in part})
