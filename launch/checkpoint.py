@@ -30,6 +30,8 @@ one is tried.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import logging
 import os
@@ -329,23 +331,29 @@ def verify_checkpoint(path: Path, runtime: Runtime) -> list[str]:
     return merged
 
 
-def select_checkpoint(directory: str | Path, runtime: Runtime) -> Path | None:
+def select_checkpoint(directory: str | Path, runtime: Runtime,
+                      verify: Callable[[Path, Runtime], list[str]] | None = None, kind: str = "") -> Path | None:
     """The newest published checkpoint in ``directory`` that verifies, or None when there is none.
 
-    Each newer one that fails is named in one warning line with its first problem. If checkpoints
-    exist but none verifies, raises ``CheckpointError`` rather than silently starting over.
+    ``verify`` lists a checkpoint's problems (default ``verify_checkpoint``, the DCP layout; an
+    engine with its own files passes its own). Each newer one that fails is named in one warning
+    line with its first problem. If checkpoints exist but none verifies, raises ``CheckpointError``
+    naming the newest one's first problem, rather than silently starting over.
     """
+    verify = verify or verify_checkpoint
     candidates = _broadcast(published_checkpoints(directory) if runtime.is_main else None, runtime)
+    newest = ""
     for path in candidates:
-        found = verify_checkpoint(path, runtime)
+        found = verify(path, runtime)
         if not found:
             return path
         more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
+        newest = newest or f"{path}: {found[0]}"
         log.warning(f"moeforge: checkpoint {path} failed verification: {found[0]}{more}; trying the next older one")
     if candidates:
         raise CheckpointError(
-            f"no checkpoint in {directory} verifies ({len(candidates)} tried, see above); move them away to start "
-            f"over, or set checkpoint.resume=never"
+            f"no checkpoint in {directory} verifies{kind} ({len(candidates)} tried; the newest, {newest}); move them away "
+            f"to start over, or set checkpoint.resume=never"
         )
     return None
 

@@ -64,14 +64,13 @@ from torch import Tensor, nn
 from launch.checkpoint import (
     FORMAT,
     CheckpointWriter,
-    _broadcast,
     _gather,
     _Pending,
     _rng_state,
     _set_rng_state,
     _write_durably,
-    published_checkpoints,
     read_manifest,
+    select_checkpoint,
 )
 from launch.checksums import problems, share
 from launch.config import JobConfig
@@ -204,20 +203,7 @@ class DeepSpeedEngine:
 
     def select_checkpoint(self) -> Path | None:
         """The newest published checkpoint in ``checkpoint.dir`` written by this engine whose files all verify."""
-        rt, directory = self.runtime, self.job.checkpoint.dir
-        candidates = _broadcast(published_checkpoints(directory) if rt.is_main else None, rt)
-        first = ""
-        for path in candidates:
-            found = verify_deepspeed_checkpoint(path, rt)
-            if not found:
-                return path
-            more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
-            first = first or f"{path}: {found[0]}"
-            log.warning(f"moeforge: checkpoint {path} failed verification: {found[0]}{more}; trying the next older one")
-        if candidates:
-            raise CheckpointError(f"no checkpoint in {directory} verifies for engine=deepspeed ({len(candidates)} tried; the newest, "
-                                  f"{first}); move them away to start over, or set checkpoint.resume=never")
-        return None
+        return select_checkpoint(self.job.checkpoint.dir, self.runtime, verify_deepspeed_checkpoint, " for engine=deepspeed")
 
     def load(self, path: Path) -> dict[str, Any]:
         """DeepSpeed's ``load_checkpoint`` (module, optimizer/ZeRO partitions, schedule), then this rank's RNG."""
