@@ -172,7 +172,8 @@ def write_moeforge_checkpoint(state_dict: dict[str, Tensor], overrides: list[str
     """
     from launch.checkpoint import save_checkpoint
     from launch.optim import build_optimizer
-    from launch.train import manifest_of, training_state
+    from launch.engines.native import training_state
+    from launch.train import manifest_of
     from parallel import Runtime
 
     job = compose_job(overrides)
