@@ -89,6 +89,30 @@ def test_fluctuation_data_one_cluster_per_sequence() -> None:
     assert (dist_seq == batch.y[:, 0]).float().mean() > 0.8
 
 
+def test_fluctuation_sub_labels_follow_the_cluster_rule_and_drift_keeps_probe_tokens() -> None:
+    task = FluctuationTask(seed=2, sub_labels=4, drift=0.1)
+    batch = task.sample(64 * 32, torch.Generator().manual_seed(0))
+    assert task.num_classes == 32 and batch.y.min() >= 0 and batch.y.max() < 32
+    c_BS = batch.cluster.view(64, 32)
+    assert torch.equal(batch.y // 4, c_BS)  # the cluster is the label's high part
+    # Independent reference: the bucket is the number of N(0,1) quartiles below w_c . z.
+    proj = (batch.z * task.w_CX[c_BS]).sum(-1).double()
+    quartiles = torch.tensor([-0.6744897501960817, 0.0, 0.6744897501960817], dtype=torch.float64)
+    assert torch.equal(batch.y % 4, (proj.unsqueeze(-1) > quartiles).sum(-1))
+    shares = torch.bincount((batch.y % 4).flatten(), minlength=4).double() / batch.y.numel()
+    assert (shares - 0.25).abs().max() < 0.03  # equal-probability slabs
+    mu0 = task.mu_CX.clone()
+    task.sample(32)  # a training draw: one random-walk step of std 0.1 per coordinate
+    step = task.mu_CX - mu0
+    assert 0.05 < float(step.std()) < 0.15
+    moved = task.refresh(batch)  # same tokens, current means
+    torch.testing.assert_close(moved.x - batch.x, step[c_BS[:, 0]].unsqueeze(1).expand_as(batch.x))
+    assert torch.equal(moved.y, batch.y) and torch.equal(moved.cluster, batch.cluster)
+    fixed = FluctuationTask(seed=2, sub_labels=4)
+    fixed.sample(32)
+    assert torch.equal(fixed.mu_CX, FluctuationTask(seed=2, sub_labels=4).mu_CX)  # drift 0: means never move
+
+
 # ---------------------------------------------------------------- specs and metrics
 
 
@@ -153,6 +177,21 @@ def test_lm_dense_arm_and_metrics_parsing(tmp_path) -> None:
     assert r.load_fractions == [[0.75, 0.25]] and math.isnan(r.nmi)  # steps 1-2 summed over layers: [12, 4]
 
 
+def test_difference_from_reference_is_welch_z_and_table_gets_the_column() -> None:
+    from tools.router_toys.report import difference, markdown_table
+    from tools.router_toys.train_toy import RunResult
+
+    def runs(label, finals):
+        return [RunResult(label=label, seed=i, final_loss=v) for i, v in enumerate(finals)]
+
+    moe, dense = runs("topk", [1.0, 1.2, 1.1]), runs("dense", [1.3, 1.3, 1.6])
+    # means 1.1 and 1.4, sample variances 0.01 and 0.03: se = sqrt(0.01/3 + 0.03/3) = 0.11547, z = -2.598
+    d, z = difference(moe, dense)
+    assert d == pytest.approx(-0.3) and z == pytest.approx(-0.3 / math.sqrt(0.04 / 3))
+    table = markdown_table("t", {"topk": moe, "dense": dense}, {}, reference="dense")
+    assert "Δ vs dense (z)" in table and "| -0.3000 (-2.6) |" in table and "| — |" in table
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -163,7 +202,7 @@ def test_end_to_end_tiny_run_writes_table_and_pngs(tmp_path) -> None:
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ") and not line.startswith("| router")]
     assert len(rows) == 1 and rows[0].startswith("| topk | ")
     assert "2.00 / 2.00" in rows[0]  # k = 2 slots per token, all used
-    for png in ("loss_curves.png", "expert_load.png"):
+    for png in ("loss_curves.png", "val_curves.png", "expert_load.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     (run,) = results["routers"]["topk"]
