@@ -13,7 +13,7 @@ from moe.routers import ROUTERS, RoutingDecision
 from tools.compare_routers import main
 from tools.router_toys import lm
 from tools.router_toys.nmi import mutual_information, normalized_mutual_information
-from tools.router_toys.specs import SkipRouter, build_config, parse_spec, resolve_values
+from tools.router_toys.specs import BASE_FRACTION, SkipRouter, build_config, parse_spec, resolve_values
 from tools.router_toys.tasks import FluctuationTask, RegressionTask
 from tools.router_toys.train_toy import late_flip_rate, steps_to_target, top1_experts
 
@@ -119,7 +119,13 @@ def test_fluctuation_sub_labels_follow_the_cluster_rule_and_drift_keeps_probe_to
 def test_specs_scale_schedules_set_k_and_skip_unknown_fields() -> None:
     cfg = build_config(parse_spec("dts"), 2, 100)
     assert (cfg.k, cfg.decay_steps, cfg.hard_step) == (2, 50, 75)
-    assert build_config(parse_spec("evomoe"), 1, 100).evolve.enabled and build_config(parse_spec("evomoe"), 1, 100).evolve.base_steps == 20
+    evo = build_config(parse_spec("evomoe"), 1, 100)
+    base = int(100 * BASE_FRACTION)
+    assert evo.evolve.enabled and evo.evolve.base_steps == base
+    # the DTS schedule counts from the spawn and must fit in the steps left: hard at 3/4 of them
+    assert (evo.decay_steps, evo.hard_step) == ((100 - base) // 2, (3 * (100 - base)) // 4)
+    long_base = build_config(parse_spec("dts:evolve.enabled=true:evolve.base_steps=60:hard_step=7"), 1, 100)
+    assert (long_base.decay_steps, long_base.hard_step) == (20, 7)  # an explicit value wins
     assert build_config(parse_spec("expert_choice"), 3, 100).capacity_factor == 3  # k -> mean experts per token
     assert build_config(parse_spec("comet+:gamma=0.5"), 2, 100).local_search.enabled
     assert build_config(parse_spec("comet+:gamma=0.5"), 2, 100).gamma == 0.5

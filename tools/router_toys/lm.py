@@ -85,9 +85,9 @@ def overrides_for(arm: LmArm, extra: list[str]) -> list[str]:
     return [o for o in extra if o.partition("=")[0].strip() not in DENSE_KEYS]
 
 
-EVALS = 10
+EVALS = 8
 """Evaluations per run (the validation-loss curve has this many points)."""
-EVAL_BATCHES = 16
+EVAL_BATCHES = 8
 """Fixed validation batches per evaluation (the same for every arm and seed: ``sampler.batch(index)``)."""
 
 
