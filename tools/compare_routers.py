@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +43,9 @@ import torch
 from moe.model import ModelConfig
 from moe.routers import ROUTERS
 from tools.router_toys import lm
-from tools.router_toys.report import markdown_table, plot_eval_curves, plot_load_heatmaps, plot_loss_curves, write_results
+from tools.router_toys.report import markdown_table, plot_eval_curves, plot_eval_deltas, plot_load_heatmaps, plot_loss_curves, write_results
 from tools.router_toys.specs import SkipRouter, build_config, parse_router_list, parse_spec
-from tools.router_toys.train_toy import RunResult, ToySettings, train_one
+from tools.router_toys.train_toy import RunResult, ToySettings, steps_to_target, train_one
 
 DEFAULT_ROUTERS = "topk,dts,sigmoid_bias,expert_choice,comet,similarity"
 DEFAULT_STEPS = {"regression": 500, "fluctuation": 300, "lm": 150}
@@ -89,7 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lmg.add_argument("--lm-timeout", type=float, default=1800.0, help="seconds before one launch.train run is abandoned")
     lmg.add_argument("--lm-threads", type=int, default=1, help="train.threads of each run")
     lmg.add_argument("--jobs", type=int, default=1, help="launch.train runs at once (each uses --lm-threads threads)")
+    p.add_argument("--render-only", action="store_true",
+                   help="no training: rewrite table.md and the plots from --out's results.json (same --task); "
+                        "with --target, the steps to that target are recounted from the stored curves")
     args = p.parse_args(argv)
+    args.target_given = args.target is not None
     args.steps = DEFAULT_STEPS[args.task] if args.steps is None else args.steps
     args.target = DEFAULT_TARGET[args.task] if args.target is None else args.target
     try:
@@ -214,13 +220,35 @@ def table_footer(args: argparse.Namespace, wall: float) -> str:
             f"(every {args.eval_every} steps), last half of training. Wall time {wall:.0f} s on this machine.")
 
 
+def load_results(path: Path) -> tuple[dict[str, list[RunResult]], dict[str, str], dict[str, Any]]:
+    """Runs, notes and meta from a ``results.json`` (None floats back to NaN)."""
+    payload = json.loads(path.read_text())
+    floats = {f.name for f in dataclasses.fields(RunResult) if f.type in ("float", float)}
+    def run(d: dict[str, Any]) -> RunResult:
+        return RunResult(**{k: (math.nan if v is None and k in floats else v) for k, v in d.items()})
+    return {label: [run(d) for d in runs] for label, runs in payload["routers"].items()}, payload["notes"], payload["meta"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs, notes, configs = run_lm(args) if args.task == "lm" else run_toy(args)
-    wall = time.perf_counter() - t0
+    if args.render_only:  # tables and plots again from an earlier run's results.json (no training)
+        runs, notes, loaded_meta = load_results(args.out / "results.json")
+        meta = loaded_meta
+        wall, configs = float(meta["wall_s"]), meta["configs"]
+        args.steps, args.seed_list, args.k = meta["steps"], meta["seeds"], meta["k"]
+        if args.target_given:  # a new target: recount the steps to reach it from the stored curves
+            for result in (r for rs in runs.values() for r in rs):
+                result.steps_to_target = steps_to_target(result.losses, args.target, min(10, max(1, len(result.losses))))
+        else:
+            args.target = meta["target"]
+        args.eval_every = meta.get("eval_every", args.eval_every)
+        args.lm_override = [o for i, o in enumerate(meta["argv"]) if i > 0 and meta["argv"][i - 1] == "--lm-override"]
+    else:
+        runs, notes, configs = run_lm(args) if args.task == "lm" else run_toy(args)
+        wall = time.perf_counter() - t0
     meta = {"task": args.task, "steps": args.steps, "target": args.target, "k": args.k, "seeds": args.seed_list,
             "argv": sys.argv[1:] if argv is None else argv, "configs": configs, "wall_s": wall}
     if args.task != "lm":
@@ -228,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                     task_seed=args.task_seed, probe_tokens=args.probe_tokens)
     if args.task == "fluctuation":
         meta.update(fluctuation_options(args))
+    if args.render_only:
+        meta = {**loaded_meta, "target": args.target}  # the run's own settings and command line
     write_results(args.out, meta, runs, notes)
     title = f"Router comparison: {args.task} ({len(args.seed_list)} seed(s), {args.steps} steps, k={args.k or 'router default'})"
     reference = lm.DENSE_LABEL if args.task == "lm" else None
     (args.out / "table.md").write_text(markdown_table(title, runs, notes, table_footer(args, wall), reference))
     plot_loss_curves(args.out / "loss_curves.png", runs, LOSS_NAME[args.task], args.target)
     plot_eval_curves(args.out / "val_curves.png", runs, LOSS_NAME[args.task], lm_tokens_per_step(args) if args.task == "lm" else None)
+    if reference is not None:
+        plot_eval_deltas(args.out / "val_delta.png", runs, reference, LOSS_NAME[args.task], lm_tokens_per_step(args))
     plot_load_heatmaps(args.out / "expert_load.png", runs)
     log(f"wrote {args.out}/table.md, results.json, loss_curves.png, val_curves.png, expert_load.png in {wall:.0f}s")
     print((args.out / "table.md").read_text())

@@ -184,7 +184,7 @@ def test_lm_dense_arm_and_metrics_parsing(tmp_path) -> None:
 
 
 def test_difference_from_reference_is_welch_z_and_table_gets_the_column() -> None:
-    from tools.router_toys.report import difference, markdown_table
+    from tools.router_toys.report import difference, markdown_table, paired_difference
     from tools.router_toys.train_toy import RunResult
 
     def runs(label, finals):
@@ -194,8 +194,11 @@ def test_difference_from_reference_is_welch_z_and_table_gets_the_column() -> Non
     # means 1.1 and 1.4, sample variances 0.01 and 0.03: se = sqrt(0.01/3 + 0.03/3) = 0.11547, z = -2.598
     d, z = difference(moe, dense)
     assert d == pytest.approx(-0.3) and z == pytest.approx(-0.3 / math.sqrt(0.04 / 3))
+    # paired by seed: d = [-0.3, -0.1, -0.5], mean -0.3, std 0.2, t = -0.3 / (0.2 / sqrt 3) = -2.598
+    pm, ps, t = paired_difference(moe, dense)
+    assert (pm, ps, t) == (pytest.approx(-0.3), pytest.approx(0.2), pytest.approx(-0.3 / (0.2 / math.sqrt(3))))
     table = markdown_table("t", {"topk": moe, "dense": dense}, {}, reference="dense")
-    assert "Δ vs dense (z)" in table and "| -0.3000 (-2.6) |" in table and "| — |" in table
+    assert "Δ vs dense (z)" in table and "| -0.3000 (-2.6) | -0.3000 ± 0.2000 (-2.6) |" in table and "| — | — |" in table
 
 
 # ---------------------------------------------------------------- end to end
@@ -215,3 +218,8 @@ def test_end_to_end_tiny_run_writes_table_and_pngs(tmp_path) -> None:
     assert len(run["losses"]) == 5 and run["eval_steps"] == [2, 4, 5]
     assert len(run["load_fractions"]) == 3 and all(sum(f) == pytest.approx(1.0) for f in run["load_fractions"])
     assert 0.0 <= run["nmi"] <= 1.0
+    # --render-only rebuilds the same table from results.json without training
+    before = (out / "table.md").read_text()
+    (out / "table.md").unlink()
+    assert main(["--task", "regression", "--render-only", "--out", str(out)]) == 0
+    assert (out / "table.md").read_text() == before

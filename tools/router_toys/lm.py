@@ -87,8 +87,10 @@ def overrides_for(arm: LmArm, extra: list[str]) -> list[str]:
 
 EVALS = 8
 """Evaluations per run (the validation-loss curve has this many points)."""
-EVAL_BATCHES = 8
-"""Fixed validation batches per evaluation (the same for every arm and seed: ``sampler.batch(index)``)."""
+EVAL_BATCHES = 16
+"""Validation batches per evaluation: fixed within a run and the same for every arm with the same
+seed (``sampler.batch(index)`` of the validation split depends on ``train.seed``), so arms are
+compared paired by seed (``report.paired_difference``); different seeds see different windows."""
 
 
 def train_command(
