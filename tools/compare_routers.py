@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +43,17 @@ import torch
 from moe.model import ModelConfig
 from moe.routers import ROUTERS
 from tools.router_toys import lm
-from tools.router_toys.report import markdown_table, plot_load_heatmaps, plot_loss_curves, write_results
+from tools.router_toys.report import markdown_table, plot_eval_curves, plot_eval_deltas, plot_load_heatmaps, plot_loss_curves, write_results
 from tools.router_toys.specs import SkipRouter, build_config, parse_router_list, parse_spec
-from tools.router_toys.train_toy import RunResult, ToySettings, train_one
+from tools.router_toys.train_toy import RunResult, ToySettings, steps_to_target, train_one
 
 DEFAULT_ROUTERS = "topk,dts,sigmoid_bias,expert_choice,comet,similarity"
 DEFAULT_STEPS = {"regression": 500, "fluctuation": 300, "lm": 150}
 DEFAULT_TARGET = {"regression": 0.3, "fluctuation": 0.25, "lm": 2.1}
 LOSS_NAME = {"regression": "MSE", "fluctuation": "cross-entropy", "lm": "cross-entropy (nats/byte)"}
 TASKS_WITH_ATTENTION = {"fluctuation", "lm"}
+SUB_LABELS, DRIFT = 4, 0.05
+"""Fluctuation defaults, chosen in docs/compare_routers/README.md ("The fluctuation task")."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,14 +74,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     toy.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     toy.add_argument("--batch-tokens", type=int, default=256, help="tokens per training step")
     toy.add_argument("--eval-every", type=int, default=10, help="steps between probe evaluations (flips, loads)")
+    toy.add_argument("--task-seed", type=int, default=None,
+                     help="fix the task instance (clusters, maps) and the probe across seeds; default: each seed draws its own")
+    toy.add_argument("--probe-tokens", type=int, default=1024, help="held-out probe tokens (evaluation loss, flips, NMI)")
     toy.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny tensors: 1 is fastest)")
+    fl = p.add_argument_group("fluctuation task (tools/router_toys/tasks.py)")
+    fl.add_argument("--noise", type=float, default=3.0, help="std of each token's noise around its cluster mean")
+    fl.add_argument("--sub-labels", type=int, default=SUB_LABELS,
+                    help="labels per cluster, by a cluster-specific rule on the token (1 = the label is the cluster)")
+    fl.add_argument("--drift", type=float, default=DRIFT, help="per-batch random-walk std of the cluster means (0 = fixed)")
     lmg = p.add_argument_group("lm task")
     lmg.add_argument("--no-dense", action="store_true", help="skip the dense baseline with equal active parameters")
     lmg.add_argument("--lm-backend", default="torch", help="experts.backend of the runs (torch | grouped_mm | ...)")
     lmg.add_argument("--lm-override", action="append", default=[], metavar="KEY=VALUE",
                      help="extra Hydra override for every run, e.g. train.batch_size=8 (repeatable)")
     lmg.add_argument("--lm-timeout", type=float, default=1800.0, help="seconds before one launch.train run is abandoned")
+    lmg.add_argument("--lm-threads", type=int, default=1, help="train.threads of each run")
+    lmg.add_argument("--jobs", type=int, default=1, help="launch.train runs at once (each uses --lm-threads threads)")
+    p.add_argument("--render-only", action="store_true",
+                   help="no training: rewrite table.md and the plots from --out's results.json (same --task); "
+                        "with --target, the steps to that target are recounted from the stored curves")
     args = p.parse_args(argv)
+    args.target_given = args.target is not None
     args.steps = DEFAULT_STEPS[args.task] if args.steps is None else args.steps
     args.target = DEFAULT_TARGET[args.task] if args.target is None else args.target
     try:
@@ -89,6 +108,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def fluctuation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Constructor options of the fluctuation task from the command line."""
+    return {"noise": args.noise, "sub_labels": args.sub_labels, "drift": args.drift}
+
+
+def lm_tokens_per_step(args: argparse.Namespace) -> int:
+    """Training tokens per optimizer step of the LM runs (``train.batch_size`` x ``train.seq_len``, overrides applied).
+
+    ``train.batch_size`` is the whole step's batch (``train.grad_accum`` splits it into micro-batches).
+    """
+    from launch.config import TrainConfig
+
+    d = TrainConfig()
+    get = lambda key, default: int(lm.override_value(args.lm_override, key) or default)  # noqa: E731
+    return get("train.batch_size", d.batch_size) * get("train.seq_len", d.seq_len)
+
+
 def log(msg: str) -> None:
     print(f"compare_routers: {msg}", file=sys.stderr, flush=True)
 
@@ -96,7 +132,9 @@ def log(msg: str) -> None:
 def run_toy(args: argparse.Namespace) -> tuple[dict[str, list[RunResult]], dict[str, str], dict[str, Any]]:
     """Train every router spec for every seed on a toy task; (runs by label, notes, configs)."""
     settings = ToySettings(task=args.task, steps=args.steps, target=args.target, batch_tokens=args.batch_tokens,
-                           eval_every=args.eval_every, lr=args.lr, num_experts=args.num_experts, d_ff=args.d_ff)
+                           eval_every=args.eval_every, lr=args.lr, num_experts=args.num_experts, d_ff=args.d_ff,
+                           task_options=fluctuation_options(args) if args.task == "fluctuation" else {},
+                           task_seed=args.task_seed, probe_tokens=args.probe_tokens)
     runs: dict[str, list[RunResult]] = {}
     notes: dict[str, str] = {}
     configs: dict[str, Any] = {}
@@ -142,20 +180,28 @@ def run_lm(args: argparse.Namespace) -> tuple[dict[str, list[RunResult]], dict[s
         d_ff = int(lm.override_value(args.lm_override, "model.d_ff") or ModelConfig().d_ff)
         arms.append(lm.dense_arm(k, d_ff))
     runs_dir = args.out / "lm_runs"
+
+    def one(arm: lm.LmArm, seed: int) -> RunResult:
+        log(f"lm {arm.label} seed {seed}: {' '.join(arm.overrides)}")
+        extra = lm.overrides_for(arm, args.lm_override)
+        result = lm.run_arm(arm, seed, args.steps, args.target, runs_dir, extra, args.lm_backend, args.lm_timeout, args.lm_threads)
+        log(f"lm {arm.label} seed {seed}: val_loss {result.final_loss:.4f}, {result.wall_s:.0f}s")
+        return result
+
+    # Seed-major order, so with --jobs 2 the arms of one seed finish close together.
+    work = [(arm, seed) for seed in args.seed_list for arm in arms]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {(arm.label, seed): pool.submit(one, arm, seed) for arm, seed in work}
     for arm in arms:
         runs[arm.label] = []
         for seed in args.seed_list:
-            log(f"lm {arm.label} seed {seed}: {' '.join(arm.overrides)}")
-            extra = lm.overrides_for(arm, args.lm_override)
             try:
-                result = lm.run_arm(arm, seed, args.steps, args.target, runs_dir, extra, args.lm_backend, args.lm_timeout)
+                runs[arm.label].append(futures[(arm.label, seed)].result())
             except Exception as err:
                 notes[arm.label] = f"failed (seed {seed}): {type(err).__name__}: {err}"
                 log(notes[arm.label])
                 runs[arm.label] = []
                 break
-            runs[arm.label].append(result)
-            log(f"lm {arm.label} seed {seed}: val_loss {result.final_loss:.4f}, {result.wall_s:.0f}s")
     return runs, notes, {arm.label: list(arm.overrides) for arm in arms}
 
 
@@ -174,23 +220,54 @@ def table_footer(args: argparse.Namespace, wall: float) -> str:
             f"(every {args.eval_every} steps), last half of training. Wall time {wall:.0f} s on this machine.")
 
 
+def load_results(path: Path) -> tuple[dict[str, list[RunResult]], dict[str, str], dict[str, Any]]:
+    """Runs, notes and meta from a ``results.json`` (None floats back to NaN)."""
+    payload = json.loads(path.read_text())
+    floats = {f.name for f in dataclasses.fields(RunResult) if f.type in ("float", float)}
+    def run(d: dict[str, Any]) -> RunResult:
+        return RunResult(**{k: (math.nan if v is None and k in floats else v) for k, v in d.items()})
+    return {label: [run(d) for d in runs] for label, runs in payload["routers"].items()}, payload["notes"], payload["meta"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs, notes, configs = run_lm(args) if args.task == "lm" else run_toy(args)
-    wall = time.perf_counter() - t0
+    if args.render_only:  # tables and plots again from an earlier run's results.json (no training)
+        runs, notes, loaded_meta = load_results(args.out / "results.json")
+        meta = loaded_meta
+        wall, configs = float(meta["wall_s"]), meta["configs"]
+        args.steps, args.seed_list, args.k = meta["steps"], meta["seeds"], meta["k"]
+        if args.target_given:  # a new target: recount the steps to reach it from the stored curves
+            for result in (r for rs in runs.values() for r in rs):
+                result.steps_to_target = steps_to_target(result.losses, args.target, min(10, max(1, len(result.losses))))
+        else:
+            args.target = meta["target"]
+        args.eval_every = meta.get("eval_every", args.eval_every)
+        args.lm_override = [o for i, o in enumerate(meta["argv"]) if i > 0 and meta["argv"][i - 1] == "--lm-override"]
+    else:
+        runs, notes, configs = run_lm(args) if args.task == "lm" else run_toy(args)
+        wall = time.perf_counter() - t0
     meta = {"task": args.task, "steps": args.steps, "target": args.target, "k": args.k, "seeds": args.seed_list,
             "argv": sys.argv[1:] if argv is None else argv, "configs": configs, "wall_s": wall}
     if args.task != "lm":
-        meta.update(num_experts=args.num_experts, d_ff=args.d_ff, lr=args.lr, batch_tokens=args.batch_tokens, eval_every=args.eval_every)
+        meta.update(num_experts=args.num_experts, d_ff=args.d_ff, lr=args.lr, batch_tokens=args.batch_tokens, eval_every=args.eval_every,
+                    task_seed=args.task_seed, probe_tokens=args.probe_tokens)
+    if args.task == "fluctuation":
+        meta.update(fluctuation_options(args))
+    if args.render_only:
+        meta = {**loaded_meta, "target": args.target}  # the run's own settings and command line
     write_results(args.out, meta, runs, notes)
     title = f"Router comparison: {args.task} ({len(args.seed_list)} seed(s), {args.steps} steps, k={args.k or 'router default'})"
-    (args.out / "table.md").write_text(markdown_table(title, runs, notes, table_footer(args, wall)))
+    reference = lm.DENSE_LABEL if args.task == "lm" else None
+    (args.out / "table.md").write_text(markdown_table(title, runs, notes, table_footer(args, wall), reference))
     plot_loss_curves(args.out / "loss_curves.png", runs, LOSS_NAME[args.task], args.target)
+    plot_eval_curves(args.out / "val_curves.png", runs, LOSS_NAME[args.task], lm_tokens_per_step(args) if args.task == "lm" else None)
+    if reference is not None:
+        plot_eval_deltas(args.out / "val_delta.png", runs, reference, LOSS_NAME[args.task], lm_tokens_per_step(args))
     plot_load_heatmaps(args.out / "expert_load.png", runs)
-    log(f"wrote {args.out}/table.md, results.json, loss_curves.png, expert_load.png in {wall:.0f}s")
+    log(f"wrote {args.out}/table.md, results.json, loss_curves.png, val_curves.png, expert_load.png in {wall:.0f}s")
     print((args.out / "table.md").read_text())
     return 0
 

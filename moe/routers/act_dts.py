@@ -16,6 +16,10 @@ threshold, schedule, hard switch and combine weights ``softmax(σ(h))`` all use 
 Pitfall: a bounded σ caps the logit gap, so the largest weight ratio is
 ``exp((σ_max - σ_min)/τ)`` (tanh at τ = 0.5: e⁴ ≈ 55); real sparsity needs τ ≪ 1 or the hard
 switch, hence the lower ``tau_min`` default than DTS.
+
+No public code (the paper is theory with a simulation; the code index has no release), so there
+is nothing to check the gate against beyond the paper's formula. Every default not listed in
+``ActivationDTSConfig`` is DTS's (EvoMoE release values, ``moe/routers/dts.py``).
 """
 
 from __future__ import annotations

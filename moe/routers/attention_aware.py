@@ -13,7 +13,8 @@ guard against non-causal probabilities) and, when ``RouterContext.doc_ids_T`` is
 same-document mask (the model's attention crosses packed-document boundaries, routing should
 not), then each row is renormalised; the diagonal of a softmax is positive, so no row is empty.
 Like similarity routing this is a reconstruction of the paper's model; the mixing space and
-the load-balancing loss (Switch on ``pi~``, ⚠ assumed) are config values.
+the load-balancing loss (Switch on ``pi~``, ⚠ assumed) are config values. No public code exists
+(searched: see ``moe.routers.similarity``); defaults are those of the similarity router.
 """
 
 from __future__ import annotations

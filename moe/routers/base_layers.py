@@ -24,6 +24,24 @@ reads no gradient through any of it.
 NON-CAUSAL: in training a token's expert depends on the other tokens of the batch (later ones
 included), as with expert choice. The assignment is per rank (over its local batch), not over
 the whole data-parallel batch as in fairseq; balance is exact on every rank, hence globally.
+
+Checked against the authors' release, ``facebookresearch/fairseq: fairseq/modules/base_layer.py``
+(``BaseLayer``, ``BaseSublayer``):
+
+- centroids ``orthogonal_(gain=0.1)``; affinities ``x · c_e`` under ``no_grad``; balanced
+  assignment in training (``libbase.balanced_assignment``, an auction, C++), greedy top-1 at
+  inference; ``α = σ(x · c_{e_t})`` *with* gradient to the centroids: the same;
+- output: the release's expert is itself residual, ``x + ff2(relu(ff1(LN(x))))`` with ``ff2``
+  zero-initialised, and the layer returns ``α·expert(x) + (1 − α)·x = x + α·FFN(LN(x))``. Here the
+  block's residual adds ``x`` and the block's pre-norm plays ``LN``, so ``α f_e(x)`` gives the same
+  function; the experts keep moeforge's SwiGLU and init (not zero-initialised ``ff2``);
+- ``base_shuffle`` (send each token to a random worker before routing) only changes which worker
+  computes, not the assignment's objective; without expert parallelism it has nothing to do;
+- the release uses one BASE layer in the middle of the network (``--base-layers``, default 0,
+  and ``--base-sublayers``); here it is a router, so it replaces the router of every MoE layer.
+- Defaults: ``eps``, ``dual_sweeps``, ``max_rounds`` are this implementation's own (the release's
+  C++ auction has its own ε schedule); they change only the speed and a ≤ T·ε·range gap to the
+  optimum, never the balance (the counts are exact).
 """
 
 from __future__ import annotations

@@ -16,6 +16,23 @@ axis (``router.local_search``, COMET+), and ``g = sum_t q_t / sum_{t,e} q_te``. 
 is saturated each tree reaches exactly one leaf, so at most k experts get ``g > 0``; at
 initialisation (splits near 1/2) every expert does. The regulariser ``lambda * sum_t
 mean_T H(p_t)`` (aux loss ``comet_entropy``) pushes splits towards 0/1.
+
+Checked against the authors' releases: ``mazumder-lab/COMET: model/gates/comet.py``
+(``COMETGate``, TensorFlow, the paper's experiments) and the PyTorch port
+``mazumder-lab/COMET-BERT: src/transformers/cometbert/gates/comet.py`` (``COMET``):
+
+- heap layout, ``S_gamma`` splits, leaf probability products, ``o = a + log p`` with ``-inf``
+  below 1e-5, one softmax over the k*E scores, the permutation, the final renormalisation, and
+  the entropy regulariser ``lambda * mean_batch sum_t H(p_t)`` (summed leaf by leaf in the
+  release): the same. The release logs ``log(p + 1e-6)``; here ``log p`` (p >= 1e-5 where kept).
+- initialisation: split kernel *and* bias ``U(-gamma/100, gamma/100)``, leaf kernel *and* bias
+  Keras ``RandomUniform()`` = ``U(-0.05, 0.05)``: the TF release (its ``Dense`` layers set
+  ``bias_initializer`` to the same initialiser as the kernel). The PyTorch port drops the split
+  bias and zeroes the leaf bias; we follow the TF release, which produced the paper's numbers.
+- defaults: ``k = 2`` and ``gamma = 1`` are in the release's search grids
+  (``config/model_config/movielens2M/comet.json``: k in {2}, gamma in {0.01, 0.1, 1, 5, 10},
+  entropy_reg in {0.05, 0.1, 0.5, 1, 5, 10}); ``entropy_coef = 0.1`` is the second value of that
+  grid (the paper tunes it per dataset; there is no single released default).
 """
 
 from __future__ import annotations
@@ -38,13 +55,13 @@ class CometConfig:
     k: int = 2
     """Number of trees; at most k experts per token once the splits are binary."""
     gamma: float = 1.0
-    """Width of the smooth step's cubic band [-gamma/2, gamma/2] (paper grid: 0.01 .. 10)."""
+    """Width of the smooth step's cubic band [-gamma/2, gamma/2] (release grid {0.01, 0.1, 1, 5, 10})."""
     entropy_coef: float = 0.1
-    """lambda of the leaf-distribution entropy regulariser (paper tunes ~0.05 .. 10)."""
+    """lambda of the leaf-distribution entropy regulariser (release grid {0.05, 0.1, 0.5, 1, 5, 10})."""
     prob_floor: float = 1e-5
-    """Leaves with path probability below this get score -inf (exact zero weight)."""
+    """Leaves with path probability below this get score -inf (exact zero weight; release: 1e-5)."""
     leaf_init: float = 0.05
-    """Leaf logit weights start U(-leaf_init, leaf_init), biases 0 (COMET's initialiser)."""
+    """Leaf logit weights and biases start U(-leaf_init, leaf_init) (release: Keras RandomUniform, 0.05)."""
     local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
     """Permutation local search of the leaf -> expert map (COMET+)."""
 
@@ -121,9 +138,9 @@ class CometRouter(Router):
         self.split = nn.Linear(d_model, (E - 1) * K)  # one hyperplane per (internal node, tree)
         self.leaf = nn.Linear(d_model, E * K)  # one logit per (leaf, tree)
         nn.init.uniform_(self.split.weight, -cfg.gamma / 100, cfg.gamma / 100)
-        nn.init.zeros_(self.split.bias)
+        nn.init.uniform_(self.split.bias, -cfg.gamma / 100, cfg.gamma / 100)
         nn.init.uniform_(self.leaf.weight, -cfg.leaf_init, cfg.leaf_init)
-        nn.init.zeros_(self.leaf.bias)
+        nn.init.uniform_(self.leaf.bias, -cfg.leaf_init, cfg.leaf_init)
         node_EP, left_EP, valid_EP = leaf_paths(E)
         self.register_buffer("node_EP", node_EP, persistent=False)
         self.register_buffer("left_EP", left_EP, persistent=False)

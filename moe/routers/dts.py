@@ -25,6 +25,25 @@ after step ``base_steps - 1``. The DTS step then counts from the spawn: the sche
 ``hard_step`` see ``step - base_steps`` (so ``tau_max`` is the first DTS step's temperature
 whatever ``base_steps`` is). The ``spawned`` buffer is persistent, so a resumed run never spawns
 twice.
+
+Checked against codecaution/EvoMoE (the authors' fairseq fork): ``fairseq/modules/moe/topkgate.py``
+(two stored versions: d1e49d2 as above; an older one with ``GUMBEL_THRESHOLD = 0.02``, Gumbel
+weights and no ``l_aux``), ``fairseq_cli/train.py`` (the temperature schedule per update),
+``fairseq/dataclass/configs.py`` (flag defaults) and the launch scripts. Defaults and where they
+come from: ``threshold = 0.001`` (d1e49d2); ``tau_max = 2.0``, ``tau_min = 0.5``,
+``decay_steps = 5000``, ``hard_step = 6000`` (``kdd_scripts/wmt14_*_gumbel.sh``; the GPT-tiny
+scripts use 10.0 -> 0.01 over 50k, hard at 100k); ``aux_loss_coef = 0.01``
+(``--moe-gate-loss-wt`` of ``scripts/pretrain_gpt_small_gumbel_MoE_balanced.sh``; 0 in the other
+scripts); ``gumbel_weights = False`` (``--use-gumbel-gates`` is not set in the scripts); ``k = 1``
+(the hard phase is top-1 in the release). The gate is ``torch.nn.Linear(D, E, bias=False)`` with
+PyTorch's default init, ``U(-1/sqrt(D), 1/sqrt(D))`` (kaiming-uniform, a = sqrt(5)); ``reset_gate``
+draws the same distribution (until this check it drew ``N(0, 1/D)``, sqrt(3) times wider, which
+starts the soft phase with sharper logits than the release). Where we differ on purpose: the
+release builds a T×E×T combine tensor for the dense phase (``torch.diag_embed``), here the decision
+has K = E masked slots and dispatch is dropless; the release computes ``softmax(h).log()``, here
+the Gumbel scores use ``h`` directly (the same softmax, without the underflow). The
+expert-diversify phase is not in the release (``moe/routers/evolve.py`` says how its values were
+chosen).
 """
 
 from __future__ import annotations
@@ -167,8 +186,9 @@ class DTSRouter(Router):
         return False
 
     def reset_gate(self, generator: torch.Generator | None = None) -> None:
-        """``W_g ~ N(0, 1/D)`` (as the top-k router), bias 0; drawn on the CPU when seeded."""
-        w = torch.randn(self.gate.weight.shape, generator=generator) * self.d_model**-0.5
+        """``W_g ~ U(-1/sqrt(D), 1/sqrt(D))`` (the release's ``nn.Linear`` default), bias 0; on the CPU when seeded."""
+        bound = self.d_model**-0.5
+        w = (torch.rand(self.gate.weight.shape, generator=generator) * 2 - 1) * bound
         copy_full_(self.gate.weight, w)  # an FSDP2 shard under parallel=fsdp
         if self.gate.bias is not None:
             copy_full_(self.gate.bias, torch.zeros(self.gate.bias.shape))

@@ -8,9 +8,22 @@ FFN (the base expert) for ``base_steps`` optimizer steps; then every expert e is
 ``mask_ratio``) and the gate is re-initialised, after which the DTS gate (``moe/routers/dts.py``)
 anneals from dense to sparse.
 
-⚠ Neither ``mask_ratio`` nor ``base_steps`` is pinned: the released code (codecaution/EvoMoE)
-has no spawning logic and the values were not checked against the paper's full text
-(research/routers.md §2, open item 1). Both are config values; the defaults are placeholders.
+Neither ``mask_ratio`` nor ``base_steps`` is released: codecaution/EvoMoE (the authors' fairseq
+fork; checked: ``fairseq/modules/moe/*``, ``fairseq_cli/train.py``, ``fairseq/DTS_moe_checkpoint_utils.py``
+and every launch script) has no spawning logic, and the stored paper text does not reach §3.
+Both defaults were therefore chosen by sweeps, first on the clustered-regression toy (8 clusters, 8
+experts, 500 steps, 3 seeds, k = 1 and k = 2; base phase 10/20/30/40% of the run x mask ratio
+0.1/0.25/0.5/0.75, every arm reaching its hard top-k phase; docs/compare_routers/README.md,
+"EvoMoE expert-diversify sweep"): the shortest base phase was best at both k (10%: held-out MSE
+0.217 at k=1 and 0.127 at k=2 with mask 0.1, vs 0.262 / 0.166 at 20% and 0.325 / 0.187 at 40%),
+while the mask ratio made no difference beyond the seed spread (10% base: 0.217 ± 0.066 to
+0.287 ± 0.104 at k=1, 0.124 ± 0.058 to 0.161 ± 0.060 at k=2). On the byte LM (d_model 128, 2
+layers, 8 experts of 64, top-2, 1,000 steps; docs/compare_routers/evomoe_sweep/lm*) the mask
+ratio did matter: at a 10% base phase, 0.5 beat 0.1 on all three seeds (validation 1.677 ± 0.032
+vs 1.754 ± 0.010 nats/byte, paired -0.077 ± 0.025), and a shorter base phase was better again
+(seed 0, mask 0.1: 5% 1.732, 10% 1.766, 20% 1.825, 30% 1.860). Hence ``mask_ratio = 0.5`` and a
+base phase of 10% of the run: ``base_steps = 1000`` is that share of a 10k-step run, so set it
+to a tenth of ``train.steps`` (``tools/router_toys/specs.py`` does, ``BASE_FRACTION``).
 
 Here the base phase is the router sending every token to expert 0 with weight 1, so experts
 1..E-1 and the gate get no gradient until the spawn. The spawn masks every expert (expert 0
@@ -39,9 +52,9 @@ class EvolveConfig:
     enabled: bool = False
     """Run the expert-diversify phase before the DTS gate (full EvoMoE); False = DTS from step 0."""
     base_steps: int = 1000
-    """Optimizer steps trained with the single base expert before the spawn (⚠ paper's T_div unverified)."""
+    """Optimizer steps trained with the single base expert before the spawn: 10% of the run (sweep, module docstring)."""
     mask_ratio: float = 0.5
-    """Probability that a base weight is zeroed in each spawned expert (⚠ paper's value unverified)."""
+    """Probability that a base weight is zeroed in each spawned expert (0.5: LM sweep, module docstring; not released)."""
     seed: int = 0
     """Seed of the spawn masks and of the re-initialised gate (same on every rank)."""
 

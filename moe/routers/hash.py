@@ -18,6 +18,26 @@ fixed random hash; the expert output is used with weight 1 and nothing is learne
 
 Token ``i`` uses entry ``i % table_size``. The table is a persistent buffer, so a checkpoint
 carries its own mapping.
+
+Checked against the authors' release, ``facebookresearch/ParlAI:
+projects/params_vs_compute/hash_ladder/hash_ladder.py`` (``HashLayerFFN``), and
+``Hsword/Hetu: python/hetu/layers/HashGate.py``:
+
+- the expert is a function of the *current input token id* only, weight 1, one expert per token,
+  no router parameters and no auxiliary loss: the same;
+- the release's random hash draws each id's bin i.i.d. (``random.randrange(hash_size)``, seed 42),
+  so experts hold a multinomial number of ids; our ``random`` table is a seeded permutation modulo
+  E, which holds the same number of ids per expert (±1). Kept on purpose: it is a random fixed
+  assignment as the paper's "Random Hash", minus the avoidable id imbalance (with 256 byte ids
+  over 8 experts the i.i.d. draw leaves some experts ~25% more ids than others);
+- ``balance = frequency`` is the paper's "Balanced assignment" (§3: ids sorted by frequency,
+  each to the least-loaded expert); the release leaves it to the user ("insert your choice of
+  hash function"), so it is from the paper's text;
+- the release puts one hash layer in the network (``--hash-layer``, default layer 7, 32 bins);
+  here every MoE layer of the model routes by hash (``model.moe_every`` controls which layers
+  are MoE); each hash layer uses the same table (the id decides, not the layer).
+- Defaults: ``table_size = 65536`` (>= any vocabulary here, so no two ids share an entry),
+  ``seed = 0``, ``balance = random`` (the release's default kind of hash).
 """
 
 from __future__ import annotations

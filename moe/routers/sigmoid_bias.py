@@ -20,6 +20,17 @@ inference/model.py`` (``Gate``):
 ``probs_TE`` (for entropy statistics) is the per-token normalised affinity ``s / Σ_e s``.
 Under data parallelism the trainer sums ``load_counts_E`` over ranks (``step_sums``) before
 ``after_step``, so every rank applies the same bias update.
+
+Checked against ``deepseek-ai/DeepSeek-V3: inference/model.py`` (``Gate.forward``): sigmoid
+scores kept as ``original_scores``; bias added for selection only; with a bias, a group's score
+is the sum of its top-2 biased scores (``amax`` without); top-k on the biased scores; weights
+gathered from the unbiased scores, divided by their sum (sigmoid path), times ``route_scale``:
+the same. That file is inference-only (the bias is loaded, never updated), so the update rule
+and γ come from the report (§2.1.2: γ = 0.001 for the first 14.3T tokens); the sequence-wise loss
+and α = 1e-4 from eqs. 17-20 and §4.2. ``route_scale = 1.0`` is ``ModelArgs``' default in that
+file (the 671B config sets 2.5); ``k = 2`` matches the other routers here (V3: 8 of 256).
+Differences: the gate is ``N(0, 1/D)`` like every router here (the release's ``Gate.weight`` is
+``torch.empty``, filled from the checkpoint, so it fixes no init).
 """
 
 from __future__ import annotations

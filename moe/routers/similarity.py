@@ -17,6 +17,19 @@ the form of ``W_s`` (``symmetric``: ``A A^T`` vs ``A B^T``, each of rank ``d_sim
 ``1/sqrt(d_sim)`` like attention), the temperature ``tau``, whether probabilities or logits are
 mixed (``mix``), and the load-balancing loss, which is the Switch loss on ``pi~`` (⚠ assumed).
 
+Sources searched (this check): the public code index has no release of the paper (queries for
+Similarity-Aware / Attention-Aware SMoE and "Graph of Tokens" return only the arXiv abstract
+pages and unrelated repositories), and the stored paper text stops at the abstract, so §2-3
+could not be read here. What the abstract does fix: the router mixes over *tokens* via token
+similarities (Similarity-Aware) or the attention matrix (Attention-Aware), and this is claimed to
+lower the entropy of expert selection and reduce late-training routing fluctuations. Defaults and
+where they come from: ``k = 2`` (the paper's WikiText-103 and V-MoE experiments use top-2, per
+research notes; the abstract does not say); ``d_sim = 64``, ``tau = 1``, ``symmetric = True``,
+``mix = probs`` are this reconstruction's choices (``mix = probs`` is the graphical model's
+``pi~ = S pi``); ``aux_loss_coef = 0.01`` and ``z_loss_coef = 0.001`` are the Switch / ST-MoE
+values of the base top-k router (``moe.routers.topk``), kept so the comparison with top-k changes
+only the routing. Test of the abstract's claim on our tasks: docs/compare_routers/README.md.
+
 ``graph_mixed_decision`` (the mixing + top-k) and ``sequence_mask`` are shared with
 attention-aware routing (``moe.routers.attention_aware``), which uses the attention
 probabilities as the graph instead of ``S``.

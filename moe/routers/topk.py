@@ -35,13 +35,13 @@ RENORMALIZE = ("auto", "always", "never")
 class TopKConfig:
     name: str = "topk"
     k: int = 2
-    """Experts per token."""
+    """Experts per token (2: GShard's top-2 and Mixtral's 2 of 8)."""
     jitter: float = 0.0
     """Switch multiplicative input jitter: x * U(1-jitter, 1+jitter) in training; 0 disables."""
     aux_loss_coef: float = 0.01
-    """Coefficient of the Switch load-balancing loss (Fedus et al. eq. 4)."""
+    """Coefficient of the Switch load-balancing loss (Fedus et al. eq. 4; α = 1e-2, their §2.2)."""
     z_loss_coef: float = 0.001
-    """Coefficient of the ST-MoE router z-loss (Zoph et al. eq. 5)."""
+    """Coefficient of the ST-MoE router z-loss (Zoph et al. eq. 5; c_z = 1e-3, their §3.3)."""
     local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
     """Permutation local search of the expert axis (COMET+ wrapper, moe.routers.local_search)."""
     renormalize: str = "auto"

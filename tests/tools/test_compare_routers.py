@@ -13,7 +13,7 @@ from moe.routers import ROUTERS, RoutingDecision
 from tools.compare_routers import main
 from tools.router_toys import lm
 from tools.router_toys.nmi import mutual_information, normalized_mutual_information
-from tools.router_toys.specs import SkipRouter, build_config, parse_spec, resolve_values
+from tools.router_toys.specs import BASE_FRACTION, SkipRouter, build_config, parse_spec, resolve_values
 from tools.router_toys.tasks import FluctuationTask, RegressionTask
 from tools.router_toys.train_toy import late_flip_rate, steps_to_target, top1_experts
 
@@ -89,13 +89,43 @@ def test_fluctuation_data_one_cluster_per_sequence() -> None:
     assert (dist_seq == batch.y[:, 0]).float().mean() > 0.8
 
 
+def test_fluctuation_sub_labels_follow_the_cluster_rule_and_drift_keeps_probe_tokens() -> None:
+    task = FluctuationTask(seed=2, sub_labels=4, drift=0.1)
+    batch = task.sample(64 * 32, torch.Generator().manual_seed(0))
+    assert task.num_classes == 32 and batch.y.min() >= 0 and batch.y.max() < 32
+    c_BS = batch.cluster.view(64, 32)
+    assert torch.equal(batch.y // 4, c_BS)  # the cluster is the label's high part
+    # Independent reference: the bucket is the number of N(0,1) quartiles below w_c . z.
+    proj = (batch.z * task.w_CX[c_BS]).sum(-1).double()
+    quartiles = torch.tensor([-0.6744897501960817, 0.0, 0.6744897501960817], dtype=torch.float64)
+    assert torch.equal(batch.y % 4, (proj.unsqueeze(-1) > quartiles).sum(-1))
+    shares = torch.bincount((batch.y % 4).flatten(), minlength=4).double() / batch.y.numel()
+    assert (shares - 0.25).abs().max() < 0.03  # equal-probability slabs
+    mu0 = task.mu_CX.clone()
+    task.sample(32)  # a training draw: one random-walk step of std 0.1 per coordinate
+    step = task.mu_CX - mu0
+    assert 0.05 < float(step.std()) < 0.15
+    moved = task.refresh(batch)  # same tokens, current means
+    torch.testing.assert_close(moved.x - batch.x, step[c_BS[:, 0]].unsqueeze(1).expand_as(batch.x))
+    assert torch.equal(moved.y, batch.y) and torch.equal(moved.cluster, batch.cluster)
+    fixed = FluctuationTask(seed=2, sub_labels=4)
+    fixed.sample(32)
+    assert torch.equal(fixed.mu_CX, FluctuationTask(seed=2, sub_labels=4).mu_CX)  # drift 0: means never move
+
+
 # ---------------------------------------------------------------- specs and metrics
 
 
 def test_specs_scale_schedules_set_k_and_skip_unknown_fields() -> None:
     cfg = build_config(parse_spec("dts"), 2, 100)
     assert (cfg.k, cfg.decay_steps, cfg.hard_step) == (2, 50, 75)
-    assert build_config(parse_spec("evomoe"), 1, 100).evolve.enabled and build_config(parse_spec("evomoe"), 1, 100).evolve.base_steps == 20
+    evo = build_config(parse_spec("evomoe"), 1, 100)
+    base = int(100 * BASE_FRACTION)
+    assert evo.evolve.enabled and evo.evolve.base_steps == base
+    # the DTS schedule counts from the spawn and must fit in the steps left: hard at 3/4 of them
+    assert (evo.decay_steps, evo.hard_step) == ((100 - base) // 2, (3 * (100 - base)) // 4)
+    long_base = build_config(parse_spec("dts:evolve.enabled=true:evolve.base_steps=60:hard_step=7"), 1, 100)
+    assert (long_base.decay_steps, long_base.hard_step) == (20, 7)  # an explicit value wins
     assert build_config(parse_spec("expert_choice"), 3, 100).capacity_factor == 3  # k -> mean experts per token
     assert build_config(parse_spec("comet+:gamma=0.5"), 2, 100).local_search.enabled
     assert build_config(parse_spec("comet+:gamma=0.5"), 2, 100).gamma == 0.5
@@ -153,6 +183,24 @@ def test_lm_dense_arm_and_metrics_parsing(tmp_path) -> None:
     assert r.load_fractions == [[0.75, 0.25]] and math.isnan(r.nmi)  # steps 1-2 summed over layers: [12, 4]
 
 
+def test_difference_from_reference_is_welch_z_and_table_gets_the_column() -> None:
+    from tools.router_toys.report import difference, markdown_table, paired_difference
+    from tools.router_toys.train_toy import RunResult
+
+    def runs(label, finals):
+        return [RunResult(label=label, seed=i, final_loss=v) for i, v in enumerate(finals)]
+
+    moe, dense = runs("topk", [1.0, 1.2, 1.1]), runs("dense", [1.3, 1.3, 1.6])
+    # means 1.1 and 1.4, sample variances 0.01 and 0.03: se = sqrt(0.01/3 + 0.03/3) = 0.11547, z = -2.598
+    d, z = difference(moe, dense)
+    assert d == pytest.approx(-0.3) and z == pytest.approx(-0.3 / math.sqrt(0.04 / 3))
+    # paired by seed: d = [-0.3, -0.1, -0.5], mean -0.3, std 0.2, t = -0.3 / (0.2 / sqrt 3) = -2.598
+    pm, ps, t = paired_difference(moe, dense)
+    assert (pm, ps, t) == (pytest.approx(-0.3), pytest.approx(0.2), pytest.approx(-0.3 / (0.2 / math.sqrt(3))))
+    table = markdown_table("t", {"topk": moe, "dense": dense}, {}, reference="dense")
+    assert "Δ vs dense (z)" in table and "| -0.3000 (-2.6) | -0.3000 ± 0.2000 (-2.6) |" in table and "| — | — |" in table
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -163,10 +211,15 @@ def test_end_to_end_tiny_run_writes_table_and_pngs(tmp_path) -> None:
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ") and not line.startswith("| router")]
     assert len(rows) == 1 and rows[0].startswith("| topk | ")
     assert "2.00 / 2.00" in rows[0]  # k = 2 slots per token, all used
-    for png in ("loss_curves.png", "expert_load.png"):
+    for png in ("loss_curves.png", "val_curves.png", "expert_load.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     (run,) = results["routers"]["topk"]
     assert len(run["losses"]) == 5 and run["eval_steps"] == [2, 4, 5]
     assert len(run["load_fractions"]) == 3 and all(sum(f) == pytest.approx(1.0) for f in run["load_fractions"])
     assert 0.0 <= run["nmi"] <= 1.0
+    # --render-only rebuilds the same table from results.json without training
+    before = (out / "table.md").read_text()
+    (out / "table.md").unlink()
+    assert main(["--task", "regression", "--render-only", "--out", str(out)]) == 0
+    assert (out / "table.md").read_text() == before

@@ -85,12 +85,22 @@ def overrides_for(arm: LmArm, extra: list[str]) -> list[str]:
     return [o for o in extra if o.partition("=")[0].strip() not in DENSE_KEYS]
 
 
-def train_command(arm: LmArm, seed: int, steps: int, run_dir: Path, ckpt_dir: Path, extra: list[str], backend: str = "torch") -> list[str]:
+EVALS = 8
+"""Evaluations per run (the validation-loss curve has this many points)."""
+EVAL_BATCHES = 16
+"""Validation batches per evaluation: fixed within a run and the same for every arm with the same
+seed (``sampler.batch(index)`` of the validation split depends on ``train.seed``), so arms are
+compared paired by seed (``report.paired_difference``); different seeds see different windows."""
+
+
+def train_command(
+    arm: LmArm, seed: int, steps: int, run_dir: Path, ckpt_dir: Path, extra: list[str], backend: str = "torch", threads: int = 1
+) -> list[str]:
     """The ``python -m launch.train`` command line of one arm and seed (``extra`` overrides go last)."""
     return [
         sys.executable, "-m", "launch.train", "model=tiny", *arm.overrides,
-        f"experts.backend={backend}", f"train.steps={steps}", "train.log_every=1",
-        f"train.eval_every={max(1, steps // 5)}", "train.eval_batches=4", f"train.seed={seed}",
+        f"experts.backend={backend}", f"train.steps={steps}", "train.log_every=1", f"train.threads={threads}",
+        f"train.eval_every={max(1, steps // EVALS)}", f"train.eval_batches={EVAL_BATCHES}", f"train.seed={seed}",
         "logging=none", f"checkpoint.dir={ckpt_dir}", "checkpoint.every=0", "checkpoint.resume=never",
         f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
@@ -141,7 +151,7 @@ def read_metrics(path: Path, label: str, seed: int, steps: int, target: float, w
 
 def run_arm(
     arm: LmArm, seed: int, steps: int, target: float, runs_dir: Path, extra: list[str],
-    backend: str = "torch", timeout_s: float | None = None,
+    backend: str = "torch", timeout_s: float | None = None, threads: int = 1,
 ) -> RunResult:
     """Run one arm and seed; keeps ``metrics.jsonl`` under ``runs_dir``, deletes the checkpoint."""
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in arm.label)
@@ -149,7 +159,7 @@ def run_arm(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     ckpt_dir = Path(tempfile.mkdtemp(prefix="moeforge_cmp_ckpt_"))
-    cmd = train_command(arm, seed, steps, run_dir, ckpt_dir, extra, backend)
+    cmd = train_command(arm, seed, steps, run_dir, ckpt_dir, extra, backend, threads)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)

@@ -5,6 +5,13 @@ Table columns (one row per router spec, values over seeds): final loss ``mean ±
 flip rate (means; ``—`` where the task has no clusters or no late evaluation pair), experts per
 token as ``training mean / final`` (means), and for classification (the fluctuation task) the final
 probe accuracy (mean). A router that could not run gets one row saying why.
+
+With a reference row (``reference``: the LM task's dense baseline) two last columns compare each
+row with it. Unpaired: ``Δ = mean - mean_ref`` and ``z = Δ / sqrt(s²/n + s_ref²/n_ref)`` (Welch).
+Paired by seed: runs with the same seed share the data order and the validation batches, so much
+of the spread over seeds is common to both arms; ``d_i = loss_i - loss_ref,i`` over the seeds both
+have, reported as ``mean(d) ± std(d)`` and ``t = mean(d) / (std(d) / sqrt(n))``. |z| or |t| > 2:
+the difference is beyond 2 standard errors.
 """
 
 from __future__ import annotations
@@ -53,15 +60,46 @@ def table_row(label: str, runs: list[RunResult]) -> str:
     return row + (f" {np.mean(accuracies):.3f} |" if accuracies else "")
 
 
-def markdown_table(title: str, runs_by_label: dict[str, list[RunResult]], notes: dict[str, str], footer: str = "") -> str:
+def difference(runs: list[RunResult], ref: list[RunResult]) -> tuple[float, float]:
+    """``(Δ, z)``: difference of mean final losses from ``ref`` and Δ over its standard error (module docstring)."""
+    a, b = _finite([r.final_loss for r in runs]), _finite([r.final_loss for r in ref])
+    if not a or not b:
+        return math.nan, math.nan
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    return ma - mb, (ma - mb) / se if se > 0 else math.nan
+
+
+def paired_difference(runs: list[RunResult], ref: list[RunResult]) -> tuple[float, float, float]:
+    """``(mean d, std d, t)`` of per-seed differences ``d_i = final_i - final_ref,i`` (module docstring)."""
+    ref_by_seed = {r.seed: r.final_loss for r in ref}
+    d = [r.final_loss - ref_by_seed[r.seed] for r in runs if r.seed in ref_by_seed]
+    d = _finite(d)
+    if len(d) < 2:
+        return (d[0] if d else math.nan), math.nan, math.nan
+    m, s = mean_std(d)
+    return m, s, m / (s / math.sqrt(len(d))) if s > 0 else math.nan
+
+
+def markdown_table(
+    title: str, runs_by_label: dict[str, list[RunResult]], notes: dict[str, str], footer: str = "", reference: str | None = None
+) -> str:
     """The whole ``table.md``: title, header, one row per router (runs, or a skip/failure note)."""
     with_accuracy = any(r.final_accuracy is not None for runs in runs_by_label.values() for r in runs)
     header, rule = (HEADER + ACCURACY_HEADER, "|---" * 7 + "|") if with_accuracy else (HEADER, "|---" * 6 + "|")
+    ref_runs = runs_by_label.get(reference or "", [])
+    if ref_runs:
+        header, rule = header + f" Δ vs {reference} (z) | Δ paired by seed (t) |", rule + "---|---|"
     lines = [f"# {title}", "", header, rule]
     for label in dict.fromkeys([*runs_by_label, *notes]):  # command-line order
         runs = runs_by_label.get(label, [])
         if runs:
-            lines.append(table_row(label, runs))
+            row = table_row(label, runs)
+            if ref_runs:
+                d, z = difference(runs, ref_runs)
+                pm, ps, t = paired_difference(runs, ref_runs)
+                row += " — | — |" if label == reference else f" {d:+.4f} ({z:+.1f}) | {pm:+.4f} ± {ps:.4f} ({t:+.1f}) |"
+            lines.append(row)
         else:
             note = notes.get(label, "no runs")
             lines.append(f"| {label} | {note.replace('|', '/')} | | | | |")
@@ -118,6 +156,67 @@ def plot_loss_curves(path: Path, runs_by_label: dict[str, list[RunResult]], ylab
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"training {ylabel} (moving avg {window})")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_eval_curves(path: Path, runs_by_label: dict[str, list[RunResult]], ylabel: str, tokens_per_step: int | None = None) -> None:
+    """Evaluation loss vs training tokens (or steps): mean over seeds, band of ±1 sample std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
+    for label, runs in runs_by_label.items():
+        curves = [r.eval_losses for r in runs if r.eval_losses]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        arr = np.asarray([c[:n] for c in curves], dtype=np.float64)
+        x = np.asarray(runs[0].eval_steps[:n], dtype=np.float64) * (tokens_per_step or 1)
+        mean = arr.mean(axis=0)
+        std = arr.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
+        dense = "dense" in label
+        (line,) = ax.plot(x, mean, label=label, lw=2.0 if dense else 1.2, ls="--" if dense else "-", color="k" if dense else None)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xlabel("training tokens" if tokens_per_step else "step")
+    ax.set_ylabel(f"validation {ylabel}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_eval_deltas(path: Path, runs_by_label: dict[str, list[RunResult]], reference: str, ylabel: str, tokens_per_step: int | None = None) -> None:
+    """Evaluation loss minus the reference's, paired by seed, vs training tokens: mean and ±1 std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = {r.seed: r for r in runs_by_label.get(reference, [])}
+    if not ref:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
+    for label, runs in runs_by_label.items():
+        pairs = [(r.eval_losses, ref[r.seed].eval_losses) for r in runs if r.seed in ref and label != reference]
+        if not pairs:
+            continue
+        n = min(min(len(a), len(b)) for a, b in pairs)
+        d = np.asarray([np.asarray(a[:n]) - np.asarray(b[:n]) for a, b in pairs], dtype=np.float64)
+        x = np.asarray(runs[0].eval_steps[:n], dtype=np.float64) * (tokens_per_step or 1)
+        mean = d.mean(axis=0)
+        std = d.std(axis=0, ddof=1) if len(pairs) > 1 else np.zeros(n)
+        (line,) = ax.plot(x, mean, label=label, lw=1.2, marker="o", ms=3)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    ax.axhline(0.0, color="k", ls="--", lw=1.0, label=reference)
+    ax.set_xlabel("training tokens" if tokens_per_step else "step")
+    ax.set_ylabel(f"validation {ylabel} minus {reference}\n(paired by seed; below 0 = better)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -26,6 +26,8 @@ from moe.routers import ROUTERS
 
 ALIASES = {"evomoe": "dts:evolve.enabled=true"}
 K_FIELDS = ("k", "capacity_factor")
+BASE_FRACTION = 0.1
+"""EvoMoE base-expert phase as a share of the run (the expert-diversify sweep, docs/compare_routers/README.md)."""
 """Config fields that take ``--k``; the first one a Config has is set."""
 
 
@@ -77,13 +79,15 @@ def scaled_schedule(steps: int) -> dict[str, int]:
     """Schedule fields scaled to a run of ``steps`` optimizer steps (set where a Config has them).
 
     DTS / activation DTS (EvoMoE, research/routers.md §2): temperature anneals over the first half,
-    hard top-k from 3/4 of the run; EvoMoE's base-expert phase is the first 20% (the toy arm (c));
+    hard top-k from 3/4 of the run; with the expert-diversify phase on, the base-expert phase is the
+    first ``BASE_FRACTION`` of the run and the DTS halves/quarters are those of the steps left after it
+    (``resolve_values``);
     COMET+'s relaxed-permutation window the first 10% (the released configs use 1-10% of epochs).
     """
     return {
         "decay_steps": max(1, steps // 2),
         "hard_step": max(1, (3 * steps) // 4),
-        "evolve.base_steps": max(1, steps // 5),
+        "evolve.base_steps": max(1, int(steps * BASE_FRACTION)),
         "local_search.window_steps": max(1, steps // 10),
     }
 
@@ -131,6 +135,13 @@ def resolve_values(spec: RouterSpec, k: int | None, steps: int) -> dict[str, Any
         if field is not None:
             values[field] = k
     values.update(spec.overrides)
+    if values.get("evolve.enabled") and has_path(cls, "decay_steps"):
+        # The DTS schedule counts from the spawn: fit it into the steps left after the base phase
+        # (else a long base phase pushes the hard switch past the end of the run).
+        left = max(1, steps - int(values["evolve.base_steps"]))
+        for path, v in (("decay_steps", max(1, left // 2)), ("hard_step", max(1, (3 * left) // 4))):
+            if path not in spec.overrides:
+                values[path] = v
     return values
 
 

@@ -7,11 +7,21 @@ cluster with its own affine map ``y = A_c (x - mu_c) / sigma + b_c``; the model 
 8 small SwiGLU experts, ``y_hat = MoELayer(x)``, trained on MSE. Routing is easy to read: the ideal
 router sends each cluster to its own expert (NMI 1).
 
-Fluctuation (research/routers.md §6): sequences of 32 tokens, all from one of 8 clusters, each token
-``mu_c + noise`` with heavy noise, labelled with the sequence's cluster. Model: linear embedding,
+Fluctuation (the toy of the Graph-of-Tokens paper, arXiv 2505.00792, made hard): sequences of 32
+tokens, all from one of 8 clusters, each token ``x_t = mu_c + noise * z_t`` with heavy noise. The
+label of token t is ``sub_labels * c + bucket_c(z_t)``: the sequence's cluster and which of
+``sub_labels`` equal-probability slabs along a cluster-specific direction ``w_c`` the token's own
+noise falls in, so the right answer needs the cluster (evidence pooled along the sequence) *and* a
+cluster-specific rule applied to the token: an expert per cluster. A token routed to another
+cluster's expert gets another cluster's rule, so routing errors and flips cost accuracy (with
+``sub_labels = 1``, the original task, the label is the cluster alone, which the attention
+average and the classifier read without any help from the MoE layer: every router reached the
+same ~95% there). ``drift``: the cluster means take one Gaussian random-walk step of per-coordinate
+std ``drift`` at every training batch, so routing must keep up until the end; the probe keeps its
+tokens (cluster and noise) and is re-expressed at the current means before each evaluation
+(``refresh``), so flips measure routing instability on the same tokens. Model: linear embedding,
 one pre-norm transformer block (causal attention, then the MoE layer), a linear classifier per
-token, cross-entropy. A single token is ambiguous; the attention averages evidence along the
-sequence, and routers that mix routing over tokens (similarity-, attention-aware) should flip less.
+token, cross-entropy.
 
 Both models give every router the same ``RouterContext`` fields: ``step``, ``batch_size``/``seq_len``
 (per-sequence routers), ``token_ids_T`` (hash routing: a locality-sensitive hash of the raw input,
@@ -21,7 +31,7 @@ the fluctuation task the attention probabilities when the router asks (``needs_a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +53,8 @@ class Batch:
     """Targets: ``y_TD`` (regression) or class ids ``y_BS`` (fluctuation)."""
     cluster: Tensor
     """True cluster of every token, flattened ``[T]``."""
+    z: Tensor | None = None
+    """Fluctuation task: each token's standard-normal noise ``z_BSX`` (``refresh`` re-expresses x from it)."""
 
 
 def lsh_ids(x_TX: Tensor, planes_XL: Tensor) -> Tensor:
@@ -74,6 +86,10 @@ class RegressionTask:
         y_TX = torch.einsum("tij,tj->ti", self.A_CXX[c_T], z_TX) + self.b_CX[c_T]
         return Batch(x=x_TX, y=y_TX, cluster=c_T)
 
+    def refresh(self, batch: Batch) -> Batch:
+        """The probe as is (the regression task does not drift)."""
+        return batch
+
     def build_model(self, router_cfg: object, num_experts: int, d_ff: int) -> "RegressionModel":
         return RegressionModel(self.dim, d_ff, num_experts, router_cfg, self.planes_XL)
 
@@ -103,24 +119,54 @@ class FluctuationTask:
 
     loss_name = "cross-entropy"
 
-    def __init__(self, seed: int, dim: int = 16, num_clusters: int = NUM_CLUSTERS, seq_len: int = 32, noise: float = 3.0) -> None:
+    def __init__(
+        self, seed: int, dim: int = 16, num_clusters: int = NUM_CLUSTERS, seq_len: int = 32, noise: float = 3.0,
+        sub_labels: int = 1, drift: float = 0.0,
+    ) -> None:
+        if sub_labels < 1 or drift < 0 or noise <= 0:
+            raise ValueError(f"fluctuation task: sub_labels ({sub_labels}) must be >= 1, drift ({drift}) >= 0, noise ({noise}) > 0")
         g = torch.Generator().manual_seed(seed)
         self.dim, self.num_clusters, self.seq_len, self.noise = dim, num_clusters, seq_len, noise
+        self.sub_labels, self.drift = sub_labels, drift
+        self.num_classes = num_clusters * sub_labels
         self.mu_CX = torch.randn(num_clusters, dim, generator=g)
         self.planes_XL = torch.randn(dim, LSH_BITS, generator=g)
+        w_CX = torch.randn(num_clusters, dim, generator=g)
+        self.w_CX = w_CX / w_CX.norm(dim=1, keepdim=True)
+        # Slab edges of w_c . z ~ N(0, 1): the standard-normal quantiles i / sub_labels.
+        q = torch.arange(1, sub_labels, dtype=torch.float64) / sub_labels
+        self.edges = (torch.erfinv(2 * q - 1) * 2**0.5).float()
         self.generator = g
 
+    def labels(self, c_B: Tensor, z_BSX: Tensor) -> Tensor:
+        """``y_BS = sub_labels * c + bucket``, bucket = slab of ``w_c . z_t`` (equal-probability slabs)."""
+        proj_BS = torch.einsum("bsx,bx->bs", z_BSX, self.w_CX[c_B])
+        bucket_BS = torch.bucketize(proj_BS, self.edges)
+        return c_B.unsqueeze(1) * self.sub_labels + bucket_BS
+
     def sample(self, num_tokens: int, generator: torch.Generator | None = None) -> Batch:
-        """``num_tokens // seq_len`` sequences; each token ``mu_c + noise * N(0, I)``."""
+        """``num_tokens // seq_len`` sequences; each token ``mu_c + noise * z``, ``z ~ N(0, I)``.
+
+        A training draw (no ``generator``) first moves the means by one drift step.
+        """
         g = generator or self.generator
+        if generator is None and self.drift > 0:
+            self.mu_CX = self.mu_CX + self.drift * torch.randn(self.mu_CX.shape, generator=g)
         B, S = max(1, num_tokens // self.seq_len), self.seq_len
         c_B = torch.randint(self.num_clusters, (B,), generator=g)
-        x_BSX = self.mu_CX[c_B].unsqueeze(1) + self.noise * torch.randn(B, S, self.dim, generator=g)
-        y_BS = c_B.unsqueeze(1).expand(B, S).contiguous()
-        return Batch(x=x_BSX, y=y_BS, cluster=y_BS.reshape(-1))
+        z_BSX = torch.randn(B, S, self.dim, generator=g)
+        x_BSX = self.mu_CX[c_B].unsqueeze(1) + self.noise * z_BSX
+        cluster_BS = c_B.unsqueeze(1).expand(B, S).contiguous()
+        return Batch(x=x_BSX, y=self.labels(c_B, z_BSX), cluster=cluster_BS.reshape(-1), z=z_BSX)
+
+    def refresh(self, batch: Batch) -> Batch:
+        """The same tokens (cluster, noise, labels) at the current cluster means."""
+        assert batch.z is not None
+        c_B = batch.cluster.view(batch.z.shape[0], -1)[:, 0]
+        return replace(batch, x=self.mu_CX[c_B].unsqueeze(1) + self.noise * batch.z)
 
     def build_model(self, router_cfg: object, num_experts: int, d_ff: int) -> "FluctuationModel":
-        return FluctuationModel(self.dim, self.num_clusters, d_ff, num_experts, router_cfg, self.planes_XL)
+        return FluctuationModel(self.dim, self.num_classes, d_ff, num_experts, router_cfg, self.planes_XL)
 
 
 class FluctuationModel(nn.Module):

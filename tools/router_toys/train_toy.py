@@ -50,6 +50,13 @@ class ToySettings:
     d_ff: int = 16
     window: int = 10
     grad_clip: float = 1.0
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the task's constructor (fluctuation: noise, sub_labels, drift)."""
+    task_seed: int | None = None
+    """Seed of the task instance (cluster means, maps) and of the probe; None = the run's seed.
+    With a fixed task seed every seed sees the same task and the same held-out probe, and the
+    run's seed draws only the initialisation and the training batches, so the spread over seeds
+    is the router's own, not the spread of task difficulty or of probe sampling."""
 
 
 @dataclass
@@ -153,8 +160,11 @@ def evaluate(
 def train_one(label: str, router_cfg: object, seed: int, settings: ToySettings) -> RunResult:
     """Train ``router_cfg`` on ``settings.task`` with ``seed`` (data and init); see module docstring."""
     t0 = time.perf_counter()
-    task = TASKS[settings.task](seed)
-    probe = task.sample(settings.probe_tokens, torch.Generator().manual_seed(10_000 + seed))
+    task = TASKS[settings.task](seed if settings.task_seed is None else settings.task_seed, **settings.task_options)
+    if settings.task_seed is not None:
+        task.generator = torch.Generator().manual_seed(20_000 + seed)  # training batches from the run's seed
+    probe_seed = 10_000 + (seed if settings.task_seed is None else settings.task_seed)
+    probe = task.sample(settings.probe_tokens, torch.Generator().manual_seed(probe_seed))
     torch.manual_seed(seed)
     model = task.build_model(router_cfg, settings.num_experts, settings.d_ff)
     recorder = DecisionRecorder(model.moe.router)
@@ -182,6 +192,7 @@ def train_one(label: str, router_cfg: object, seed: int, settings: ToySettings) 
         loads_E += expert_loads(decision, E)
         done = step + 1
         if done % settings.eval_every == 0 or done == settings.steps:
+            probe = task.refresh(probe)  # the same tokens at the current cluster means (drift)
             eval_loss, top1_T, per_token, acc = evaluate(model, recorder, probe, step, E)
             result.eval_steps.append(done)
             result.eval_losses.append(eval_loss)

@@ -192,3 +192,15 @@ def test_registered_and_config_errors() -> None:
         CometConfig(k=0)
     with pytest.raises(ConfigError, match="model.num_experts"):
         CometRouter(CometConfig(), d_model=8, num_experts=1)
+
+
+def test_init_follows_the_tf_release_kernel_and_bias_uniform() -> None:
+    # mazumder-lab/COMET COMETGate: split Dense(kernel=bias=U(-gamma/100, gamma/100)), leaf
+    # Dense(kernel=bias=U(-0.05, 0.05)). Over 8*k*E draws each range is nearly filled, never exceeded.
+    torch.manual_seed(0)
+    gamma = 2.0
+    router = _router(E=16, k=4, d=64, gamma=gamma)
+    for p, bound in ((router.split.weight, gamma / 100), (router.split.bias, gamma / 100),
+                     (router.leaf.weight, 0.05), (router.leaf.bias, 0.05)):
+        assert float(p.abs().max()) <= bound
+        assert float(p.abs().max()) > 0.9 * bound  # uniform over the whole range, not zeros
