@@ -176,20 +176,10 @@ def plot_eval_curves(path: Path, runs_by_label: dict[str, list[RunResult]], ylab
         if not curves:
             continue
         n = min(len(c) for c in curves)
-        arr = np.asarray([c[:n] for c in curves], dtype=np.float64)
-        x = np.asarray(runs[0].eval_steps[:n], dtype=np.float64) * (tokens_per_step or 1)
-        mean = arr.mean(axis=0)
-        std = arr.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
         dense = "dense" in label
-        (line,) = ax.plot(x, mean, label=label, lw=2.0 if dense else 1.2, ls="--" if dense else "-", color="k" if dense else None)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
-    ax.set_xlabel("training tokens" if tokens_per_step else "step")
-    ax.set_ylabel(f"validation {ylabel}")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        _mean_band(ax, runs, np.asarray([c[:n] for c in curves], dtype=np.float64), tokens_per_step, label=label,
+                   lw=2.0 if dense else 1.2, ls="--" if dense else "-", color="k" if dense else None)
+    _finish(fig, ax, path, tokens_per_step, f"validation {ylabel}")
 
 
 def plot_eval_deltas(path: Path, runs_by_label: dict[str, list[RunResult]], reference: str, ylabel: str, tokens_per_step: int | None = None) -> None:
@@ -209,18 +199,32 @@ def plot_eval_deltas(path: Path, runs_by_label: dict[str, list[RunResult]], refe
             continue
         n = min(min(len(a), len(b)) for a, b in pairs)
         d = np.asarray([np.asarray(a[:n]) - np.asarray(b[:n]) for a, b in pairs], dtype=np.float64)
-        x = np.asarray(runs[0].eval_steps[:n], dtype=np.float64) * (tokens_per_step or 1)
-        mean = d.mean(axis=0)
-        std = d.std(axis=0, ddof=1) if len(pairs) > 1 else np.zeros(n)
-        (line,) = ax.plot(x, mean, label=label, lw=1.2, marker="o", ms=3)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+        _mean_band(ax, runs, d, tokens_per_step, label=label, lw=1.2, marker="o", ms=3)
     ax.axhline(0.0, color="k", ls="--", lw=1.0, label=reference)
+    _finish(fig, ax, path, tokens_per_step, f"validation {ylabel} minus {reference}\n(paired by seed; below 0 = better)")
+
+
+def _mean_band(ax: Any, runs: list[RunResult], values_SN: np.ndarray, tokens_per_step: int | None, **line: Any) -> None:
+    """Plot the mean over seeds (rows) of ``values_SN`` against the first run's evaluation steps (in
+    tokens when ``tokens_per_step`` is given), with a band of ±1 sample std (none for one seed)."""
+    n = values_SN.shape[1]
+    x = np.asarray(runs[0].eval_steps[:n], dtype=np.float64) * (tokens_per_step or 1)
+    mean = values_SN.mean(axis=0)
+    std = values_SN.std(axis=0, ddof=1) if len(values_SN) > 1 else np.zeros(n)
+    (drawn,) = ax.plot(x, mean, **line)
+    ax.fill_between(x, mean - std, mean + std, color=drawn.get_color(), alpha=0.15, lw=0)
+
+
+def _finish(fig: Any, ax: Any, path: Path, tokens_per_step: int | None, ylabel: str) -> None:
+    """Label the axes of an evaluation plot, add legend and grid, save it to ``path`` and close it."""
     ax.set_xlabel("training tokens" if tokens_per_step else "step")
-    ax.set_ylabel(f"validation {ylabel} minus {reference}\n(paired by seed; below 0 = better)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
 
 
