@@ -70,6 +70,8 @@ class OpRecord:
     atomic_rows: bool = False
     host_sync: bool = False
     where: str = ""
+    live_bytes: int = 0
+    """Bytes of tracked storages alive right after the op (with a ``MemoryTracker``)."""
 
 
 @dataclass
@@ -266,30 +268,34 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        sync = name in HOST_SYNCS or _reads_to_host(func, args, kwargs)
-        if sync and any(t.device.type == "meta" for t in tensors_in(args)):
+        on_device = any(t.device.type != "cpu" for t in tensors_in(args))
+        sync = (name in HOST_SYNCS and on_device) or _reads_to_host(func, args, kwargs)
+        if sync and any(t.device.type == "meta" for t in tensors_in(args)):  # no data to read: record it, answer zeros
             out = _host_value(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         if self.memory is not None:
             for t in tensors_in(out):
-                if t.device.type != "cpu" or not sync:
+                if t.device.type != "cpu":
                     self.memory.track(t, self.category())
         if func.is_view or name in NO_KERNEL:
             return out
+        if not sync and all(t.device.type == "cpu" for t in tensors_in(args) + tensors_in(out)):
+            return out  # host-side bookkeeping (e.g. an optimizer's CPU step counter): no kernel
         where = self.where()
+        live = self.memory.total if self.memory is not None else 0
         if name in GEMMS:
             flops = gemm_flops(name, args)
-            self.budget.ops.append(OpRecord(name, "gemm", flops=flops, model_flops=flops, where=where))
+            self.budget.ops.append(OpRecord(name, "gemm", flops=flops, model_flops=flops, where=where, live_bytes=live))
             return out
         if name in SDPA_FORWARD or name in SDPA_BACKWARD:
             executed, model = sdpa_flops(name, args, kwargs)
-            self.budget.ops.append(OpRecord(name, "sdpa", flops=executed, model_flops=model, where=where))
+            self.budget.ops.append(OpRecord(name, "sdpa", flops=executed, model_flops=model, where=where, live_bytes=live))
             return out
         accumulate = name in ACCUMULATING or (name in ("index_put", "index_put_", "_index_put_impl_") and bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False)))
         target = args[0] if args and isinstance(args[0], torch.Tensor) else None
         atomic = accumulate and target is not None and target.ndim >= 2 and target.shape[-1] > 1
         launches = multi_tensor_launches(func, args) if name.startswith(("_foreach_", "_fused_")) else 1
         self.budget.ops.append(OpRecord(str(func), "glue", bytes=glue_bytes(func, args, kwargs, out), launches=launches,
-                                        atomic_rows=atomic, host_sync=sync, where=where))
+                                        atomic_rows=atomic, host_sync=sync, where=where, live_bytes=live))
         return out
