@@ -43,11 +43,19 @@ WIDEST = frozenset({"addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "
 
 @functools.lru_cache(maxsize=None)
 def _has_cuda_autocast_kernel(name: str) -> bool:
-    try:
-        table = torch._C._dispatch_dump_table(f"aten::{name}")
-    except RuntimeError:
+    """Whether torch registers a CUDA autocast kernel for some overload of ``aten::name``."""
+    packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
+    if packet is None or not hasattr(packet, "overloads"):
         return False
-    return any(line.startswith("AutocastCUDA:") and "fallthrough" not in line for line in table.splitlines())
+    for overload in packet.overloads():
+        qualified = f"aten::{name}" if overload == "default" else f"aten::{name}.{overload}"
+        try:
+            table = torch._C._dispatch_dump_table(qualified)
+        except RuntimeError:
+            continue
+        if any(line.startswith("AutocastCUDA:") and "fallthrough" not in line for line in table.splitlines()):
+            return True
+    return False
 
 
 def _op_name(func: object) -> str:
