@@ -4,14 +4,14 @@ Backends that call library GEMMs or Triton kernels (``torch._grouped_mm``, moefo
 router's fp32-output GEMM) are outside autocast's op lists, so they cast their inputs themselves,
 to the dtype autocast would use. ``meta`` tensors stand for CUDA ones in the budget tools
 (``tools.step_budget`` counts a step on ``meta``); autocast has no ``meta`` device, so their
-answer is the dtype of the innermost ``meta_autocast`` block (None outside one).
+answer comes from the function the innermost ``meta_autocast`` block installed (None outside one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -24,16 +24,17 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.get_autocast_dtype("cuda")
     if x.device.type == "meta":
-        return getattr(_meta, "dtype", None)
+        source = getattr(_meta, "source", None)
+        return source() if source is not None else None
     return None
 
 
 @contextlib.contextmanager
-def meta_autocast(dtype: torch.dtype | None) -> Iterator[None]:
-    """Inside, ``autocast_dtype`` of a ``meta`` tensor is ``dtype`` (None: autocast off)."""
-    before = getattr(_meta, "dtype", None)
-    _meta.dtype = dtype
+def meta_autocast(source: Callable[[], torch.dtype | None]) -> Iterator[None]:
+    """Inside, ``autocast_dtype`` of a ``meta`` tensor is ``source()`` (None: autocast off at that moment)."""
+    before = getattr(_meta, "source", None)
+    _meta.source = source
     try:
         yield
     finally:
-        _meta.dtype = before
+        _meta.source = before

@@ -65,16 +65,54 @@ def _op_name(func: object) -> str:
 
 
 class CudaAutocast(TorchFunctionMode):
-    """CUDA autocast's casts for ``meta`` tensors (module docstring); ``dtype`` is the lower precision."""
+    """CUDA autocast's casts for ``meta`` tensors (module docstring); ``dtype`` is the lower precision.
+
+    Entered once around the whole counted code; it casts only inside ``region()`` (what the
+    trainer's ``with autocast:`` gets) and while activation checkpointing recomputes a forward
+    in the backward (``moe.recompute.is_recomputing``; torch's checkpoint re-enters the
+    forward's autocast state there too). Outside, the backward runs uncast, as on CUDA.
+    """
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.dtype = dtype
+        self.enabled = False
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._stack = contextlib.ExitStack()
 
+    def active(self) -> bool:
+        from moe.recompute import is_recomputing
+
+        return self.enabled or is_recomputing()
+
+    @contextlib.contextmanager
+    def region(self) -> Iterator[None]:
+        """Autocast on inside (its weight-cast cache is dropped on leaving, as autocast's is)."""
+        self.enabled = True
+        try:
+            yield
+        finally:
+            self.enabled = False
+            self._cache.clear()
+
     def __enter__(self) -> CudaAutocast:
-        self._stack.enter_context(meta_autocast(self.dtype))
+        from moe import recompute
+
+        self._stack.enter_context(meta_autocast(lambda: self.dtype if self.active() else None))
+        # torch function modes do not follow the autograd engine into the backward: push this one
+        # again while a checkpointed forward is recomputed there
+        enter, exit_ = recompute._Recomputing.__enter__, recompute._Recomputing.__exit__
+
+        def recompute_enter(ctx: object) -> None:
+            enter(ctx)
+            TorchFunctionMode.__enter__(self)
+
+        def recompute_exit(ctx: object, *exc: object) -> None:
+            TorchFunctionMode.__exit__(self, *exc)
+            exit_(ctx, *exc)
+
+        self._stack.enter_context(mock.patch.object(recompute._Recomputing, "__enter__", recompute_enter))
+        self._stack.enter_context(mock.patch.object(recompute._Recomputing, "__exit__", recompute_exit))
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
@@ -95,6 +133,8 @@ class CudaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if not self.active():
+            return func(*args, **kwargs)
         name = _op_name(func)
         target = None
         if name in LOWER:

@@ -34,6 +34,7 @@ mark above what was live when it started (``loss_peak_gb`` for the head and loss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -183,7 +184,8 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
         guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, StopSignals([]), AgentWatch())
         window = LogWindow(runtime)
         precision = precision_of(job, torch.device("cuda"))
-        autocast = CudaAutocast(torch.bfloat16) if precision == "bf16" else CudaAutocast(torch.float32)
+        amp = CudaAutocast(torch.bfloat16)
+        autocast = amp.region() if precision == "bf16" else contextlib.nullcontext()
 
         memory = MemoryTracker()
         for p in model.parameters():
@@ -230,7 +232,7 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
                     _GradFnLabels._mark(t.grad_fn, names[id(module)])
 
         hook = torch.nn.modules.module.register_module_forward_hook(label_outputs)
-        with tracker, _GradFnLabels(forward_label), counter:
+        with amp, tracker, _GradFnLabels(forward_label), counter:
             engine.zero_grad()
             ce, aux = forward_backward(model, runtime, x, y, 0, job, autocast, engine)
             loss = ce + sum(aux.values(), torch.zeros((), device=meta))

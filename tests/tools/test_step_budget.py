@@ -127,7 +127,7 @@ def test_meta_autocast_casts_as_cpu_autocast_does_for_gemms() -> None:
         ref = (torch.nn.functional.linear(x, w).dtype, (x @ w.t()).dtype)
     wm = torch.nn.Parameter(torch.empty(8, 4, device="meta"))
     xm = torch.empty(3, 4, device="meta")
-    with OpCounter() as counter, CudaAutocast(torch.bfloat16):
+    with OpCounter() as counter, CudaAutocast(torch.bfloat16) as amp, amp.region():
         got = (torch.nn.functional.linear(xm, wm).dtype, (xm @ wm.t()).dtype)
         soft = torch.softmax(torch.nn.functional.linear(xm, wm), -1).dtype
     assert got == ref == (torch.bfloat16, torch.bfloat16)
@@ -136,3 +136,31 @@ def test_meta_autocast_casts_as_cpu_autocast_does_for_gemms() -> None:
     # the weight once for its two linears (autocast's cache of leaf weights), and w.t() once: a
     # view is not a leaf, so autocast does not cache its cast either
     assert len(casts) == 2
+
+
+def test_full_recomputation_adds_one_forward_of_the_blocks() -> None:
+    """activation_checkpointing=full runs every block's forward twice: the executed GEMMs and
+    attention grow by exactly one forward of the blocks (hand count), the formula's do not."""
+    L, D, H, d, E, F, K, B, S = 2, 2048, 16, 128, 64, 1024, 8, 2, 256
+    T = B * S
+    args = ["model=olmoe_1b_7b", f"model.num_layers={L}", f"train.batch_size={B}", f"train.seq_len={S}"]
+    plain = count_step(args)
+    full = count_step([*args, "train.activation_checkpointing=full"])
+    block_forward = L * (2 * T * D * (3 * H * d + D) + 4 * B * H * S * S * d + 6 * T * K * D * F + 2 * T * D * E)
+    assert full.budget.model_flops - plain.budget.model_flops == block_forward
+    assert full.formula_flops == plain.formula_flops
+
+
+def test_parallel_layout_adds_the_hand_counted_communication() -> None:
+    """tiny on 2 GPUs, parallel=ep (ep 2), 2 x 64 tokens per GPU, balanced routing: per MoE layer each
+    GPU sends 2 (T k / 2 + T k / 2) = 512 rows of 128 bf16 (131,072 bytes), 4 layers; the dense
+    gradients (332,928 fp32 parameters) ring-all-reduce 2 (G - 1) / G of their bytes; all over
+    NVLink at 300 GB/s."""
+    from tools.step_parallel import predict_layout
+
+    out = predict_layout(["model=tiny", "train.batch_size=4", "train.seq_len=64"], 2, "ep", "h100")
+    tokens = 4 * 131_072 / 300e9
+    dense = 2 * (2 - 1) / 2 * 332_928 * 4 / 300e9
+    assert out["layout"] == "parallel=ep parallel.ep_size=2" and out["tokens_per_gpu"] == 128
+    assert out["comm_ms"] == pytest.approx((tokens + dense) * 1e3)
+    assert out["held_fraction"] == pytest.approx((332_928 + 3_145_728 / 2) / 3_478_656)
