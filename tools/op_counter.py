@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"})
 SDPA_FORWARD = frozenset({"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"})
 SDPA_BACKWARD = frozenset({f"{name}_backward" for name in SDPA_FORWARD})
-NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias"})
+NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias", "_unsafe_view"})
 ACCUMULATING = frozenset({"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "embedding_dense_backward", "_embedding_bag_backward"})
 HOST_SYNCS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "item"})
 
@@ -223,6 +223,9 @@ class MemoryTracker:
         self._refs: dict[int, weakref.ref] = {}
         self.peak = 0
         self.at_peak: dict[str, int] = {}
+        self.phase = ""
+        """A label the caller sets; ``phase_peaks`` keeps each phase's own peak and split."""
+        self.phase_peaks: dict[str, dict[str, int]] = {}
 
     @property
     def total(self) -> int:
@@ -248,6 +251,8 @@ class MemoryTracker:
         total = self.total
         if total > self.peak:
             self.peak, self.at_peak = total, dict(self.live)
+        if total > sum(self.phase_peaks.get(self.phase, {}).values()):
+            self.phase_peaks[self.phase] = dict(self.live)
 
 
 class OpCounter(TorchDispatchMode):

@@ -120,6 +120,8 @@ class StepCount:
     memory_at_peak: dict[str, int]
     peak_bytes: int
     component_peak: dict[str, int]
+    phase_peaks: dict[str, dict[str, int]]
+    """Each phase's (forward and backward, clip, optimizer, bookkeeping) own peak, split by category."""
     tokens: int
     formula_flops: float
     """launch/throughput.py's model FLOPs of the step's tokens."""
@@ -196,6 +198,7 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
                     memory.track(t, "optimizer state")
         memory.peak = memory.total
         memory.at_peak = dict(memory.live)
+        memory.phase = "forward and backward"
 
         phase = ["step"]
         tracker = ModuleTracker()
@@ -236,16 +239,16 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
             engine.zero_grad()
             ce, aux = forward_backward(model, runtime, x, y, 0, job, autocast, engine)
             loss = ce + sum(aux.values(), torch.zeros((), device=meta))
-            phase[0] = "clip"
+            phase[0] = memory.phase = "clip"
             grad_norm = engine.grad_norm()
-            phase[0] = "bookkeeping"
+            phase[0] = memory.phase = "bookkeeping"
             verdict = guard.check(loss, grad_norm)
-            phase[0] = "optimizer"
+            phase[0] = memory.phase = "optimizer"
             if verdict.nonfinite:  # on meta every read value is 0: never taken
                 engine.skip_step()
             else:
                 engine.step()
-            phase[0] = "bookkeeping"
+            phase[0] = memory.phase = "bookkeeping"
             runtime.after_optimizer_step(model, engine.optimizer, 0)
             runtime.all_reduce_sum_(core.router_step_sums())
             core.after_step(0)
@@ -254,7 +257,7 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
         del doc_ids
     ops = counter.budget.ops
     comps = [component_of(r.where, r.kind) for r in ops]
-    return StepCount(counter.budget, comps, memory.at_peak, memory.peak, _component_peaks(ops, comps), x.numel(),
+    return StepCount(counter.budget, comps, memory.at_peak, memory.peak, _component_peaks(ops, comps), memory.phase_peaks, x.numel(),
                      counts.flops_per_token * x.numel(), backend, rates,
                      {"precision": precision, "activation_checkpointing": tr.activation_checkpointing, "grad_accum": tr.grad_accum})
 

@@ -91,7 +91,8 @@ def predict_layout(overrides: list[str], gpus: int, layout: str, card: str = "h1
         extra = min(sim.m, E - E // group) if group > 1 else 0  # gathered (non-owned) experts per layer, at most memory_cap
         gathered_gb = L * extra * 3 * m.d_model * m.d_ff * 8 / 1e9  # fp32 weights and their gradients
         comm_s, straggler_s = est.comm_s, est.straggler_s
-        layout_desc = "parallel=fssdp" + (f" parallel.fssdp.shard_size={shard}" if shard else "")
+        layout_desc = "parallel=fssdp" + (f" parallel.fssdp.shard_size={shard}" if shard else "") + (
+            f" parallel.fssdp.memory_cap={sim.m}" if sim.m != 2 else "")
     dense_bytes = dense_p * 4
     ring = 2 * (gpus - 1) / gpus * dense_bytes if gpus > 1 else 0.0
     dense_s = _link_time(ring, 1.0 if gpus <= gpus_per_node else 0.0, sim)
@@ -104,16 +105,23 @@ def predict_layout(overrides: list[str], gpus: int, layout: str, card: str = "h1
         row = rep["components"][name]
         scaled_ms += row["ms"] * (1 - held)
     step_ms = pred.step_ms - scaled_ms + (comm_s + dense_s + straggler_s) * 1e3
-    mem = dict(rep["memory_gb"])
-    param_gb = mem.get("parameters", 0.0)
-    for key in ("parameters", "optimizer state"):
-        if key in mem:
-            mem[key] *= held
-    if "gradients and backward buffers" in mem:
-        mem["gradients and backward buffers"] = max(0.0, mem["gradients and backward buffers"] - (1 - held) * param_gb)
-    if gathered_gb:
-        mem["gathered experts"] = gathered_gb
-    peak = rep["memory_gb"]["peak"] - sum(rep["memory_gb"].get(k, 0.0) for k in mem if k != "peak") + sum(v for k, v in mem.items() if k != "peak")
+    # memory: each phase's peak with what scales with the parameters held scaled (parameters, their
+    # gradients, optimizer state and the optimizer's and clipping's temporaries), the largest wins
+    scaled = ("parameters", "optimizer state", "optimizer temporaries", "clip temporaries")
+    phases = []
+    for split in count.phase_peaks.values():
+        gb = {k: v / 1e9 for k, v in split.items()}
+        param_gb = gb.get("parameters", 0.0)
+        for key in scaled:
+            if key in gb:
+                gb[key] *= held
+        if "gradients and backward buffers" in gb:
+            gb["gradients and backward buffers"] = max(0.0, gb["gradients and backward buffers"] - (1 - held) * param_gb)
+        if gathered_gb:
+            gb["gathered experts"] = gathered_gb
+        phases.append(gb)
+    mem = max(phases, key=lambda gb: sum(gb.values()))
+    peak = sum(mem.values())
     tokens = count.tokens
     return {
         "layout": layout_desc, "gpus": gpus, "gpus_per_node": gpus_per_node, "card": card,
@@ -127,16 +135,19 @@ def predict_layout(overrides: list[str], gpus: int, layout: str, card: str = "h1
 
 def recommend(overrides: list[str], gpus: int, card: str = "h100", gpus_per_node: int = 8) -> dict[str, Any]:
     """The layout and recomputation with the most tokens/s that fits the card's memory (or the
-    smallest-memory one, marked ``fits: False``, when none fits)."""
+    smallest-memory one, marked ``fits: False``, when none fits). Tried: every layout of
+    ``LAYOUTS`` (FSSDP also with ``parallel.fssdp.memory_cap=0``: no gathered copies) under
+    ``train.activation_checkpointing`` none, selective and full."""
     tried = []
-    for ac in ("none", "selective", "full"):  # recompute only when nothing fits without it
+    for ac in ("none", "selective", "full"):
         for layout in LAYOUTS:
             if layout == "fssdp_node" and gpus <= gpus_per_node:
                 continue
-            tried.append(predict_layout([*overrides, f"train.activation_checkpointing={ac}"], gpus, layout, card, gpus_per_node))
-        fitting = [t for t in tried if t["fits"]]
-        if fitting:
-            return max(fitting, key=lambda t: t["tokens_per_s"])
+            for extra in ([[]] if layout == "ep" else [[], ["parallel.fssdp.memory_cap=0"]]):
+                tried.append(predict_layout([*overrides, *extra, f"train.activation_checkpointing={ac}"], gpus, layout, card, gpus_per_node))
+    fitting = [t for t in tried if t["fits"]]
+    if fitting:
+        return max(fitting, key=lambda t: t["tokens_per_s"])
     return min(tried, key=lambda t: t["memory_gb"]["peak"])
 
 
