@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as python -m launch.train takes them")
     parser.add_argument("--card", choices=sorted(CARDS), default="h200")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     count = count_step(args.overrides, args.card)
     rep = report(count, predict(count))
     print(json.dumps(rep, indent=1) if args.json else markdown(rep))

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", choices=sorted(CARDS), default="h100")
     parser.add_argument("--layout", choices=(*LAYOUTS, "recommend"), default="recommend")
     parser.add_argument("--zipf", type=float, default=None, help="Zipf exponent of the expert load (default: balanced)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.layout == "recommend":
         out = recommend(args.overrides, args.gpus, args.card, args.gpus_per_node)
     else:
