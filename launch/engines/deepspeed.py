@@ -205,6 +205,9 @@ class DeepSpeedEngine:
         """The newest published checkpoint in ``checkpoint.dir`` written by this engine whose files all verify."""
         return select_checkpoint(self.job.checkpoint.dir, self.runtime, verify_deepspeed_checkpoint, " for engine=deepspeed")
 
+    def verify(self, path: Path) -> list[str]:
+        return verify_deepspeed_checkpoint(path, self.runtime)
+
     def load(self, path: Path) -> dict[str, Any]:
         """DeepSpeed's ``load_checkpoint`` (module, optimizer/ZeRO partitions, schedule), then this rank's RNG."""
         saved = read_manifest(path)
