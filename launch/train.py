@@ -46,6 +46,7 @@ from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
+from launch.routing_probe import load_probe, probe_state
 from launch.run_dir import register_resolvers
 from launch.spike_guard import SpikeEvent, SpikeGuard, roll_back
 from launch.step_guard import StepGuard
@@ -201,6 +202,7 @@ def restore(job: JobConfig, engine: Engine, core: MoETransformer, window: LogWin
     check_compatible(path, engine.manifest)
     trainer = engine.load(path)
     window.load(trainer.get("window", {}), core)
+    load_probe(core, engine.runtime, trainer.get("probe"))
     window.restart_clock()
     changed = apply_config(engine.optimizer, engine.scheduler, job)
     if changed:
@@ -352,7 +354,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                     progress.update(done, metrics)
             if due and job.checkpoint.enabled:
                 t_save = time.perf_counter()
-                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core), "spike": spikes.state(done)}
+                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core), "spike": spikes.state(done),
+                           "probe": probe_state(core, runtime)}
                 saved = engine.save(writer, done, trainer)
                 if done == tr.steps or stop:
                     saved = writer.finish() or saved

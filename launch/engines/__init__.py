@@ -45,6 +45,7 @@ class Engine(Protocol):
     scheduler: torch.optim.lr_scheduler.LambdaLR
     manifest: dict[str, Any]
     """The config a checkpoint records and a resume must match (``launch.checkpoint.check_compatible``)."""
+    runtime: Runtime
 
     def zero_grad(self) -> None:
         """Drop the previous step's gradients."""
