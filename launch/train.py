@@ -336,8 +336,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                     "tokens_per_s": window.tokens / seconds,
                     **window_metrics(counts, window.tokens, seconds, runtime.world_size, peak),
                     "peak_mem_gib": peak_memory_gib(runtime.device),
-                    **{name: float(v) for name, v in aux.items()},
-                    **runtime.comm_metrics(),
+                    **runtime.mean_over_ranks(aux),  # the step's auxiliary losses, mean over ranks
+                    **runtime.comm_metrics(over_ranks=True),  # bytes per step, summed over ranks
                     **core.take_routing_metrics(runtime.all_reduce_sum_, runtime.all_reduce_max_),
                 })
                 if tr.on_nonfinite != "stop":
