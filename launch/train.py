@@ -246,11 +246,10 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     spikes.load(trainer.get("spike", {}), tr.data_skips)
 
     def rollback(event: SpikeEvent) -> int:
-        nonlocal trainer
+        """Roll back after ``event`` (launch/spike_guard.py); returns the step to continue from."""
         writer.finish()  # an async save of an earlier step is published (or fails) before anything is retired
         step, report = roll_back(event, spikes, job.checkpoint.dir, runtime, tr.max_rollbacks, tr.skip_batches, tr.data_skips,
                                  lambda path, rt: engine.verify(path), lambda path: restore(job, engine, core, window, path))
-        trainer = {"step": step}
         log.warning(f"moeforge: {report}")
         for sink in sinks:
             sink.rewind(step)
