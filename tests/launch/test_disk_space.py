@@ -110,6 +110,35 @@ def test_failed_write_removes_its_partial_folder_and_keeps_older_checkpoints(tmp
     assert isinstance(info.value.__cause__, type(None))  # raised ``from None``: main prints one line, no chained traceback
 
 
+def _two_rank_worker(directory: str) -> None:
+    from parallel import ParallelConfig, setup_runtime
+
+    rt = setup_runtime(ParallelConfig(mode="ddp", timeout_s=60))
+    real = os.statvfs  # the ranks are reused by later tests: put it back
+    try:
+        writer = CheckpointWriter(directory, rt, keep=5, manifest={})
+        writer.save(1, state())
+        if rt.rank == 1:  # only rank 1 sees a full disk (a node-local checkpoint.dir, say)
+            os.statvfs = fake_statvfs(100)
+        try:
+            writer.save(2, state())
+        except DiskFullError as err:
+            assert ("rank 1: not enough space" in str(err)) == (rt.rank == 1), str(err)
+        else:
+            raise AssertionError(f"rank {rt.rank} went on to write")
+        rt.barrier()
+        assert [p.name for p in published_checkpoints(directory)] == ["step_00000001"]
+    finally:
+        os.statvfs = real
+        rt.shutdown()
+
+
+def test_the_stop_is_agreed_by_every_rank(tmp_path: Path) -> None:
+    from tests.parallel.dist_harness import run_distributed
+
+    run_distributed(_two_rank_worker, 2, str(tmp_path))
+
+
 def _can_mount(where: Path) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True).returncode == 0
