@@ -140,3 +140,26 @@ def test_cpu_model_keeps_the_default_adamw() -> None:
     opt, _ = build_optimizer(torch.nn.Linear(3, 3), job)
     assert all(not g["fused"] for g in opt.param_groups)
     assert all(s["step"].device.type == "cpu" for s in opt.state.values())
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes alive during ``fn``'s forward and backward, on fake tensors (nothing allocated)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with FakeTensorMode():
+        T, D, V = 8192, 64, 8192
+        x, w = torch.randn(T, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+        y = torch.randint(0, V, (T,))
+        tracker = MemTracker()
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(x, w, y).backward()
+        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+def test_chunked_loss_peak_is_under_a_quarter_of_the_full_logits_peak() -> None:
+    full = _peak_bytes(head_cross_entropy_reference)
+    chunked = _peak_bytes(lambda x, w, y: head_cross_entropy(x, w, y, chunk=512))
+    # The full path holds bf16 logits, their fp32 copy, the log-softmax and the logit gradient: >= 4 x T x V x 2.5 B.
+    assert full >= 8192 * 8192 * 10
+    assert chunked * 4 <= full, (chunked, full)
