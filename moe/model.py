@@ -82,16 +82,18 @@ class ModelConfig:
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm (Zhang & Sennrich 2019, eq. 4) as an eager chain: ``x / sqrt(mean(x^2) + eps) * w`` in fp32."""
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4) as an eager chain: ``x / sqrt(mean(x^2) + eps) * w`` computed in fp32,
+    returned in the wider of the input's and the weight's dtypes."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
+    return out.to(torch.promote_types(x.dtype, weight.dtype))
 
 
 class RMSNorm(nn.Module):
     """RMSNorm through ``torch.nn.functional.rms_norm`` (one fused kernel where torch has one), in fp32.
 
-    Same result as ``rms_norm_reference``; the output is fp32 like the weight (a bf16 input under
-    autocast is normalised in fp32, as the eager chain did).
+    Same result as ``rms_norm_reference``: computed in fp32, returned in the wider of the input's and
+    the weight's dtypes (fp32 for a bf16 activation under autocast, bf16 for a bf16 model).
     """
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -100,7 +102,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
