@@ -128,6 +128,43 @@ def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos2, x.flip(-2), sin2).flatten(-2).to(x_BHSd.dtype)
 
 
+@dataclass
+class LayerKVCache:
+    """One attention layer's keys and values of the positions seen so far, [B, G, P, d] each (after
+    RoPE and q/k norms), so a decoding step attends to them without recomputing them."""
+
+    k_BGPd: Tensor | None = None
+    v_BGPd: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k_BGPd is None else self.k_BGPd.shape[2]
+
+    def extend(self, k_BGSd: Tensor, v_BGSd: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new positions; returns every position's keys and values."""
+        if self.k_BGPd is None or self.v_BGPd is None:
+            self.k_BGPd, self.v_BGPd = k_BGSd, v_BGSd
+        else:
+            self.k_BGPd = torch.cat([self.k_BGPd, k_BGSd], dim=2)
+            self.v_BGPd = torch.cat([self.v_BGPd, v_BGSd], dim=2)
+        return self.k_BGPd, self.v_BGPd
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (``MoETransformer.forward(..., cache=)``).
+
+    The next call's tokens sit at positions ``length, length + 1, ...``: RoPE rotates them by those
+    positions and they attend to every cached position and causally among themselves.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerKVCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with RoPE, grouped-query when ``num_kv_heads < num_heads``.
 
@@ -153,7 +190,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(num_heads * self.head_dim if full else self.head_dim, norm_eps)
             self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim if full else self.head_dim, norm_eps)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False,
+                cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """``cos``/``sin`` hold the rows of these S positions; with ``cache`` the queries also attend to
+        the cached earlier positions, and this call's keys and values are appended to it."""
         B, S, D = x_BSD.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x_BSD)
@@ -165,7 +205,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         probs_BSS = None
-        if want_probs:
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            if want_probs:
+                raise ValueError("a KV cache cannot serve a router that reads attention probabilities (attention_aware)")
+            k, v = cache.extend(k, v)
+        if past:  # new queries see every cached position and, among themselves, the earlier ones
+            seen = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=past)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if S == 1 else seen, enable_gqa=G != H)
+        elif want_probs:
             if G != H:  # every query head reads its group's K/V head
                 k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
@@ -197,10 +245,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext,
+                cache: LayerKVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         B, S, D = x_BSD.shape
         want_probs = isinstance(self.ffn, MoELayer) and self.ffn.router.needs_attention
-        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs)
+        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs, cache)
         x_BSD = x_BSD + a
         if probs is not None:
             context = replace(context, attn_probs_BSS=probs)
@@ -327,13 +376,34 @@ class MoETransformer(nn.Module):
             if layer.previous_probe_top1_T is not None and layer.probe_top1_T is not None
         }
 
-    def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None, targets_BS: Tensor | None = None,
-                reduction: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
+    def kv_cache_refusal(self) -> str | None:
+        """Why a KV cache cannot reproduce this model's full forward (None: it can). Cached decoding
+        routes the new tokens alone, so every router must decide per token, and experts must be
+        dropless (a capacity depends on how many tokens one forward holds)."""
+        for i, layer in self.moe_layers():
+            if not layer.router.per_token:
+                return f"layer {i}'s router ({type(layer.router).__name__}) mixes information across tokens"
+            if layer.capacity_factor is not None:
+                return f"layer {i} drops tokens beyond a capacity (experts.capacity_factor={layer.capacity_factor})"
+        return None
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty cache for ``forward(..., cache=)``; ``ValueError`` when the model cannot use one."""
+        why = self.kv_cache_refusal()
+        if why is not None:
+            raise ValueError(f"no KV cache for this model: {why}")
+        return KVCache(len(self.blocks))
+
+    def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None,
+                cache: KVCache | None = None, targets_BS: Tensor | None = None, reduction: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
         """``(logits_BSV, aux_losses)``; with ``targets_BS``, ``(cross-entropy, aux_losses)`` instead: the
-        fp32 loss (``reduction`` mean or sum over tokens) without materialising the logits (moe/head_loss.py)."""
+        fp32 loss (``reduction`` mean or sum over tokens) without materialising the logits (moe/head_loss.py).
+        ``cache`` (from ``new_kv_cache``, inference only): ``tokens_BS`` continue the cached
+        positions, and their keys and values are added to it."""
         B, S = tokens_BS.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        past = 0 if cache is None else cache.length
+        if past + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         context = RouterContext(
             step=step,
             token_ids_T=tokens_BS.reshape(-1),
@@ -342,11 +412,15 @@ class MoETransformer(nn.Module):
             doc_ids_T=None if doc_ids_BS is None else doc_ids_BS.reshape(-1),
             training=self.training,
         )
-        cos, sin = rope_tables(S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
+        cos, sin = rope_tables(past + S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
+        cos, sin = cos[past:], sin[past:]
         x = self.embed(tokens_BS)
         aux_total: dict[str, Tensor] = {}
-        for block in self.blocks:
-            x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x, aux = block(x, cos, sin, context, cache.layers[i])
+            else:
+                x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
             for name, value in aux.items():
                 aux_total[name] = aux_total[name] + value if name in aux_total else value
         x = self.norm(x)
