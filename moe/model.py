@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.experts import ExpertsConfig, dense_swiglu
+from moe.head_loss import head_cross_entropy
 from moe.layer import MoELayer
 from moe.recompute import MODES as RECOMPUTE_MODES
 from moe.recompute import run_checkpointed
@@ -80,15 +81,29 @@ class ModelConfig:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4) as an eager chain: ``x / sqrt(mean(x^2) + eps) * w`` computed in fp32,
+    returned in the wider of the input's and the weight's dtypes."""
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
+    return out.to(torch.promote_types(x.dtype, weight.dtype))
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm through ``torch.nn.functional.rms_norm`` (one fused kernel where torch has one), in fp32.
+
+    Same result as ``rms_norm_reference``: computed in fp32, returned in the wider of the input's and
+    the weight's dtypes (fp32 for a bf16 activation under autocast, bf16 for a bf16 model).
+    """
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -98,10 +113,19 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope_reference(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (first half, second half) pair of ``x`` by its position's angle (Su et al. 2021, eq. 34), in fp32."""
     x1, x2 = x_BHSd.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x_BHSd.dtype)
+
+
+def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rope_reference`` without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]`` over the two
+    halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
+    x = x_BHSd.float().unflatten(-1, (2, -1))
+    cos2, sin2 = torch.stack([cos, cos], dim=-2), torch.stack([-sin, sin], dim=-2)
+    return torch.addcmul(x * cos2, x.flip(-2), sin2).flatten(-2).to(x_BHSd.dtype)
 
 
 @dataclass
@@ -371,8 +395,10 @@ class MoETransformer(nn.Module):
         return KVCache(len(self.blocks))
 
     def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``cache`` (from ``new_kv_cache``, inference only): ``tokens_BS`` continue the cached
+                cache: KVCache | None = None, targets_BS: Tensor | None = None, reduction: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
+        """``(logits_BSV, aux_losses)``; with ``targets_BS``, ``(cross-entropy, aux_losses)`` instead: the
+        fp32 loss (``reduction`` mean or sum over tokens) without materialising the logits (moe/head_loss.py).
+        ``cache`` (from ``new_kv_cache``, inference only): ``tokens_BS`` continue the cached
         positions, and their keys and values are added to it."""
         B, S = tokens_BS.shape
         past = 0 if cache is None else cache.length
@@ -398,5 +424,7 @@ class MoETransformer(nn.Module):
             for name, value in aux.items():
                 aux_total[name] = aux_total[name] + value if name in aux_total else value
         x = self.norm(x)
-        logits = self.head(x) if self.head is not None else x @ self.embed.weight.t()
-        return logits, aux_total
+        weight_VD = self.head.weight if self.head is not None else self.embed.weight
+        if targets_BS is not None:
+            return head_cross_entropy(x.flatten(0, 1), weight_VD, targets_BS.flatten(), reduction), aux_total
+        return x @ weight_VD.t(), aux_total

@@ -107,8 +107,8 @@ def evaluate(path: Path, overrides: list[str], batches: int | None = None, batch
     total = torch.zeros(2, dtype=torch.float64, device=device_t)
     for index in range(batches):
         x, y = (t.to(device_t) for t in sampler.batch(index))
-        logits, _ = pre.model(x, doc_ids_BS=doc_ids(x, data.doc_separator))
-        total[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        ce_sum, _ = pre.model(x, doc_ids_BS=doc_ids(x, data.doc_separator), targets_BS=y, reduction="sum")  # as the trainer's evaluate
+        total[0] += ce_sum.double()
         total[1] += y.numel()
     loss = float(total[0] / total[1])
     return {"checkpoint": str(pre.checkpoint), "step": pre.step, "split": split, "data": data.name, "batches": batches,
