@@ -59,7 +59,6 @@ def test_loss_memory_of_a_plain_cross_entropy_is_counted_by_hand() -> None:
     assert memory.peak - T * V * 2 == pytest.approx(12 * T * V, rel=0.01)
 
 
-@pytest.mark.xfail(strict=True, reason="the chunked loss (moe/head_loss.py, issue 17 item 3) has not landed on main yet")
 def test_loss_peak_is_a_quarter_of_the_full_logits_loss() -> None:
     """At V = 50,304 and T = 16,384 the head and loss may hold at most 1/4 of what the full-logits
     loss held: (2 + 12) x T x V bytes (the bf16 logits the head makes, plus the 12 x T x V of the
