@@ -74,6 +74,7 @@ from launch.checkpoint import (
 )
 from launch.checksums import problems, share
 from launch.config import JobConfig
+from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
 from moe.errors import CheckpointError, EnvironmentError_, MoeforgeError, check
 from parallel import Runtime
@@ -146,22 +147,32 @@ class DeepSpeedEngine:
         deepspeed = _import_deepspeed(runtime.device)
         os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
         self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
-        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage}}
-        optimizer, scheduler = build_optimizer(core, job)
+        # Experts split over DeepSpeed's expert-parallel groups and marked as its MoE parameters (parallel=ep).
+        self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.mode == "ep" else None
+        ep_size = self.ep.ep_size if self.ep else 1
+        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage},
+                         "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
+        optimizer, scheduler = build_optimizer(core, job, regroup=self.ep.regroup if self.ep else None)
         if self.stage > 0:  # ZeRO re-points the groups at flat fp32 partitions and creates their state at step 1
             optimizer.state.clear()
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=core, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job, runtime.world_size), dist_init_required=False,
-        )
+        with self.ep.seen_as_deepspeed_moe() if self.ep else nullcontext():
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=core, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job, runtime.world_size), dist_init_required=False,
+            )
         self.model: nn.Module = self.ds
 
     @staticmethod
     def check_job(job: JobConfig) -> None:
         """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
         p, tr = job.parallel, job.train
-        check(p.mode == "ddp", "parallel.mode", p.mode,
-              "must be ddp with engine.name=deepspeed (data parallelism over every rank, one process included; DeepSpeed reduces "
-              "every gradient, experts included: expert or FSDP sharding under DeepSpeed is not supported)")
+        check(p.mode in ("ddp", "ep"), "parallel.mode", p.mode,
+              "must be ddp or ep with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
+              "expert parallelism; FSDP and FSSDP shard parameters themselves, which DeepSpeed's ZeRO does instead)")
+        check(p.mode != "ep" or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
+              "must be 1 or 2 with engine.name=deepspeed and parallel=ep (DeepSpeed's stage-0 clipping averages the ranks' local "
+              "gradient norms, which is wrong when ranks hold different experts)")
+        check(p.mode != "ep" or p.dense == "ddp", "parallel.dense", p.dense,
+              "must be ddp with engine.name=deepspeed (DeepSpeed reduces the dense gradients itself)")
         check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
               "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")
         check(tr.on_nonfinite == "stop", "train.on_nonfinite", tr.on_nonfinite,
@@ -196,7 +207,7 @@ class DeepSpeedEngine:
 
     def checkpoint_writer(self) -> CheckpointWriter:
         c = self.job.checkpoint
-        return DeepSpeedCheckpointWriter(c.dir, self.runtime, c.keep, self.manifest, self.ds)
+        return DeepSpeedCheckpointWriter(c.dir, self.runtime, c.keep, self.manifest, self.ds, self.ep)
 
     def save(self, writer: CheckpointWriter, step: int, trainer: dict[str, Any]) -> Path | None:
         return writer.save(step, {"trainer": trainer})
@@ -214,6 +225,8 @@ class DeepSpeedEngine:
         loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None or "moeforge" not in client:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        if self.ep is not None:  # the module file held rank 0's experts; the ZeRO partitions hold everyone's
+            self.ds.optimizer.update_lp_params()
         # The schedule's position is restored; put each group's lr where that position says.
         for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * fn(self.scheduler.last_epoch)
@@ -226,9 +239,10 @@ class DeepSpeedEngine:
 class DeepSpeedCheckpointWriter(CheckpointWriter):
     """``CheckpointWriter`` whose files are DeepSpeed's ``save_checkpoint`` output (published the same way)."""
 
-    def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], ds: Any) -> None:
+    def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], ds: Any,
+                 ep: DeepSpeedExpertParallel | None = None) -> None:
         super().__init__(directory, runtime, keep, manifest, async_save=False)
-        self.ds = ds
+        self.ds, self.ep = ds, ep
 
     def save(self, step: int, state: dict[str, Any]) -> Path | None:
         """Refuse NaN/Inf weights, write DeepSpeed's files and this rank's RNG into a fresh tmp folder, publish.
@@ -241,6 +255,8 @@ class DeepSpeedCheckpointWriter(CheckpointWriter):
         _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
         try:
             self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"moeforge": state}, save_latest=False)
+            if self.ep is not None:
+                self.ep.save_expert_weights(tmp)
         except Exception as err:
             raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: {err}") from err
         self._pending = _Pending(step, tmp)
