@@ -89,17 +89,8 @@ class DeepSpeedExpertParallel:
         self.edp_size = groups._get_expert_data_parallel_world_size(self.group_name)
         self.layers = {name: m for name, m in core.named_modules() if isinstance(m, MoELayer)}
         apply_expert_parallel(list(self.layers.values()), self.ep_group, self.ep_rank, self.ep_size, runtime.meter)
-        for layer in self.layers.values():
-            for name in EXPERT_WEIGHT_NAMES:  # deepspeed/moe/experts.py marks its experts the same way
-                param = getattr(layer.experts, name)
-                param.allreduce = False
-                param.group_name = self.group_name
-
-    def regroup(self, param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``build_optimizer``'s groups with the experts moved into DeepSpeed's MoE groups (``moe: True``)."""
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        return split_params_into_different_moe_groups_for_optimizer(param_groups)
+        mark_expert_params(list(self.layers.values()), self.group_name)
+        self.regroup = moe_param_groups
 
     @contextlib.contextmanager
     def seen_as_deepspeed_moe(self) -> Iterator[None]:
@@ -133,6 +124,30 @@ class DeepSpeedExpertParallel:
                    for name, layer in self.layers.items() for w in EXPERT_WEIGHT_NAMES}
         ids = {name: list(layer.experts.expert_ids or []) for name, layer in self.layers.items()}
         _write_durably(folder / experts_file(self.ep_rank), lambda f: torch.save({"expert_ids": ids, "weights": weights}, f))
+
+
+def mark_expert_params(layers: list[MoELayer], group_name: str) -> None:
+    """Mark each expert weight as a DeepSpeed MoE parameter of group ``group_name`` (mark 2).
+
+    ``allreduce = False`` and ``group_name`` are what ``deepspeed.moe.experts.Experts`` sets on its
+    own experts and what ``deepspeed.moe.utils.is_moe_param`` reads.
+    """
+    for layer in layers:
+        for name in EXPERT_WEIGHT_NAMES:
+            param = getattr(layer.experts, name)
+            param.allreduce = False
+            param.group_name = group_name
+
+
+def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``build_optimizer``'s groups with the marked experts moved into DeepSpeed's ``moe: True`` groups (mark 3).
+
+    DeepSpeed's ``split_params_into_different_moe_groups_for_optimizer``: one MoE group per source
+    group and expert group name, carrying the source group's keys (weight decay, ``decay``).
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer(param_groups)
 
 
 def _groups_already_made(self: Experts, use_data_before_expert_parallel_: bool = False) -> None:
