@@ -2,6 +2,7 @@
 
     .venv/bin/python -m launch.torchrun --standalone --nproc-per-node 8 -m launch.train engine=deepspeed engine.zero_stage=2 parallel=ddp
     deepspeed --num_gpus 8 --module launch.train engine=deepspeed engine.zero_stage=1 parallel=ddp
+    .venv/bin/python -m launch.torchrun --standalone --nproc-per-node 8 -m launch.train engine=deepspeed engine.zero_stage=2 parallel=ep parallel.ep_size=4
 
 What DeepSpeed gets (``deepspeed.initialize``): the plain ``MoETransformer``; the AdamW and
 ``LambdaLR`` of ``launch.optim.build_optimizer`` (the same param groups and hyperparameters as the
@@ -13,15 +14,18 @@ DeepSpeed then averages gradients over all ranks, clips, steps the optimizer and
 
 Decisions, and why:
 
-- **Experts are not marked as DeepSpeed MoE parameters** (no ``allreduce=False`` / ``group_name``,
-  no separate MoE param groups). DeepSpeed reduces a parameter marked that way over its
-  expert-data-parallel group, which it only creates for its own ``deepspeed.moe.layer.MoE``
-  modules (``engine.has_moe_layers``); here every rank holds every expert (pure data
-  parallelism, ``parallel=ddp``), so expert gradients must be all-reduced over all ranks exactly
-  like dense ones, or ranks diverge. Unmarked, they are: and ZeRO 1/2 then shard the experts'
-  optimizer state (and gradients) over all ranks like every other parameter. Expert parallelism
-  under DeepSpeed (``parallel=ep|fssdp``) is refused, as are ``fsdp`` (two owners of the same
-  parameters) and ZeRO-3 (``engine.zero_stage``: DeepSpeed refuses it with MoE).
+- **parallel=ddp: experts are not marked as DeepSpeed MoE parameters** (no ``allreduce=False`` /
+  ``group_name``, no separate MoE param groups). DeepSpeed reduces a parameter marked that way
+  over its expert-data-parallel group only; under ``parallel=ddp`` every rank holds every expert,
+  so expert gradients must be all-reduced over all ranks exactly like dense ones, or ranks
+  diverge. Unmarked, they are: and ZeRO 1/2 then shard the experts' optimizer state (and
+  gradients) over all ranks like every other parameter.
+- **parallel=ep: DeepSpeed's expert parallelism** (``launch/engines/deepspeed_moe.py``): DeepSpeed's
+  expert-parallel and expert-data-parallel groups, experts marked as its MoE parameters and moved
+  into its MoE optimizer groups, so ZeRO 1/2 partition them over their expert-data-parallel
+  group; ZeRO 0 is refused (its clipping averages per-rank norms). ``fsdp`` and ``fssdp`` are
+  refused (two owners of the same parameters), as is ZeRO-3 (``engine.zero_stage``: DeepSpeed
+  refuses it with MoE).
 - **Precision**: ``train.precision=bf16`` is the same bf16 autocast as the native engine (the
   trainer's ``autocast_for`` around the forward); DeepSpeed sees an fp32 model, so weights,
   gradients, their all-reduce and the optimizer state stay fp32 as ``train.precision`` documents.
@@ -36,8 +40,9 @@ Decisions, and why:
   the native writer's ``step_N.tmp-<id>`` folder and published by ``CheckpointWriter.finish``: the
   same SHA-256 manifest (with ``engine: {name, zero_stage}``), fsync, atomic rename and pruning.
   A resume verifies every file before DeepSpeed reads it. ZeRO's per-rank partitions are not DCP
-  tensors, so these checkpoints resume only under ``engine=deepspeed`` at the same ZeRO stage and
-  (stage 1/2) the same number of ranks; both are refused with a message otherwise. DeepSpeed's
+  tensors, so these checkpoints resume only under ``engine=deepspeed`` at the same ZeRO stage,
+  ``parallel.mode`` and ``ep_size`` (recorded in the manifest) and (stage 1/2) the same number of
+  ranks; each is refused with a message otherwise. DeepSpeed's
   files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed): the checksums catch
   corruption, not tampering, so resume only checkpoints you wrote.
 - **Launchers**: torchrun (``launch.torchrun``) as for every mode; the ``deepspeed`` launcher sets

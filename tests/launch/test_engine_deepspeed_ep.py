@@ -5,8 +5,9 @@ Each config (ranks x ZeRO stage) trains ``launch.train.train`` for 6 steps of a 
 expert-parallel groups [0, 1], [2, 3] whose experts are replicated over the expert-data-parallel
 groups [0, 2], [1, 3], which ZeRO partitions them over). The per-step loss, gradient norm and
 learning rate and the final weights (every expert, from the ``experts_ep<k>.pt`` files) must be
-within 1e-4 of native ``parallel=ep``; a run resumed from its step-3 checkpoint must continue
-bit-for-bit as the run that was not interrupted. They skip only when deepspeed is not importable.
+within 1e-4 of native ``parallel=ep``. A run resumed from its step-3 checkpoint must continue
+bit-for-bit as the run that was not interrupted (ZeRO 1 on 2 ranks, ZeRO 2 on 4 ranks: each
+stage and each rank count once, to keep CI short). They skip only when deepspeed is not importable.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def dist_harness_target(run_dir: str, overrides: list[str]) -> None:
 def run(run_dir: Path, ranks: int, *overrides: str) -> list[dict[str, Any]]:
     """``launch.train.train`` on ``ranks`` fresh gloo ranks (DeepSpeed keeps its groups in module globals)."""
     dist_harness._close_all()
-    run_distributed(dist_harness_target, ranks, str(run_dir), [*KNOBS, *overrides], timeout_s=300)
+    run_distributed(dist_harness_target, ranks, str(run_dir), [*KNOBS, *overrides], timeout_s=600)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -112,8 +113,9 @@ def native_ep(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], tuple
 
 @needs_deepspeed
 @pytest.mark.slow
-@pytest.mark.parametrize(("ranks", "stage"), [(2, 1), (2, 2), (4, 1), (4, 2)])
-def test_matches_native_ep_and_resumes_exactly(ranks: int, stage: int, native_ep: Callable[[int], Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("ranks", "stage", "resume"), [(2, 1, True), (2, 2, False), (4, 1, False), (4, 2, True)])
+def test_matches_native_ep_and_resumes_exactly(ranks: int, stage: int, resume: bool, native_ep: Callable[[int], Any], tmp_path: Path) -> None:
+    """Equality with native ep in every config; the resume in one config per stage and per rank count (CI time)."""
     want_rows, want_weights = native_ep(ranks)
     knobs = ["engine=deepspeed", f"engine.zero_stage={stage}"]
     rows = run(tmp_path / "straight", ranks, *knobs)
@@ -134,6 +136,8 @@ def test_matches_native_ep_and_resumes_exactly(ranks: int, stage: int, native_ep
     print(f"ranks={ranks} zero_stage={stage}: max |weight - native ep| = {diff:.3g}")
     assert diff < TOL
 
+    if not resume:
+        return
     crashed = tmp_path / "crashed"  # a copy of the step-3 checkpoint, as a run killed after it would leave
     (crashed / "ckpt").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight" / "ckpt" / "step_00000003", crashed / "ckpt" / "step_00000003")
