@@ -32,6 +32,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launch import run_lock
@@ -46,7 +47,9 @@ from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
-from launch.run_dir import register_resolvers
+from launch.routing_probe import load_probe, probe_state
+from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
+from launch.spike_guard import SpikeEvent, SpikeGuard, roll_back
 from launch.step_guard import StepGuard
 from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
@@ -97,8 +100,8 @@ def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler
     for index in range(job.train.eval_batches):
         x, y = (t.to(runtime.device) for t in sampler.batch(index))
         with core.probing_routing() if index == 0 else nullcontext(), autocast:
-            logits, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator))
-        total[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            ce_sum, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y, reduction="sum")
+        total[0] += ce_sum.double()
         total[1] += y.numel()
     flips = core.routing_flips()
     counts = torch.tensor([*flips.values(), 1.0], dtype=torch.float64, device=runtime.device)
@@ -138,8 +141,7 @@ def forward_backward(model: torch.nn.Module, runtime: Runtime, x_BS: torch.Tenso
     for j, (x, y) in enumerate(zip(x_BS.chunk(n), y_BS.chunk(n))):
         with sync(j == n - 1):
             with autocast:
-                logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
-            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                ce, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y)
             loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
             backward(loss, n)
         ce_total += ce.detach()
@@ -190,13 +192,21 @@ def resume(job: JobConfig, engine: Engine, core: MoETransformer, window: LogWind
     path = engine.select_checkpoint()
     if path is None:
         return {"step": 0}
+    trainer = restore(job, engine, core, window, path)
+    log.info(f"moeforge: resumed from {path} at step {trainer['step']}")
+    return trainer
+
+
+def restore(job: JobConfig, engine: Engine, core: MoETransformer, window: LogWindow, path: Path) -> dict[str, Any]:
+    """Load checkpoint ``path`` (model, optimizer, schedule, RNG, log window); returns its trainer counters."""
     check_compatible(path, engine.manifest)
     trainer = engine.load(path)
     window.load(trainer.get("window", {}), core)
+    load_probe(core, engine.runtime, trainer.get("probe"))
+    window.restart_clock()
     changed = apply_config(engine.optimizer, engine.scheduler, job)
     if changed:
         log.info(f"moeforge: the config differs from the checkpoint ({'; '.join(changed)}); using the config")
-    log.info(f"moeforge: resumed from {path} at step {trainer['step']}")
     return trainer
 
 
@@ -232,6 +242,28 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, signals, AgentWatch())
     trainer = resume(job, engine, core, window)
     start = int(trainer["step"])
+    spikes = SpikeGuard(runtime, tr.on_spike, tr.spike_window, tr.spike_threshold, tr.on_nonfinite == "rollback", tr.data_skips)
+    spikes.load(trainer.get("spike", {}), tr.data_skips)
+
+    def rollback(event: SpikeEvent) -> int:
+        """Roll back after ``event`` (launch/spike_guard.py); returns the step to continue from."""
+        writer.finish()  # an async save of an earlier step is published (or fails) before anything is retired
+        step, report = roll_back(event, spikes, job.checkpoint.dir, runtime, tr.max_rollbacks, tr.skip_batches, tr.data_skips,
+                                 lambda path, rt: engine.verify(path), lambda path: restore(job, engine, core, window, path))
+        log.warning(f"moeforge: {report}")
+        for sink in sinks:
+            sink.rewind(step)
+            sink.alert("moeforge: loss spike, rolled back", report)
+            sink.log({"step": step, "rollbacks": spikes.rollbacks, "rollback/spike_step": event.step, "rollback/spike_loss": event.loss,
+                      "rollback/skip_batches": tr.skip_batches})
+        return step
+
+    inside = spikes.in_spike_window(start) if start else None
+    if inside is not None:
+        what = f"{job.checkpoint.dir}/step_{start:08d} was saved inside a loss-spike window (spike at step {int(inside[0])}, loss {inside[1]:.4g})"
+        if not spikes.rolls_back:
+            log.warning(f"moeforge: resumed from a checkpoint inside a spike window: {what}; train.on_spike=rollback would resume "
+                        f"from an older one")
     guard.skipped_total = int(trainer.get("skipped_steps", 0))
     if start >= tr.steps:
         log.info(f"moeforge: nothing to do, checkpoint already at step {start} >= train.steps ({tr.steps})")
@@ -242,18 +274,22 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                                       f"exiting with {128 + first.signum}")
 
     writer = engine.checkpoint_writer()
+    writer.run_config = raw_config or None  # every checkpoint carries config.yaml: it loads without the run directory
     precision = precision_of(job, runtime.device)
     autocast = autocast_for(precision, runtime.device)
     peak = peak_tflops(runtime.device, precision, tr.peak_tflops)
     sinks = build_sinks(job, run_dir, runtime, raw_config, start)
+    if inside is not None and spikes.rolls_back:  # never train on from weights saved inside a spike window
+        start = rollback(SpikeEvent(int(inside[0]), float(inside[1]), math.nan, math.nan, nonfinite=bool(inside[2])))
     progress = Progress(tr.steps, start) if runtime.is_main else None
     log.info(f"moeforge: {data.description}; model {job.model.name}: {counts.describe()}; "
              f"{counts.flops_per_token / 1e9:.3g} GFLOP per token; {precision}; run dir {run_dir}")
     reset_peak_memory(runtime.device)
     summary: dict[str, Any] = {"step": start}
     try:
-        for step in range(start, tr.steps):
-            x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
+        step = start
+        while step < tr.steps:
+            x, y = (t.to(runtime.device) for t in train_sampler.batch(spikes.batch_index(step)))
             engine.zero_grad()
             ce, aux = forward_backward(model, runtime, x, y, step, job, autocast, engine)
             loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
@@ -274,9 +310,23 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
             core.after_step(step)
             done = step + 1
             window.add(ce, x.numel() * runtime.world_size, finite=not verdict.nonfinite)
+            spikes.record(done, ce, grad_norm)
+
+            stop = bool(verdict.signum) and done < tr.steps
+            due = (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop
+            logs, evals = done % tr.log_every == 0 or done == tr.steps, done % tr.eval_every == 0 or done == tr.steps
+            if logs or evals or (due and job.checkpoint.enabled):  # the spike guard's only host sync
+                event = spikes.settle()
+                for warned in spikes.warned:
+                    log.warning(f"moeforge: {warned.describe()} (train.on_spike=warn)")
+                    for sink in sinks:
+                        sink.alert("moeforge: loss spike", warned.describe())
+                if event is not None:
+                    step = rollback(event)
+                    continue
 
             metrics: dict[str, Any] = {}
-            if done % tr.log_every == 0 or done == tr.steps:
+            if logs:
                 seconds = time.perf_counter() - window.t0
                 metrics.update({
                     "step": done,
@@ -286,13 +336,15 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                     "tokens_per_s": window.tokens / seconds,
                     **window_metrics(counts, window.tokens, seconds, runtime.world_size, peak),
                     "peak_mem_gib": peak_memory_gib(runtime.device),
-                    **{name: float(v) for name, v in aux.items()},
-                    **runtime.comm_metrics(),
+                    **runtime.mean_over_ranks(aux),  # the step's auxiliary losses, mean over ranks
+                    **runtime.comm_metrics(over_ranks=True),  # bytes per step, summed over ranks
                     **core.take_routing_metrics(runtime.all_reduce_sum_, runtime.all_reduce_max_),
                 })
-                if tr.on_nonfinite == "skip":
+                if tr.on_nonfinite != "stop":
                     metrics["skipped_steps"] = guard.skipped_total
-            if done % tr.eval_every == 0 or done == tr.steps:
+                if spikes.rolls_back:
+                    metrics["rollbacks"] = spikes.rollbacks
+            if evals:
                 metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
             if metrics:
                 for sink in sinks:
@@ -300,11 +352,10 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 summary.update(metrics)
                 if progress is not None and "loss" in metrics:
                     progress.update(done, metrics)
-            stop = bool(verdict.signum) and done < tr.steps
-            due = (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop
             if due and job.checkpoint.enabled:
                 t_save = time.perf_counter()
-                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core)}
+                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core), "spike": spikes.state(done),
+                           "probe": probe_state(core, runtime)}
                 saved = engine.save(writer, done, trainer)
                 if done == tr.steps or stop:
                     saved = writer.finish() or saved
@@ -317,6 +368,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
             if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
                 window.restart_clock()
                 reset_peak_memory(runtime.device)
+            step = done
     finally:
         if progress is not None:
             progress.close()
@@ -354,7 +406,15 @@ register_schemas()
 def main(cfg: DictConfig) -> None:
     try:
         job = to_job_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        if hc.mode == RunMode.MULTIRUN:  # job N of a sweep: its own directory, checkpoints and W&B run
+            changed = changed_overrides(run_dir, list(hc.overrides.task))
+            if changed:
+                log.warning(f"moeforge: {run_dir} holds an earlier job with other overrides ({'; '.join(changed)}); continuing "
+                            f"from its checkpoints, if any (a new sweep wants another MOEFORGE_RUN_ID or hydra.sweep.dir)")
+            if job.logging.run_name is None:
+                job.logging.run_name = sweep_job_name(hc.sweep.dir, hc.job.num)
         train(job, run_dir, OmegaConf.to_container(cfg, resolve=True), lambda: write_hydra_record(run_dir, cfg))  # type: ignore[arg-type]
     except Preempted as stop:
         log.warning(str(stop))

@@ -11,7 +11,9 @@ The fault comes from the environment variable ``MOEFORGE_FAULT`` (JSON), one of:
 - ``{"signal_step": k, "signal": "SIGTERM"}``: the process sends itself that signal in the middle of
   step k's forward pass;
 - ``{"kill_step": k, "rank": r}``: rank r SIGKILLs itself in step k's forward pass, on torchrun's
-  first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through.
+  first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through;
+- ``{"spike_step": k, "factor": f}``: the loss the spike guard sees for step k (1-based) is f times
+  the real one (default 10), the first time step k is trained only (a rollback then trains on).
 
 The trainer itself has no fault hooks: this module patches ``CheckpointWriter`` and
 ``MoETransformer.forward`` from outside, then runs ``launch.train`` as ``__main__``.
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from launch.checkpoint import CheckpointWriter
+from launch.spike_guard import SpikeGuard
 from moe.model import MoETransformer
 from tests.faults.fs_ops import FsOps
 
@@ -64,18 +67,31 @@ def _patch_forward(spec: dict[str, Any]) -> None:
     forward = MoETransformer.forward
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
-    def faulty(self: MoETransformer, tokens_BS: torch.Tensor, step: int = 0, doc_ids_BS: torch.Tensor | None = None) -> Any:
-        logits, aux = forward(self, tokens_BS, step=step, doc_ids_BS=doc_ids_BS)
+    def faulty(self: MoETransformer, tokens_BS: torch.Tensor, step: int = 0, doc_ids_BS: torch.Tensor | None = None, **kw: Any) -> Any:
+        out, aux = forward(self, tokens_BS, step=step, doc_ids_BS=doc_ids_BS, **kw)  # logits, or the loss with targets_BS
         if self.training:
             if spec.get("nan_step") == step + 1:
-                logits = logits * float("nan")
+                out = out * float("nan")
             if spec.get("signal_step") == step + 1:
                 os.kill(os.getpid(), getattr(signal, spec.get("signal", "SIGTERM")))
             if spec.get("kill_step") == step + 1 and first_attempt and int(os.environ.get("RANK", "0")) == spec.get("rank", 0):
                 os.kill(os.getpid(), signal.SIGKILL)
-        return logits, aux
+        return out, aux
 
     MoETransformer.forward = faulty  # type: ignore[method-assign]
+
+
+def _patch_spike(spec: dict[str, Any]) -> None:
+    record = SpikeGuard.record
+    fired = []
+
+    def spiky(self: SpikeGuard, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        if step == spec["spike_step"] and not fired:
+            fired.append(step)
+            loss = loss * float(spec.get("factor", 10.0))
+        record(self, step, loss, grad_norm)
+
+    SpikeGuard.record = spiky  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -84,6 +100,8 @@ def main() -> None:
         _patch_saves(spec)
     if {"nan_step", "signal_step", "kill_step"} & spec.keys():
         _patch_forward(spec)
+    if "spike_step" in spec:
+        _patch_spike(spec)
     runpy.run_module("launch.train", run_name="__main__", alter_sys=True)
 
 
