@@ -41,7 +41,7 @@ without DeepSpeed.
 ZeRO stage 0 with ``parallel=ep`` is refused: stage 0 clips with
 ``deepspeed.runtime.utils.clip_grad_norm_``, which averages the ranks' local gradient norms.
 That average is only right when every rank holds the same parameters, which is not the case
-under expert parallelism (research pain point: DeepSpeed issues #8469/#8475).
+under expert parallelism (the clipping error reported in DeepSpeed issues #8469 and #8475).
 """
 
 from __future__ import annotations
