@@ -45,8 +45,9 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig,
 
 def fused_for(devices: set[torch.device]) -> bool:
     """Fused AdamW (one multi-tensor kernel reading each parameter, gradient and both moments once) when
-    every parameter is on CUDA; CPU keeps torch's default implementation (and its numbers)."""
-    return bool(devices) and all(d.type == "cuda" for d in devices)
+    every parameter is on CUDA; CPU keeps torch's default implementation (and its numbers). ``meta``
+    parameters stand for CUDA ones (``tools.step_budget`` counts the step the card would run)."""
+    return bool(devices) and all(d.type in ("cuda", "meta") for d in devices)
 
 
 def lr_factor(step: int, steps: int, o: OptimConfig) -> float:
