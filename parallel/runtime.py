@@ -91,6 +91,25 @@ class Runtime:
         """Sum each tensor across ranks in place (one collective per dtype; no-op in one process)."""
         self._all_reduce_(tensors, dist.ReduceOp.SUM)
 
+    @torch.no_grad()
+    def sum_counts(self, counts_E: Tensor) -> Tensor:
+        """``counts_E`` summed over the data-parallel ranks (a fresh tensor; the global-batch
+        balance loss's ``f``, moe.routers.losses.switch_balance_loss); metered as ``comm/balance_counts``."""
+        total_E = counts_E.detach().clone()
+        dist.all_reduce(total_E, group=self.mesh.group("dp") if self.mesh is not None else None)
+        nbytes = total_E.numel() * total_E.element_size()
+        self.meter.add("balance_counts", nbytes, nbytes)
+        return total_E
+
+    def install_count_sum(self, model: nn.Module) -> None:
+        """Give every MoE layer of ``model`` this runtime's ``sum_counts`` (the one hook behind
+        ``router.balance_scope=global``); nothing in one process, where it would be the identity."""
+        if not self.distributed:
+            return
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                layer.sum_counts = self.sum_counts
+
     def all_reduce_max_(self, tensors: list[Tensor]) -> None:
         """Max of each tensor across ranks in place (no-op in one process)."""
         self._all_reduce_(tensors, dist.ReduceOp.MAX)
@@ -232,6 +251,7 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
     for layer in layers:
         check_experts(cfg, runtime.world_size, layer.num_experts)
     dp_group = info.group("dp")
+    runtime.install_count_sum(model)
     if cfg.mode == "ddp":
         runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)
         return model

@@ -147,6 +147,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
         self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
         self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage}}
+        runtime.install_count_sum(core)  # router.balance_scope=global: f counts every rank's tokens
         optimizer, scheduler = build_optimizer(core, job)
         if self.stage > 0:  # ZeRO re-points the groups at flat fp32 partitions and creates their state at step 1
             optimizer.state.clear()
