@@ -11,7 +11,8 @@ that verifies, then step / guard / log / evaluate / checkpoint until ``train.ste
 
 Exit status: 0 done (or nothing left to do); 2 a configuration, data or checkpoint error, a run
 directory locked by another run, or a non-finite step (one message on stderr naming the offending
-thing); 128 + N after stop signal N (143 for SIGTERM, 130 for SIGINT): the current step finished
+thing); 3 another rank failed or stopped responding (one line naming it, parallel/heartbeat.py;
+a relaunch resumes from the newest checkpoint); 128 + N after stop signal N (143 for SIGTERM, 130 for SIGINT): the current step finished
 and a checkpoint was saved, so rerunning the same command resumes.
 """
 
@@ -52,6 +53,7 @@ from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
 from parallel import Runtime, setup_runtime
 from parallel.config import check_experts
+from parallel.heartbeat import RankFailure, report_failure
 
 log = logging.getLogger("moeforge")
 
@@ -175,6 +177,13 @@ def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = Non
                 if record is not None and runtime.is_main:
                     record()
                 return _train(job, run_dir, runtime, raw_config or {}, t_start, signals)
+        except Preempted:
+            raise
+        except Exception as err:  # another rank's failure is told in one line (parallel/heartbeat.py)
+            failure = runtime.peer_failure(err)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             runtime.shutdown()
 
@@ -359,6 +368,9 @@ def main(cfg: DictConfig) -> None:
     except Preempted as stop:
         log.warning(str(stop))
         sys.exit(stop.exit_code)
+    except RankFailure as failure:
+        report_failure(str(failure))
+        sys.exit(failure.exit_code)
     except MoeforgeError as err:
         log.error(f"moeforge: error: {err}")
         sys.exit(2)

@@ -35,6 +35,7 @@ from parallel.config import ParallelConfig, check_experts
 from parallel.dense import FsdpUnit, GradAverager, apply_fsdp, fsdp_step_bytes, is_sharded, local_tensor
 from parallel.expert_parallel import ExpertParallelRunner, shard_experts
 from parallel.fssdp import FSSDPRunner, FSSDPState
+from parallel.heartbeat import Heartbeat, RankFailure, start_heartbeat
 from parallel.mesh import MeshInfo, init_mesh
 
 __all__ = ["ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]
@@ -59,6 +60,8 @@ class Runtime:
     """ep / hybrid fssdp: the group of ranks that hold the same experts (None: no replicas)."""
     expert_replicas: int = 1
     fssdp: FSSDPState | None = None
+    heartbeat: Heartbeat | None = None
+    """Peer liveness through the rendezvous store (parallel.heartbeat_s; None in one process)."""
     _steps: int = 0
 
     @property
@@ -222,8 +225,15 @@ class Runtime:
         if dist.is_initialized():
             dist.barrier()
 
+    def peer_failure(self, err: Exception) -> RankFailure | None:
+        """A ``RankFailure`` naming the rank that failed first when ``err`` came from another rank's
+        failure; None when ``err`` is this rank's own (then posted for the others to name)."""
+        return self.heartbeat.peer_failure(err) if self.heartbeat is not None else None
+
     def shutdown(self) -> None:
-        """Tear down the process group, if any."""
+        """Stop the heartbeat and tear down the process group, if any."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -232,6 +242,7 @@ def setup_runtime(cfg: ParallelConfig, device: str = "auto") -> Runtime:
     """Read the torchrun environment, initialise the process group and mesh for ``cfg.mode`` on
     ``device`` (auto: CUDA when present; cpu; cuda)."""
     info = init_mesh(cfg, device)
+    heartbeat = start_heartbeat(cfg.heartbeat_s, info.rank, info.world_size, info.local_rank, info.local_world_size) if info.mesh is not None else None
     return Runtime(
         rank=info.rank,
         world_size=info.world_size,
@@ -239,6 +250,7 @@ def setup_runtime(cfg: ParallelConfig, device: str = "auto") -> Runtime:
         device=info.device,
         cfg=cfg,
         mesh=info if info.mesh is not None else None,
+        heartbeat=heartbeat,
     )
 
 

@@ -11,7 +11,8 @@ The fault comes from the environment variable ``MOEFORGE_FAULT`` (JSON), one of:
 - ``{"signal_step": k, "signal": "SIGTERM"}``: the process sends itself that signal in the middle of
   step k's forward pass;
 - ``{"kill_step": k, "rank": r}``: rank r SIGKILLs itself in step k's forward pass, on torchrun's
-  first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through.
+  first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through;
+  ``{"stop_step": k, "rank": r}``: the same with SIGSTOP (a frozen rank).
 
 The trainer itself has no fault hooks: this module patches ``CheckpointWriter`` and
 ``MoETransformer.forward`` from outside, then runs ``launch.train`` as ``__main__``.
@@ -71,8 +72,11 @@ def _patch_forward(spec: dict[str, Any]) -> None:
                 logits = logits * float("nan")
             if spec.get("signal_step") == step + 1:
                 os.kill(os.getpid(), getattr(signal, spec.get("signal", "SIGTERM")))
-            if spec.get("kill_step") == step + 1 and first_attempt and int(os.environ.get("RANK", "0")) == spec.get("rank", 0):
+            this_rank = first_attempt and int(os.environ.get("RANK", "0")) == spec.get("rank", 0)
+            if spec.get("kill_step") == step + 1 and this_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if spec.get("stop_step") == step + 1 and this_rank:
+                os.kill(os.getpid(), signal.SIGSTOP)
         return logits, aux
 
     MoETransformer.forward = faulty  # type: ignore[method-assign]
@@ -82,7 +86,7 @@ def main() -> None:
     spec = json.loads(os.environ.get("MOEFORGE_FAULT", "{}"))
     if "kill_save" in spec:
         _patch_saves(spec)
-    if {"nan_step", "signal_step", "kill_step"} & spec.keys():
+    if {"nan_step", "signal_step", "kill_step", "stop_step"} & spec.keys():
         _patch_forward(spec)
     runpy.run_module("launch.train", run_name="__main__", alter_sys=True)
 
