@@ -36,11 +36,15 @@ log = logging.getLogger("moeforge")
 
 class Sink(Protocol):
     def log(self, metrics: dict[str, Any]) -> None: ...
+    def alert(self, title: str, text: str) -> None: ...
     def close(self) -> None: ...
 
 
 class NullSink:
     def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def alert(self, title: str, text: str) -> None:
         pass
 
     def close(self) -> None:
@@ -57,6 +61,9 @@ class JsonlSink:
 
     def log(self, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps(finite_or_null(metrics), allow_nan=False, default=float) + "\n")
+
+    def alert(self, title: str, text: str) -> None:
+        """Alerts reach metrics.jsonl as the metrics row the trainer logs with them."""
 
     def close(self) -> None:
         self._file.close()
@@ -207,6 +214,14 @@ class WandbSink:
                 self._drawn_at = step
         self._last_step = max(self._last_step, step)  # W&B drops a step below the last one
         self.run.log(out, step=step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (``run.alert``, level WARN); offline runs keep it in the run files until synced.
+        An alert that cannot be sent costs a warning line, never the run."""
+        try:
+            self.run.alert(title=title, text=text, level=self._wandb.AlertLevel.WARN)
+        except Exception as err:  # noqa: BLE001 - W&B's service may be unreachable; the console line already said it
+            log.warning(f"moeforge: W&B alert not sent ({type(err).__name__}: {err})")
 
     def close(self) -> None:
         """Draw the final heatmap (merged into the last logged step) unless it was drawn there, and finish."""

@@ -47,6 +47,7 @@ from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
+from launch.routing_health import RoutingHealth
 from launch.run_dir import register_resolvers
 from launch.step_guard import StepGuard
 from moe.errors import ConfigError, MoeforgeError
@@ -238,6 +239,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     engine = build_engine(job, core, runtime, manifest_of(job))
     model, scheduler = engine.model, engine.scheduler
     window = LogWindow(runtime)
+    health = RoutingHealth(job.logging.health)
     guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, signals, AgentWatch())
     trainer = resume(job, engine, core, window)
     start = int(trainer["step"])
@@ -301,6 +303,12 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 })
                 if tr.on_nonfinite == "skip":
                     metrics["skipped_steps"] = guard.skipped_total
+                flags, warnings = health.check(metrics)
+                metrics.update(flags)
+                for layer, text in warnings:
+                    log.warning(f"moeforge: step {done}: {text}")
+                    for sink in sinks:
+                        sink.alert(f"routing health: MoE layer {layer}", f"step {done}: {text}")
             if done % tr.eval_every == 0 or done == tr.steps:
                 metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
             if metrics:

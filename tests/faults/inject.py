@@ -12,7 +12,9 @@ The fault comes from the environment variable ``MOEFORGE_FAULT`` (JSON), one of:
   step k's forward pass;
 - ``{"kill_step": k, "rank": r}``: rank r SIGKILLs itself in step k's forward pass, on torchrun's
   first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through;
-  ``{"stop_step": k, "rank": r}``: the same with SIGSTOP (a frozen rank).
+  ``{"stop_step": k, "rank": r}``: the same with SIGSTOP (a frozen rank);
+- ``{"collapse_router": true}``: every top-k router's logits favour experts 0, 1, ... by a wide
+  margin (a collapsed router: every token on the same k experts).
 
 The trainer itself has no fault hooks: this module patches ``CheckpointWriter`` and
 ``MoETransformer.forward`` from outside, then runs ``launch.train`` as ``__main__``.
@@ -82,12 +84,26 @@ def _patch_forward(spec: dict[str, Any]) -> None:
     MoETransformer.forward = faulty  # type: ignore[method-assign]
 
 
+def _patch_router() -> None:
+    from moe.routers.topk import TopKRouter
+
+    logits = TopKRouter.logits
+
+    def collapsed(self: TopKRouter, x_TD: torch.Tensor) -> torch.Tensor:
+        h_TE = logits(self, x_TD)
+        return h_TE + torch.linspace(50.0, 0.0, h_TE.shape[-1], device=h_TE.device)
+
+    TopKRouter.logits = collapsed  # type: ignore[method-assign]
+
+
 def main() -> None:
     spec = json.loads(os.environ.get("MOEFORGE_FAULT", "{}"))
     if "kill_save" in spec:
         _patch_saves(spec)
     if {"nan_step", "signal_step", "kill_step", "stop_step"} & spec.keys():
         _patch_forward(spec)
+    if spec.get("collapse_router"):
+        _patch_router()
     runpy.run_module("launch.train", run_name="__main__", alter_sys=True)
 
 
