@@ -8,6 +8,8 @@ Layout of ``checkpoint.dir``::
         __0_0.distcp ...      DCP shards: tensors only
         objects.json          every non-tensor value: LR scheduler, optimizer param groups, trainer counters
         rng_rank{r}.pt        rank r's RNG state (tensors; read with torch.load(weights_only=True))
+        config.yaml           the composed config of the run that wrote it (every group, resolved), so
+                              a checkpoint describes itself (launch/pretrained.py, tools/export_hf.py)
         moeforge.json         the manifest, written last: format, step, world size, the config of the
                               model-shaping groups, and the size and SHA-256 of every file above
     step_00000200.tmp-<id>/   being written: never read, removed by the next save
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -67,6 +70,7 @@ from parallel.dense import local_tensor
 _NAME = re.compile(r"^step_(\d{8})$")
 MANIFEST = "moeforge.json"
 OBJECTS = "objects.json"
+CONFIG = "config.yaml"
 FORMAT = 2
 """Manifest format: 2 = per-file SHA-256, tensors-only DCP, objects.json (1 = moeforge before checksums)."""
 
@@ -111,6 +115,8 @@ class CheckpointWriter:
     def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], async_save: bool = False) -> None:
         self.dir, self.runtime, self.keep, self.manifest = Path(directory), runtime, keep, manifest
         self.async_save = async_save
+        self.run_config: dict[str, Any] | None = None
+        """The run's composed config; when set, every checkpoint carries it as ``config.yaml``."""
         self._pending: _Pending | None = None
         # DCP's async_save needs a CPU (gloo) group, and its background thread must not share a
         # group with the training collectives of the main thread.
@@ -155,6 +161,9 @@ class CheckpointWriter:
             except (Exception, CheckpointException) as err:
                 raise CheckpointError(f"could not write checkpoint step {pending.step} into {pending.tmp}: {err}") from err
         rt = self.runtime
+        if rt.is_main and self.run_config is not None:
+            text = OmegaConf.to_yaml(OmegaConf.create(self.run_config))
+            _write_durably(pending.tmp / CONFIG, lambda f: f.write(text.encode()))
         rt.barrier()  # every rank's shards and RNG file are on disk
         names = _broadcast(sorted(p.name for p in pending.tmp.iterdir()) if rt.is_main else None, rt)
         listed: dict[str, Any] = {}
@@ -203,9 +212,12 @@ class CheckpointWriter:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], manifest: dict[str, Any], runtime: Runtime, keep: int) -> Path:
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], manifest: dict[str, Any], runtime: Runtime, keep: int,
+                    run_config: dict[str, Any] | None = None) -> Path:
     """Write and publish one checkpoint synchronously (``CheckpointWriter`` for a single save)."""
-    final = CheckpointWriter(directory, runtime, keep, manifest).save(step, state)
+    writer = CheckpointWriter(directory, runtime, keep, manifest)
+    writer.run_config = run_config
+    final = writer.save(step, state)
     assert final is not None
     return final
 

@@ -177,7 +177,9 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    dir: str = "${hydra:run.dir}/checkpoints"
+    dir: str = "${hydra:runtime.output_dir}/checkpoints"
+    """Default: ``checkpoints/`` in the job's own directory (the run directory, or a sweep job's
+    ``runs/sweep_<id>/<job number>``), so no two jobs ever share checkpoints."""
     every: int = 100
     """Save every this many steps (and at the end); 0 saves only at the end."""
     resume: str = "auto"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -35,3 +36,28 @@ def run_id(env: dict[str, str] | None = None) -> str:
 def register_resolvers() -> None:
     """Make ``${moeforge_run_id:}`` available to the Hydra config."""
     OmegaConf.register_new_resolver("moeforge_run_id", lambda: run_id(), replace=True)
+
+
+def sweep_job_name(sweep_dir: str, job_num: int) -> str:
+    """A sweep job's W&B run name when ``logging.run_name`` is unset: ``<sweep folder>/<job number>``."""
+    return f"{Path(sweep_dir).name}/{job_num}"
+
+
+def changed_overrides(job_dir: Path, overrides: list[str]) -> list[str]:
+    """The overrides recorded in ``job_dir/.hydra/overrides.yaml`` by an earlier job that differ from
+    ``overrides`` (``key: old -> new``); empty for a fresh directory or the same job.
+
+    Sweep job N always runs in ``<sweep dir>/N``, so rerunning a sweep resumes each job; a different
+    sweep under the same id lands in the same folders, and this says so.
+    """
+    recorded = job_dir / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():
+        return []
+    old = dict(_split(o) for o in OmegaConf.load(recorded))
+    new = dict(_split(o) for o in overrides)
+    return [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = str(override).partition("=")
+    return key, value

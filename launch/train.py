@@ -33,6 +33,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launch import run_lock
@@ -48,7 +49,7 @@ from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
 from launch.routing_health import RoutingHealth
-from launch.run_dir import register_resolvers
+from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
 from launch.step_guard import StepGuard
 from moe.errors import ConfigError, MoeforgeError
 from moe.model import MoETransformer
@@ -253,6 +254,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                                       f"exiting with {128 + first.signum}")
 
     writer = engine.checkpoint_writer()
+    writer.run_config = raw_config or None  # every checkpoint carries config.yaml: it loads without the run directory
     precision = precision_of(job, runtime.device)
     autocast = autocast_for(precision, runtime.device)
     peak = peak_tflops(runtime.device, precision, tr.peak_tflops)
@@ -371,7 +373,15 @@ register_schemas()
 def main(cfg: DictConfig) -> None:
     try:
         job = to_job_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        if hc.mode == RunMode.MULTIRUN:  # job N of a sweep: its own directory, checkpoints and W&B run
+            changed = changed_overrides(run_dir, list(hc.overrides.task))
+            if changed:
+                log.warning(f"moeforge: {run_dir} holds an earlier job with other overrides ({'; '.join(changed)}); continuing "
+                            f"from its checkpoints, if any (a new sweep wants another MOEFORGE_RUN_ID or hydra.sweep.dir)")
+            if job.logging.run_name is None:
+                job.logging.run_name = sweep_job_name(hc.sweep.dir, hc.job.num)
         train(job, run_dir, OmegaConf.to_container(cfg, resolve=True), lambda: write_hydra_record(run_dir, cfg))  # type: ignore[arg-type]
     except Preempted as stop:
         log.warning(str(stop))

@@ -230,7 +230,8 @@ def moeforge_config(config: Any, arch: Arch) -> tuple[dict[str, Any], dict[str, 
     k = int(config.num_experts_per_tok)
     normalize = True if arch.norm_topk_key is None else bool(_get(config, arch.norm_topk_key))
     router: dict[str, Any] = {"k": k, "renormalize": "always" if normalize else "never",
-                              "aux_loss_coef": float(_get(config, "router_aux_loss_coef", 0.01))}
+                              "aux_loss_coef": float(_get(config, "router_aux_loss_coef", 0.01)),
+                              "z_loss_coef": 0.0}  # none of these architectures has a router z-loss (moeforge's default: 0.001)
     if arch.name == "mixtral":
         router["jitter"] = float(_get(config, "router_jitter_noise", 0.0) or 0.0)
     ModelConfig(**model)  # a value moeforge refuses fails here, naming the model key

@@ -20,17 +20,15 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from moe.errors import CheckpointError, MoeforgeError
+from moe.errors import MoeforgeError
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
-from moe.routers import router_class
 from tools.hf_arch import ConversionError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,59 +95,37 @@ def write_hf_folder(path: Path, hf_class: str, config_kwargs: dict[str, Any], te
 # ----------------------------------------------------------------------------- moeforge checkpoints
 
 
-def run_config_of(checkpoint: Path) -> Path:
-    """The ``.hydra/config.yaml`` of the run that wrote ``checkpoint`` (``<run>/checkpoints/step_N``)."""
-    return checkpoint.resolve().parent.parent / ".hydra" / "config.yaml"
+def model_configs_of(checkpoint: Path, config_yaml: Path | None = None) -> tuple[ModelConfig, Any, ExpertsConfig]:
+    """(model, router, experts) configs for ``checkpoint``: from ``config_yaml`` when given, else the
+    config the checkpoint carries (launch/pretrained.py)."""
+    from launch.pretrained import checkpoint_config, model_configs
 
-
-def model_configs(config_yaml: Path) -> tuple[ModelConfig, Any, ExpertsConfig]:
-    """(model, router, experts) configs of a run's composed config, validated by their schemas.
-
-    Only these three groups are read: they are all a checkpoint's tensors and function depend on
-    (the others hold interpolations that only resolve inside a Hydra run).
-    """
+    if config_yaml is None:
+        return model_configs(checkpoint_config(checkpoint), f"the config of {checkpoint}")
     if not config_yaml.is_file():
         raise ConversionError(f"{config_yaml} does not exist; pass --config with the run's .hydra/config.yaml")
     cfg = OmegaConf.load(config_yaml)
     assert isinstance(cfg, DictConfig)
-
-    def build(schema: type, key: str) -> Any:
-        node = cfg.get(key)
-        if node is None:
-            raise ConversionError(f"{config_yaml} has no '{key}' group")
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
-
-    router_name = cfg.get("router", {}).get("name", "topk")
-    return build(ModelConfig, "model"), build(router_class(router_name).Config, "router"), build(ExpertsConfig, "experts")
+    return model_configs(cfg, str(config_yaml))
 
 
-@torch.no_grad()
 def load_moeforge_model(checkpoint: Path, model: ModelConfig, router: Any, experts: ExpertsConfig) -> MoETransformer:
-    """The model of a verified moeforge checkpoint (the optimizer state is not read)."""
-    from launch.checkpoint import check_compatible, load_checkpoint, verify_checkpoint
-    from launch.train import manifest_of
-    from parallel import Runtime, checkpoint_state
+    """The model of a verified moeforge checkpoint (``launch.pretrained.load_model``)."""
+    from launch.pretrained import load_model
 
-    runtime = Runtime()
-    found = verify_checkpoint(checkpoint, runtime)
-    if found:
-        raise CheckpointError(f"checkpoint {checkpoint} does not verify: {found[0]}")
-    check_compatible(checkpoint, manifest_of(SimpleNamespace(model=model, router=router)))  # type: ignore[arg-type]
-    net = MoETransformer(model, router, experts)
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)  # checkpoint_state names experts; no optimizer state read
-    view = checkpoint_state(net, dummy)["model"]
-    state: dict[str, Any] = {"model": dict(view)}
-    rng = torch.get_rng_state()
-    load_checkpoint(checkpoint, state, runtime)
-    torch.set_rng_state(rng)
-    for name, tensor in state["model"].items():
-        if tensor is not view[name]:
-            view[name].copy_(tensor)
-    return net.eval()
+    return load_model(checkpoint, model, router, experts)
 
 
 def compose_job(overrides: list[str]) -> Any:
     """The trainer's validated ``JobConfig`` for ``python -m launch.train <overrides>``."""
+    return compose_run(overrides)[0]
+
+
+def compose_run(overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """(validated ``JobConfig``, composed config resolved to plain values) of ``launch.train <overrides>``.
+
+    ``hydra.*`` overrides are for the trainer's own run and are left out here.
+    """
     from hydra import compose, initialize_config_dir
 
     import launch.train  # noqa: F401  (registers the config schemas and resolvers, as the trainer does)
@@ -157,10 +133,11 @@ def compose_job(overrides: list[str]) -> Any:
 
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
     except Exception as err:  # Hydra's own errors name the override
         raise ConversionError(f"the trainer config does not compose from these overrides: {err}") from None
-    return to_job_config(cfg)
+    job = to_job_config(cfg)
+    return job, OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -176,7 +153,7 @@ def write_moeforge_checkpoint(state_dict: dict[str, Tensor], overrides: list[str
     from launch.train import manifest_of
     from parallel import Runtime
 
-    job = compose_job(overrides)
+    job, run_config = compose_run(overrides)
     model = MoETransformer(job.model, job.router, job.experts)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
@@ -187,22 +164,47 @@ def write_moeforge_checkpoint(state_dict: dict[str, Tensor], overrides: list[str
     for per_param in optimizer.state.values():  # checkpoint_state ran a zero-lr step to create the moments
         if "step" in per_param:
             per_param["step"].zero_()
-    return save_checkpoint(job.checkpoint.dir, 0, state, manifest_of(job), runtime, keep=1)
+    return save_checkpoint(job.checkpoint.dir, 0, state, manifest_of(job), runtime, keep=1, run_config=run_config)
 
 
 def launch_command(overrides: list[str]) -> str:
-    """The command that continues training from the written checkpoint."""
-    return " ".join([".venv/bin/python -m launch.train", *(shlex.quote(o) for o in overrides)])
+    """The command that continues training from the written checkpoint; it runs from any directory
+    (this Python by its absolute path; every path the import wrote is absolute)."""
+    return " ".join([shlex.quote(sys.executable), "-m", "launch.train", *(shlex.quote(o) for o in overrides)])
 
 
-def publish_import(state_dict: dict[str, Tensor], trainer_overrides: list[str], out: Path, what: str) -> Path:
+def refuse_used_out(out: Path) -> None:
+    """Refuse an ``--out`` that already holds checkpoints, before anything is read or written: training
+    from it would resume from those and prune the import."""
+    from launch.checkpoint import published_checkpoints
+
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file, not a folder")
+    folder = out / "checkpoints"
+    found = [p.name for p in published_checkpoints(folder)] if folder.is_dir() else []
+    if found or (folder.is_dir() and any(folder.iterdir())):
+        what = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "") if found else "unfinished files"
+        raise ConversionError(f"--out {out} already holds checkpoints ({folder}: {what}); training from it would resume from "
+                              f"those, not from this import. Choose a new --out, or move {folder} away (nothing was written)")
+
+
+def publish_import(state_dict: dict[str, Tensor], trainer_overrides: list[str], out: Path, what: str, note: str = "") -> Path:
     """Write ``state_dict`` as a step-0 checkpoint for ``trainer_overrides``, keep the overrides in
-    ``out/overrides.txt``, and print (stderr) ``what`` was written and the command that continues."""
+    ``out/overrides.txt``, and print (stderr) ``what`` was written, ``note``, and the command that continues."""
+    refuse_used_out(out)
     path = write_moeforge_checkpoint(state_dict, trainer_overrides)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overrides.txt").write_text("\n".join(trainer_overrides) + "\n")
-    print(f"moeforge: {what} at {path}\nmoeforge: continue training with:\n  {launch_command(trainer_overrides)}", file=sys.stderr)
+    lines = [f"moeforge: {what} at {path}", *([f"moeforge: {note}"] if note else []),
+             f"moeforge: continue training with:\n  {launch_command(trainer_overrides)}"]
+    print("\n".join(lines), file=sys.stderr)
     return path
+
+
+def import_overrides(out: Path, model_name: str) -> list[str]:
+    """The overrides that give an import's continued run its own run directory (``out``) and checkpoints."""
+    root = out.resolve()
+    return [f"model.name={model_name}", f"hydra.run.dir={root}", f"checkpoint.dir={root / 'checkpoints'}"]
 
 
 def cli_status(action: Callable[[], object]) -> int:

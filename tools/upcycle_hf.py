@@ -14,8 +14,12 @@ copy, to break the experts' symmetry (0: exact copies).
 
 With exact copies and ``router.renormalize=always`` (the default here), the top-k weights sum to 1
 over identical experts, so the upcycled model computes the dense model's function at step 0 (the
-tests check the logits). Like ``tools.import_hf`` it writes ``<out>/checkpoints/step_00000000`` and
-``<out>/overrides.txt`` and prints the ``python -m launch.train`` command that continues training.
+tests check the logits). Like ``tools.import_hf`` it writes ``<out>/checkpoints/step_00000000`` (with
+its ``config.yaml``) and ``<out>/overrides.txt`` (``<out>`` is the continued run's run directory),
+refuses an ``--out`` that already holds checkpoints, takes Hydra overrides anywhere on the line, and
+prints the command that continues training. A dense model has no router losses of its own, so the
+new router trains with moeforge's defaults (``router.aux_loss_coef=0.01``, ``router.z_loss_coef=0.001``),
+as the tool says.
 Exit status: 0 written; 2 refused (one line on stderr naming the setting).
 """
 
@@ -33,7 +37,8 @@ from moe.errors import MoeforgeError
 from moe.model import ModelConfig
 from moe.routers.topk import RENORMALIZE, TopKConfig
 from tools.hf_arch import arch_of_model_type, dense_base_config, overrides
-from tools.hf_checkpoint import cli_status, publish_import, read_hf_config, read_hf_tensors
+from tools.cli import parse_with_overrides
+from tools.hf_checkpoint import cli_status, compose_job, import_overrides, publish_import, read_hf_config, read_hf_tensors, refuse_used_out
 from tools.hf_mapping import HFTensors, backbone_from_hf, dense_from_hf, describe, is_moe_layer
 
 
@@ -63,6 +68,7 @@ def upcycle_state(tensors: dict[str, Tensor], cfg: ModelConfig, arch: Any, route
 def upcycle(src: Path, out: Path, num_experts: int, k: int, moe_every: int = 1, noise: float = 0.0, router_std: float | None = None,
             renormalize: str = "always", seed: int = 0, extra: list[str] | None = None) -> tuple[Path, list[str]]:
     """Upcycle the dense HF folder ``src`` into a checkpoint under ``out``; returns (checkpoint, trainer overrides)."""
+    refuse_used_out(out)
     config = read_hf_config(src)
     arch = arch_of_model_type(config.model_type, moe=False)
     model_kw = {**dense_base_config(config, arch), "num_experts": num_experts, "moe_every": moe_every}
@@ -72,9 +78,13 @@ def upcycle(src: Path, out: Path, num_experts: int, k: int, moe_every: int = 1, 
     if k > num_experts:
         raise MoeforgeError(f"--k ({k}) must be <= --num-experts ({num_experts})")
     std = float(router_std if router_std is not None else getattr(config, "initializer_range", 0.02))
-    args = [*overrides(model_kw, router_kw), f"checkpoint.dir={out.resolve() / 'checkpoints'}", *(extra or [])]
+    args = [*overrides(model_kw, router_kw), *import_overrides(out, f"upcycled_{arch.name}"), *(extra or [])]
     state = upcycle_state(read_hf_tensors(src), cfg, arch, std, noise, torch.Generator().manual_seed(seed))
-    return publish_import(state, args, out, f"upcycled {arch.hf_class} into {num_experts} experts top-{k} ({describe(state)})"), args
+    job = compose_job(args)
+    note = (f"router losses: moeforge's router.aux_loss_coef={job.router.aux_loss_coef}, router.z_loss_coef={job.router.z_loss_coef} "
+            f"(a dense model has none of its own); override either to change it")
+    what = f"upcycled {arch.hf_class} into {num_experts} experts top-{k} ({describe(state)})"
+    return publish_import(state, args, out, what, note), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-std", type=float, help="router init std (default: the dense config's initializer_range)")
     p.add_argument("--renormalize", default="always", choices=list(RENORMALIZE), help="router.renormalize")
     p.add_argument("--seed", type=int, default=0, help="seed of the router init and the noise")
-    p.add_argument("overrides", nargs="*", help="more Hydra overrides for the continued run (data=..., train.steps=...)")
-    a = p.parse_args(argv)
-    return cli_status(lambda: upcycle(a.src, a.out, a.num_experts, a.k, a.moe_every, a.noise, a.router_std, a.renormalize, a.seed, a.overrides))
+    p.epilog = "Hydra overrides for the continued run (data=..., train.steps=...) may stand anywhere on the line."
+    a, extra = parse_with_overrides(p, argv)
+    return cli_status(lambda: upcycle(a.src, a.out, a.num_experts, a.k, a.moe_every, a.noise, a.router_std, a.renormalize, a.seed, extra))
 
 
 if __name__ == "__main__":

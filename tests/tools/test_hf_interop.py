@@ -190,7 +190,7 @@ def test_export_refuses_another_router_and_switch_top1_for_mixtral(tmp_path: Pat
 def test_export_cli_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert export_main([str(tmp_path / "nothing"), "--arch", "olmoe", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("moeforge: error: ") and "config.yaml does not exist" in err[0]
+    assert len(err) == 1 and err[0].startswith("moeforge: error: ") and "nothing does not exist" in err[0]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -313,7 +313,7 @@ def test_trainer_continues_from_an_import_at_another_world_size_and_exports(tmp_
         want = float(torch.nn.functional.cross_entropy(original(x).logits.flatten(0, 1), y.flatten()))
     assert want > math.log(256) + 1  # far from a fresh model's ~ln V: the weights must be the imported ones
 
-    args = [a for a in args if not a.startswith("checkpoint.dir=")]
+    args = [a for a in args if not a.startswith(("checkpoint.dir=", "hydra.run.dir="))]
     for name, nproc, extra_args in (("one", 1, []), ("ep2", 2, ["parallel=ep", "parallel.ep_size=2"])):
         ckpts = tmp_path / name / "ckpt"
         shutil.copytree(tmp_path / "mf" / "checkpoints", ckpts)
@@ -321,10 +321,90 @@ def test_trainer_continues_from_an_import_at_another_world_size_and_exports(tmp_
         assert "resumed from" in stderr and "step_00000000" in stderr
         assert losses[1] == pytest.approx(want, rel=1e-5), name
     final = tmp_path / "one" / "ckpt" / "step_00000002"
-    out = export(final, "qwen3_moe", tmp_path / "exported")  # default --config: <run>/.hydra/config.yaml
+    out = export(final, "qwen3_moe", tmp_path / "exported")  # no --config: the config.yaml the checkpoint carries
     trained = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     job = compose_job([*args, f"checkpoint.dir={tmp_path / 'one' / 'ckpt'}"])
     net = load_moeforge_model(final, job.model, job.router, job.experts)
     with torch.no_grad():
         assert max_diff(trained(x).logits, net(x)[0]) <= TOL
         assert max_diff(trained(x).logits, original(x).logits) > 1e-3  # two AdamW steps changed the model
+
+
+# ------------------------------------------------------------------------- folders and command lines
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_import_into_a_folder_with_checkpoints_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    hf_model(*ARCHS["mixtral_top2"]).save_pretrained(tmp_path / "hf")
+    # overrides before the source, between the options and at the end (tools/cli.py)
+    argv = ["logging=none", str(tmp_path / "hf"), "train.steps=3", "--out", str(tmp_path / "mf"), "train.seq_len=32"]
+    assert import_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "router.aux_loss_coef=0.001 (config.json router_aux_loss_coef), router.z_loss_coef=0" in err
+    written = (tmp_path / "mf" / "overrides.txt").read_text().split()
+    assert written[-3:] == ["logging=none", "train.steps=3", "train.seq_len=32"]
+    assert f"hydra.run.dir={(tmp_path / 'mf').resolve()}" in written and "model.name=imported_mixtral" in written
+    assert "router.z_loss_coef=0.0" in written and "router.aux_loss_coef=0.001" in written
+    before = tree(tmp_path / "mf")
+    assert "checkpoints/step_00000000/config.yaml" in before  # the import describes itself
+
+    hf_model(*ARCHS["mixtral_top2"], seed=1).save_pretrained(tmp_path / "hf_b")
+    capsys.readouterr()  # transformers' progress lines
+    assert import_main([str(tmp_path / "hf_b"), "--out", str(tmp_path / "mf")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "already holds checkpoints" in lines[0] and "step_00000000" in lines[0] and "new --out" in lines[0]
+    assert tree(tmp_path / "mf") == before  # nothing touched
+    with pytest.raises(ConversionError, match="already holds checkpoints"):
+        upcycle(tmp_path / "hf", tmp_path / "mf", num_experts=4, k=2)
+    assert tree(tmp_path / "mf") == before
+
+
+def test_export_needs_no_config_and_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    hf_class, extra = ARCHS["qwen3_moe_norm"]
+    hf_model(hf_class, extra).save_pretrained(tmp_path / "hf")
+    assert import_main([str(tmp_path / "hf"), "--out", str(tmp_path / "mf")]) == 0
+    fresh = tmp_path / "fresh"
+    assert export_main([str(tmp_path / "mf"), "--arch", "qwen3_moe", "--out", str(fresh)]) == 0  # an import folder, no --config
+    want = tree(fresh)
+    assert sorted(want) == ["config.json", "model.safetensors"]
+
+    stale = tmp_path / "stale"
+    shutil.copytree(tmp_path / "hf", stale)  # a sharded layout and generation_config.json that must not survive
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (stale / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    (stale / "generation_config.json").write_text("{}")
+    before = tree(stale)
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "mf"), "--arch", "qwen3_moe", "--out", str(stale)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is not empty" in lines[0] and "--overwrite" in lines[0]
+    assert tree(stale) == before
+    assert export_main([str(tmp_path / "mf" / "checkpoints" / "step_00000000"), "--arch", "qwen3_moe", "--out", str(stale), "--overwrite"]) == 0
+    assert tree(stale) == want  # exactly the new files
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".del-" in p.name]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(stale).eval()
+    _, args2 = import_hf(stale, tmp_path / "again")
+    assert type(reloaded).__name__ == hf_class and (tmp_path / "again" / "checkpoints" / "step_00000000").is_dir()
+
+
+@pytest.mark.slow
+def test_printed_command_continues_from_any_directory_into_the_import_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf_model(*ARCHS["mixtral_top2"]).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert import_main([str(tmp_path / "hf"), "--out", str(tmp_path / "mf"), "logging=none", "train.steps=2", "train.batch_size=2",
+                        "train.seq_len=16", "train.eval_batches=1"]) == 0
+    command = capsys.readouterr().err.split("continue training with:\n")[1].strip()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(command, shell=True, cwd=elsewhere, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model imported_mixtral:" in proc.stderr and "resumed from" in proc.stderr
+    assert (tmp_path / "mf" / "summary.json").is_file() and (tmp_path / "mf" / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "mf" / "checkpoints").glob("step_*")) == ["step_00000000", "step_00000002"]
+    assert not list(elsewhere.iterdir())  # nothing written where the command was run
