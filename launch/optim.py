@@ -27,10 +27,15 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
     init_adamw_state(opt)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, o))
+
+
+def fused_for(devices: set[torch.device]) -> bool:
+    """Fused AdamW (one multi-tensor kernel reading each parameter, gradient and both moments once) when
+    every parameter is on CUDA; CPU keeps torch's default implementation (and its numbers)."""
+    return bool(devices) and all(d.type == "cuda" for d in devices)
 
 
 def lr_factor(step: int, steps: int, o: OptimConfig) -> float:
@@ -66,13 +71,15 @@ def init_adamw_state(opt: torch.optim.AdamW) -> None:
     EvoMoE's base phase, an expert no token reached) would be missing from a checkpoint, and the
     checkpoint's keys would depend on routing history. State created here is exactly what AdamW
     creates on a first step (``torch.optim.AdamW._init_group``: step 0, zero ``exp_avg`` and
-    ``exp_avg_sq``), and AdamW skips parameters without gradients, so training is unchanged.
+    ``exp_avg_sq``), and AdamW skips parameters without gradients, so training is unchanged. Fused
+    AdamW keeps ``step`` on the parameter's device, as its ``_init_group`` does.
     """
     for group in opt.param_groups:
+        fused = bool(group.get("fused")) or bool(group.get("capturable"))
         for p in group["params"]:
             if not opt.state[p]:
                 opt.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "step": torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else "cpu"),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }

@@ -101,8 +101,8 @@ def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler
     for index in range(job.train.eval_batches):
         x, y = (t.to(runtime.device) for t in sampler.batch(index))
         with core.probing_routing() if index == 0 else nullcontext(), autocast:
-            logits, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator))
-        total[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            ce_sum, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y, reduction="sum")
+        total[0] += ce_sum.double()
         total[1] += y.numel()
     flips = core.routing_flips()
     counts = torch.tensor([*flips.values(), 1.0], dtype=torch.float64, device=runtime.device)
@@ -142,8 +142,7 @@ def forward_backward(model: torch.nn.Module, runtime: Runtime, x_BS: torch.Tenso
     for j, (x, y) in enumerate(zip(x_BS.chunk(n), y_BS.chunk(n))):
         with sync(j == n - 1):
             with autocast:
-                logits, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator))
-            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                ce, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y)
             loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
             backward(loss, n)
         ce_total += ce.detach()

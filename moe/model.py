@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.experts import ExpertsConfig, dense_swiglu
+from moe.head_loss import head_cross_entropy
 from moe.layer import MoELayer
 from moe.recompute import MODES as RECOMPUTE_MODES
 from moe.recompute import run_checkpointed
@@ -80,15 +81,29 @@ class ModelConfig:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4) as an eager chain: ``x / sqrt(mean(x^2) + eps) * w`` computed in fp32,
+    returned in the wider of the input's and the weight's dtypes."""
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
+    return out.to(torch.promote_types(x.dtype, weight.dtype))
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm through ``torch.nn.functional.rms_norm`` (one fused kernel where torch has one), in fp32.
+
+    Same result as ``rms_norm_reference``: computed in fp32, returned in the wider of the input's and
+    the weight's dtypes (fp32 for a bf16 activation under autocast, bf16 for a bf16 model).
+    """
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -98,10 +113,56 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope_reference(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (first half, second half) pair of ``x`` by its position's angle (Su et al. 2021, eq. 34), in fp32."""
     x1, x2 = x_BHSd.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x_BHSd.dtype)
+
+
+def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rope_reference`` without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]`` over the two
+    halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
+    x = x_BHSd.float().unflatten(-1, (2, -1))
+    cos2, sin2 = torch.stack([cos, cos], dim=-2), torch.stack([-sin, sin], dim=-2)
+    return torch.addcmul(x * cos2, x.flip(-2), sin2).flatten(-2).to(x_BHSd.dtype)
+
+
+@dataclass
+class LayerKVCache:
+    """One attention layer's keys and values of the positions seen so far, [B, G, P, d] each (after
+    RoPE and q/k norms), so a decoding step attends to them without recomputing them."""
+
+    k_BGPd: Tensor | None = None
+    v_BGPd: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k_BGPd is None else self.k_BGPd.shape[2]
+
+    def extend(self, k_BGSd: Tensor, v_BGSd: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new positions; returns every position's keys and values."""
+        if self.k_BGPd is None or self.v_BGPd is None:
+            self.k_BGPd, self.v_BGPd = k_BGSd, v_BGSd
+        else:
+            self.k_BGPd = torch.cat([self.k_BGPd, k_BGSd], dim=2)
+            self.v_BGPd = torch.cat([self.v_BGPd, v_BGSd], dim=2)
+        return self.k_BGPd, self.v_BGPd
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (``MoETransformer.forward(..., cache=)``).
+
+    The next call's tokens sit at positions ``length, length + 1, ...``: RoPE rotates them by those
+    positions and they attend to every cached position and causally among themselves.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerKVCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class Attention(nn.Module):
@@ -129,7 +190,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(num_heads * self.head_dim if full else self.head_dim, norm_eps)
             self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim if full else self.head_dim, norm_eps)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, want_probs: bool = False,
+                cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """``cos``/``sin`` hold the rows of these S positions; with ``cache`` the queries also attend to
+        the cached earlier positions, and this call's keys and values are appended to it."""
         B, S, D = x_BSD.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x_BSD)
@@ -141,7 +205,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         probs_BSS = None
-        if want_probs:
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            if want_probs:
+                raise ValueError("a KV cache cannot serve a router that reads attention probabilities (attention_aware)")
+            k, v = cache.extend(k, v)
+        if past:  # new queries see every cached position and, among themselves, the earlier ones
+            seen = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=past)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if S == 1 else seen, enable_gqa=G != H)
+        elif want_probs:
             if G != H:  # every query head reads its group's K/V head
                 k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
@@ -173,10 +245,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext,
+                cache: LayerKVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         B, S, D = x_BSD.shape
         want_probs = isinstance(self.ffn, MoELayer) and self.ffn.router.needs_attention
-        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs)
+        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs, cache)
         x_BSD = x_BSD + a
         if probs is not None:
             context = replace(context, attn_probs_BSS=probs)
@@ -303,10 +376,34 @@ class MoETransformer(nn.Module):
             if layer.previous_probe_top1_T is not None and layer.probe_top1_T is not None
         }
 
-    def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def kv_cache_refusal(self) -> str | None:
+        """Why a KV cache cannot reproduce this model's full forward (None: it can). Cached decoding
+        routes the new tokens alone, so every router must decide per token, and experts must be
+        dropless (a capacity depends on how many tokens one forward holds)."""
+        for i, layer in self.moe_layers():
+            if not layer.router.per_token:
+                return f"layer {i}'s router ({type(layer.router).__name__}) mixes information across tokens"
+            if layer.capacity_factor is not None:
+                return f"layer {i} drops tokens beyond a capacity (experts.capacity_factor={layer.capacity_factor})"
+        return None
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty cache for ``forward(..., cache=)``; ``ValueError`` when the model cannot use one."""
+        why = self.kv_cache_refusal()
+        if why is not None:
+            raise ValueError(f"no KV cache for this model: {why}")
+        return KVCache(len(self.blocks))
+
+    def forward(self, tokens_BS: Tensor, step: int = 0, doc_ids_BS: Tensor | None = None,
+                cache: KVCache | None = None, targets_BS: Tensor | None = None, reduction: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
+        """``(logits_BSV, aux_losses)``; with ``targets_BS``, ``(cross-entropy, aux_losses)`` instead: the
+        fp32 loss (``reduction`` mean or sum over tokens) without materialising the logits (moe/head_loss.py).
+        ``cache`` (from ``new_kv_cache``, inference only): ``tokens_BS`` continue the cached
+        positions, and their keys and values are added to it."""
         B, S = tokens_BS.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        past = 0 if cache is None else cache.length
+        if past + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         context = RouterContext(
             step=step,
             token_ids_T=tokens_BS.reshape(-1),
@@ -315,13 +412,19 @@ class MoETransformer(nn.Module):
             doc_ids_T=None if doc_ids_BS is None else doc_ids_BS.reshape(-1),
             training=self.training,
         )
-        cos, sin = rope_tables(S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
+        cos, sin = rope_tables(past + S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
+        cos, sin = cos[past:], sin[past:]
         x = self.embed(tokens_BS)
         aux_total: dict[str, Tensor] = {}
-        for block in self.blocks:
-            x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x, aux = block(x, cos, sin, context, cache.layers[i])
+            else:
+                x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
             for name, value in aux.items():
                 aux_total[name] = aux_total[name] + value if name in aux_total else value
         x = self.norm(x)
-        logits = self.head(x) if self.head is not None else x @ self.embed.weight.t()
-        return logits, aux_total
+        weight_VD = self.head.weight if self.head is not None else self.embed.weight
+        if targets_BS is not None:
+            return head_cross_entropy(x.flatten(0, 1), weight_VD, targets_BS.flatten(), reduction), aux_total
+        return x @ weight_VD.t(), aux_total

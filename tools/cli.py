@@ -14,6 +14,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
+from collections.abc import Callable
+
+import torch
+
+from moe.errors import MoeforgeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``--dtype`` choices of the tools."""
 
 _OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w\-]*(\.[\w\-@]+)*(@[\w.\-]+)?(=|$)")
 
@@ -29,8 +38,6 @@ def is_override(word: str) -> bool:
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """``(options, overrides)``: the tool's options parsed by ``parser``, and the Hydra overrides in
     the order given, wherever they stood on the command line (see the module docstring)."""
-    import sys
-
     words = list(sys.argv[1:] if argv is None else argv)
     takes_value = {s for a in parser._actions for s in a.option_strings if a.nargs != 0}
     rest: list[str] = []
@@ -48,3 +55,13 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
         (overrides if is_override(word) else rest).append(word)
         i += 1
     return parser.parse_args(rest), overrides
+
+
+def cli_status(action: Callable[[], object]) -> int:
+    """Run a tool's ``action``: exit status 0, or 2 with one ``moeforge: error:`` line for a MoeforgeError."""
+    try:
+        action()
+    except MoeforgeError as err:
+        print(f"moeforge: error: {err}", file=sys.stderr)
+        return 2
+    return 0

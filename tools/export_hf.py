@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 
 from launch.pretrained import find_checkpoint
-from tools.cli import parse_with_overrides
+from tools.cli import DTYPES, cli_status, parse_with_overrides
 from tools.hf_arch import EXPORT_ARCHS, ConversionError, arch_named, hf_config
-from tools.hf_checkpoint import DTYPES, cli_status, load_moeforge_model, model_configs_of, need_hf, write_hf_folder
+from tools.hf_checkpoint import load_moeforge_model, model_configs_of, need_hf, write_hf_folder
 from tools.hf_mapping import describe, to_hf
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from moe.errors import MoeforgeError
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
+from tools.cli import DTYPES
 from tools.hf_arch import ConversionError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def need_hf() -> Any:
@@ -205,13 +203,3 @@ def import_overrides(out: Path, model_name: str) -> list[str]:
     """The overrides that give an import's continued run its own run directory (``out``) and checkpoints."""
     root = out.resolve()
     return [f"model.name={model_name}", f"hydra.run.dir={root}", f"checkpoint.dir={root / 'checkpoints'}"]
-
-
-def cli_status(action: Callable[[], object]) -> int:
-    """Run a tool's ``action``: exit status 0, or 2 with one ``moeforge: error:`` line for a MoeforgeError."""
-    try:
-        action()
-    except MoeforgeError as err:
-        print(f"moeforge: error: {err}", file=sys.stderr)
-        return 2
-    return 0

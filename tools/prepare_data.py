@@ -43,6 +43,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from launch.data import META_FILE
+from launch.tokenizer import load_tiktoken, load_tokenizer_json
 from moe.errors import DataError
 
 FORMATS = ("text", "jsonl", "hf_disk")
@@ -75,27 +76,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def _tiktoken(name: str) -> Tokenizer:
-    try:
-        import tiktoken
-    except ImportError as err:
-        raise DataError('--tokenizer tiktoken:... needs the tiktoken package: pip install -e ".[data]"') from err
-    try:
-        enc = tiktoken.get_encoding(name)
-    except ValueError as err:
-        raise DataError(f"--tokenizer tiktoken:{name}: {err}") from err
+    enc = load_tiktoken(name)  # one line when offline: tiktoken downloads its encodings (launch/tokenizer.py)
     eos = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
     return Tokenizer(f"tiktoken:{name}", enc.n_vocab, eos, lambda texts: enc.encode_ordinary_batch(texts), {})
 
 
 def _hf_tokenizer(path: Path) -> Tokenizer:
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError as err:
-        raise DataError(f'--tokenizer {path} (a tokenizer.json) needs the tokenizers package: pip install -e ".[data]"') from err
-    try:
-        tok = HFTokenizer.from_file(str(path))
-    except Exception as err:  # the library raises a bare Exception for a malformed file
-        raise DataError(f"--tokenizer {path} is not a readable tokenizer.json: {err}") from err
+    tok = load_tokenizer_json(path)
     eos = next((tok.token_to_id(t) for t in EOS_NAMES if tok.token_to_id(t) is not None), None)
     tok.encode_special_tokens = True  # a literal "</s>" in the text is text, not a document end
 

@@ -59,6 +59,7 @@ class AttentionAwareRouter(Router):
 
     Config = AttentionAwareConfig
     needs_attention = True
+    per_token = False
 
     def __init__(self, cfg: AttentionAwareConfig, d_model: int, num_experts: int) -> None:
         super().__init__(d_model, num_experts)

@@ -84,6 +84,9 @@ class Router(nn.Module):
     """
 
     needs_attention: bool = False
+    per_token: bool = True
+    """Each token's decision depends on that token alone (at evaluation), so a KV-cached decode may
+    route new tokens by themselves; False for routers that mix across tokens."""
 
     def __init__(self, d_model: int, num_experts: int) -> None:
         super().__init__()

@@ -59,6 +59,7 @@ class ExpertChoiceRouter(Router):
     """Each expert picks its top-C tokens by softmax affinity (Zhou et al. 2022)."""
 
     Config = ExpertChoiceConfig
+    per_token = False  # each expert picks among all tokens of the forward
 
     def __init__(self, cfg: ExpertChoiceConfig, d_model: int, num_experts: int) -> None:
         super().__init__(d_model, num_experts)

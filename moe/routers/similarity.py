@@ -129,6 +129,7 @@ class SimilarityRouter(Router):
     """Linear gate mixed over a learned, masked token-similarity graph, then top-k."""
 
     Config = SimilarityConfig
+    per_token = False  # mixes routing over earlier tokens of the document
 
     def __init__(self, cfg: SimilarityConfig, d_model: int, num_experts: int) -> None:
         super().__init__(d_model, num_experts)

@@ -67,11 +67,11 @@ def _patch_forward(spec: dict[str, Any]) -> None:
     forward = MoETransformer.forward
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
-    def faulty(self: MoETransformer, tokens_BS: torch.Tensor, step: int = 0, doc_ids_BS: torch.Tensor | None = None) -> Any:
-        logits, aux = forward(self, tokens_BS, step=step, doc_ids_BS=doc_ids_BS)
+    def faulty(self: MoETransformer, tokens_BS: torch.Tensor, step: int = 0, doc_ids_BS: torch.Tensor | None = None, **kw: Any) -> Any:
+        out, aux = forward(self, tokens_BS, step=step, doc_ids_BS=doc_ids_BS, **kw)  # logits, or the loss with targets_BS
         if self.training:
             if spec.get("nan_step") == step + 1:
-                logits = logits * float("nan")
+                out = out * float("nan")
             if spec.get("signal_step") == step + 1:
                 os.kill(os.getpid(), getattr(signal, spec.get("signal", "SIGTERM")))
             this_rank = first_attempt and int(os.environ.get("RANK", "0")) == spec.get("rank", 0)
@@ -79,7 +79,7 @@ def _patch_forward(spec: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if spec.get("stop_step") == step + 1 and this_rank:
                 os.kill(os.getpid(), signal.SIGSTOP)
-        return logits, aux
+        return out, aux
 
     MoETransformer.forward = faulty  # type: ignore[method-assign]
 

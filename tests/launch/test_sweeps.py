@@ -70,3 +70,14 @@ def test_router_sweep_runs_both_routers(tmp_path: Path) -> None:
         manifest = json.loads((job / "checkpoints" / "step_00000002" / "moeforge.json").read_text())
         names.append(manifest["router"]["name"])
     assert names == ["topk", "hash"]
+
+
+@pytest.mark.slow
+def test_submitit_launcher_sweep_keeps_every_point(tmp_path: Path) -> None:
+    """The SLURM path of the README through Hydra's submitit plugin, with its local executor (no SLURM here)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = sweep(tmp_path / "s", *TINY, "hydra/launcher=submitit_local", "optim.lr=1e-3,3e-3", "train.steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in out.stdout + out.stderr
+    for job in (tmp_path / "s" / "0", tmp_path / "s" / "1"):
+        assert summary(job)["step"] == 2 and checkpoints(job) == ["step_00000002"]

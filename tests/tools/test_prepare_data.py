@@ -292,3 +292,26 @@ def test_training_runs_on_prepared_shards(tmp_path: Path, tokenizer_json: Path) 
     assert 0 < metrics[-1]["val_loss"] < 2 * np.log(meta["vocab_size"])
     small = launch(tmp_path / "run2", *SMALL, "data=memmap", f"data.path={data}", "model.vocab_size=256", "train.steps=1")
     assert small.returncode == 2 and f"set model.vocab_size={meta['vocab_size']}" in small.stderr
+
+
+def test_offline_tiktoken_is_one_line_naming_the_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Without network tiktoken's first use raises requests' ConnectionError (seen on this machine); the
+    tool says what happened and names TIKTOKEN_CACHE_DIR and tokenizer.json instead of a traceback."""
+    tiktoken = pytest.importorskip("tiktoken")
+    requests = pytest.importorskip("requests")
+
+    def offline(name: str) -> None:
+        raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): "
+                                                  "Max retries exceeded")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello"}\n')
+    assert prepare_data.main(["--input", str(src), "--format", "jsonl", "--tokenizer", "tiktoken:gpt2", "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "tiktoken downloads its encoding files on first use" in lines[0] and "ConnectionError" in lines[0]
+    assert f"TIKTOKEN_CACHE_DIR to it (now {tmp_path / 'cache'})" in lines[0] and "tokenizer.json" in lines[0]
+    assert not (tmp_path / "o").exists()
