@@ -12,8 +12,9 @@ that verifies, then step / guard / log / evaluate / checkpoint until ``train.ste
 Exit status: 0 done (or nothing left to do); 2 a configuration, data or checkpoint error, a run
 directory locked by another run, or a non-finite step (one message on stderr naming the offending
 thing); 3 another rank failed or stopped responding (one line naming it, parallel/heartbeat.py;
-a relaunch resumes from the newest checkpoint); 128 + N after stop signal N (143 for SIGTERM, 130 for SIGINT): the current step finished
-and a checkpoint was saved, so rerunning the same command resumes.
+a relaunch resumes from the newest checkpoint); 128 + N after stop signal N (143 for SIGTERM, 130
+for SIGINT): the current step finished and a checkpoint was saved, so rerunning the same command
+resumes.
 """
 
 from __future__ import annotations
