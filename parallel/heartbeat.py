@@ -18,7 +18,8 @@ ends it when it runs on the same host (SIGKILL, so the launcher is not kept wait
 that can never finish), and every rank, whose main thread may be stuck in a collective with it,
 logs the line and exits with status ``EXIT_PEER_FAILED`` from this thread. When the store does not
 answer for ``heartbeat_s`` and rank 0 hosts it (the store of ``init_process_group`` under
-``launch.torchrun``), rank 0 is the one named.
+``launch.torchrun``), rank 0 is the one named; so that this never blames a healthy rank 0, rank 0
+stays up, when it stops, until every other rank has read the failure (at most ``heartbeat_s``).
 
 Only process liveness is watched: a rank whose process runs but whose main thread is stuck in a
 device call still beats, and is caught by the process-group timeout (``parallel.timeout_s``).
@@ -125,6 +126,30 @@ class Heartbeat:
     def post_own(self, err: BaseException) -> None:
         """Post this rank as the failed one (first post wins), before it stops with ``err``."""
         self._post(self.rank, f"failed with {first_line(err)}")
+        self._linger()
+
+    def _acknowledge(self) -> None:
+        """Count this rank among those that read the failure; the store's host then lingers."""
+        try:
+            self.store.add("read", 1)
+        except Exception:  # noqa: BLE001
+            pass
+        self._linger()
+
+    def _linger(self) -> None:
+        """On the rank whose process hosts the store (rank 0 under launch.torchrun): stay up until
+        every other survivor has read the failure (at most ``heartbeat_s``), so none of them finds
+        the store gone and blames rank 0 instead."""
+        if not (self.rank0_hosts_store and self.rank == 0):
+            return
+        deadline = time.monotonic() + self.heartbeat_s
+        while time.monotonic() < deadline:
+            try:
+                if self.store.add("read", 0) >= self.world - 1:
+                    return
+            except Exception:  # noqa: BLE001
+                return
+            time.sleep(min(self.interval, 0.1))
 
     def peer_failure(self, err: BaseException) -> RankFailure | None:
         """The ``RankFailure`` that explains ``err`` when another rank failed first; None when this
@@ -141,6 +166,7 @@ class Heartbeat:
             found = self._read_posted() or dead
             if found is not None and found[0] != self.rank:
                 failed, reason = found
+                self._acknowledge()
                 return RankFailure(self._line(failed, reason, err), failed)
             if found is not None or time.monotonic() >= deadline:
                 break
@@ -184,6 +210,8 @@ class Heartbeat:
             return None
         if rank not in self._pids:
             try:
+                if not self.store.check([f"pid/{rank}"]):  # not started yet: ask again later
+                    return None
                 host, _, pid = self.store.get(f"pid/{rank}").decode().rpartition(":")
             except Exception:  # noqa: BLE001
                 return None
@@ -210,6 +238,8 @@ class Heartbeat:
             if self._ended():
                 return
             try:
+                for rank in self.local_ranks:  # learn the local peers' pids while the store is up
+                    self._pid(rank)
                 self.store.add(f"hb/{self.rank}", 1)
                 value = self.store.add(f"hb/{neighbour}", 0)
                 now = time.monotonic()
@@ -247,6 +277,7 @@ class Heartbeat:
         time.sleep(2 * self.interval)
         if self.handling or self._ended() or not self.claim_report():
             return
+        self._acknowledge()
         line = self._line(failed if failed >= 0 else None, reason, "its heartbeat thread; the main thread was still waiting")
         report_failure(line)
         for handler in logging.getLogger().handlers + log.handlers:
