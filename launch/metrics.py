@@ -37,6 +37,7 @@ log = logging.getLogger("moeforge")
 class Sink(Protocol):
     def log(self, metrics: dict[str, Any]) -> None: ...
     def alert(self, title: str, text: str) -> None: ...
+    def rewind(self, step: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -45,6 +46,9 @@ class NullSink:
         pass
 
     def alert(self, title: str, text: str) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -56,6 +60,7 @@ class JsonlSink:
 
     def __init__(self, path: Path, resume_step: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         truncate_after(path, resume_step)
         self._file = path.open("a", buffering=1)
 
@@ -64,6 +69,12 @@ class JsonlSink:
 
     def alert(self, title: str, text: str) -> None:
         """Alerts reach metrics.jsonl as the metrics row the trainer logs with them."""
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines after ``step`` (a rollback to a checkpoint at ``step``), as a resume there would."""
+        self._file.close()
+        truncate_after(self.path, step)
+        self._file = self.path.open("a", buffering=1)
 
     def close(self) -> None:
         self._file.close()
@@ -222,6 +233,10 @@ class WandbSink:
             self.run.alert(title=title, text=text, level=self._wandb.AlertLevel.WARN)
         except Exception as err:  # noqa: BLE001 - W&B's service may be unreachable; the console line already said it
             log.warning(f"moeforge: W&B alert not sent ({type(err).__name__}: {err})")
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to ``step``: W&B keeps what it has and drops steps at or below its last one,
+        so the repeated steps appear in metrics.jsonl only (the rollback row says so)."""
 
     def close(self) -> None:
         """Draw the final heatmap (merged into the last logged step) unless it was drawn there, and finish."""

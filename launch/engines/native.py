@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint
+from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint, verify_checkpoint
 from launch.config import JobConfig
 from launch.optim import build_optimizer
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state
@@ -72,6 +72,9 @@ class NativeEngine:
 
     def select_checkpoint(self) -> Path | None:
         return select_checkpoint(self.job.checkpoint.dir, self.runtime)
+
+    def verify(self, path: Path) -> list[str]:
+        return verify_checkpoint(path, self.runtime)
 
     def load(self, path: Path) -> dict[str, Any]:
         state = training_state(self.model, self.optimizer, self.scheduler, self.runtime, {"step": 0})
