@@ -228,10 +228,12 @@ class CheckpointConfig:
 class EngineConfig:
     name: str = "native"
     """native (this trainer's own step and DCP checkpoints) | deepspeed (a DeepSpeed engine with ZeRO
-    stage ``zero_stage``; needs the ``[deepspeed]`` extra and ``parallel=ddp``); launch/engines/."""
+    stage ``zero_stage``; needs the ``[deepspeed]`` extra and ``parallel=ddp``, or ``parallel=ep``
+    with ZeRO 1/2 for DeepSpeed's expert parallelism); launch/engines/."""
     zero_stage: int = 0
-    """deepspeed: ZeRO stage for every parameter, experts included: 0 (replicated), 1 (optimizer state
-    sharded), 2 (optimizer state and gradients sharded). Stage 3 is not supported."""
+    """deepspeed: ZeRO stage for every parameter, experts included (over their expert-data-parallel
+    group under ``parallel=ep``): 0 (replicated), 1 (optimizer state sharded), 2 (optimizer state and
+    gradients sharded). Stage 3 is not supported."""
 
     def __post_init__(self) -> None:
         check(self.name in ENGINES, "engine.name", self.name, f"must be one of {list(ENGINES)}")

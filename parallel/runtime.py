@@ -33,7 +33,7 @@ from parallel.checkpoint import checkpoint_state, load_checkpoint_state
 from parallel.comm import CommMeter
 from parallel.config import ParallelConfig, check_experts
 from parallel.dense import FsdpUnit, GradAverager, apply_fsdp, fsdp_step_bytes, is_sharded, local_tensor
-from parallel.expert_parallel import ExpertParallelRunner, shard_experts
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.fssdp import FSSDPRunner, FSSDPState
 from parallel.heartbeat import Heartbeat, RankFailure, start_heartbeat
 from parallel.mesh import MeshInfo, init_mesh
@@ -289,11 +289,8 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         runtime.fsdp_units = apply_fsdp(model, info.mesh, set())
         return model
     if cfg.mode == "ep":
-        ep_group, ep_rank, ep = info.group("ep"), info.ep_mesh.get_local_rank("ep"), info.ep_size
-        for layer in layers:
-            shard_experts(layer.experts, ep_rank, ep)
-            layer.experts.expert_group = ep_group  # each expert lives once per EP group
-            layer.runner = ExpertParallelRunner(layer.num_experts, ep_group, ep_rank, ep, runtime.meter)
+        ep = info.ep_size
+        apply_expert_parallel(layers, info.group("ep"), info.ep_mesh.get_local_rank("ep"), ep, runtime.meter)
         runtime.expert_replicas = runtime.world_size // ep
         runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
     else:  # fssdp: over the world, or inside groups of shard_size ranks replicated across groups

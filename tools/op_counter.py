@@ -25,8 +25,9 @@ Each record also says
 - whether it reads a device value on the host (``_local_scalar_dense`` behind ``.item()``,
   ``bool(t)``; ``nonzero``; a copy to the CPU behind ``.cpu()`` and ``.tolist()``): a host
   synchronisation. On ``meta`` these cannot run; the counter records them and returns zeros;
-- whether it accumulates into a multi-column tensor by scatter (``index_add``, ``scatter_add``,
-  ``index_put`` with ``accumulate``): atomics over rows on a GPU;
+- whether it accumulates rows into a multi-column tensor by scatter (``index_add`` / ``scatter_add``
+  along dim 0, ``index_put`` with ``accumulate``, the embedding gradient): atomics over rows on a
+  GPU (a scatter along the last dim, one element per row, is not);
 - ``where``: a label the caller's ``where`` function gives at that moment (``tools.step_budget``
   passes the phase and module path).
 
@@ -299,7 +300,8 @@ class OpCounter(TorchDispatchMode):
             return out
         accumulate = name in ACCUMULATING or (name in ("index_put", "index_put_", "_index_put_impl_") and bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False)))
         target = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        atomic = accumulate and target is not None and target.ndim >= 2 and target.shape[-1] > 1
+        along_rows = not name.startswith(("index_add", "scatter")) or int(args[1]) in (0, -target.ndim if target is not None else 0)
+        atomic = accumulate and along_rows and target is not None and target.ndim >= 2 and target.shape[-1] > 1
         launches = multi_tensor_launches(func, args) if name.startswith(("_foreach_", "_fused_")) else 1
         self.budget.ops.append(OpRecord(str(func), "glue", bytes=glue_bytes(func, args, kwargs, out), launches=launches,
                                         atomic_rows=atomic, host_sync=sync, where=where, live_bytes=live))

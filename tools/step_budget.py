@@ -203,8 +203,12 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
         phase = ["step"]
         tracker = ModuleTracker()
 
+        root = type(model).__name__
+        after_norm = [False]  # the model's own ops after its final norm are the output head (and the loss)
+
         def forward_label() -> str:
-            return max(tracker.parents, key=lambda n: n.count("."))
+            deepest = max(tracker.parents, key=lambda n: n.count("."))
+            return f"{root}.head" if deepest == root and after_norm[0] else deepest
 
         last_backward = ["Global"]
 
@@ -225,16 +229,23 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
         x = torch.zeros(tr.batch_size, tr.seq_len, dtype=torch.long, device=meta)
         y = torch.zeros_like(x)
         counter = OpCounter(where, memory, category)
-        root = type(model).__name__
         names = {id(m): f"{root}.{n}" if n else root for n, m in model.named_modules()}
 
         def label_outputs(module: torch.nn.Module, _inputs: Any, output: Any) -> None:
             # nodes a module's forward made that no torch function call labelled (custom autograd Functions)
+            label = forward_label() if module is model else names.get(id(module))
             for t in tensors_in(output):
-                if t.grad_fn is not None and id(module) in names:
-                    _GradFnLabels._mark(t.grad_fn, names[id(module)])
+                if t.grad_fn is not None and label is not None:
+                    _GradFnLabels._mark(t.grad_fn, label)
+            if module is core.norm:
+                after_norm[0] = True
+
+        def new_forward(module: torch.nn.Module, _inputs: Any) -> None:
+            if module is model:
+                after_norm[0] = False
 
         hook = torch.nn.modules.module.register_module_forward_hook(label_outputs)
+        pre_hook = torch.nn.modules.module.register_module_forward_pre_hook(new_forward)
         with amp, tracker, _GradFnLabels(forward_label), counter:
             engine.zero_grad()
             ce, aux = forward_backward(model, runtime, x, y, 0, job, autocast, engine)
@@ -254,6 +265,7 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
             core.after_step(0)
             window.add(ce, x.numel())
         hook.remove()
+        pre_hook.remove()
         del doc_ids
     ops = counter.budget.ops
     comps = [component_of(r.where, r.kind) for r in ops]

@@ -59,7 +59,6 @@ def test_loss_memory_of_a_plain_cross_entropy_is_counted_by_hand() -> None:
     assert memory.peak - T * V * 2 == pytest.approx(12 * T * V, rel=0.01)
 
 
-@pytest.mark.xfail(strict=True, reason="the chunked loss (moe/head_loss.py, issue 17 item 3) has not landed on main yet")
 def test_loss_peak_is_a_quarter_of_the_full_logits_loss() -> None:
     """At V = 50,304 and T = 16,384 the head and loss may hold at most 1/4 of what the full-logits
     loss held: (2 + 12) x T x V bytes (the bf16 logits the head makes, plus the 12 x T x V of the
@@ -164,3 +163,27 @@ def test_parallel_layout_adds_the_hand_counted_communication() -> None:
     assert out["layout"] == "parallel=ep parallel.ep_size=2" and out["tokens_per_gpu"] == 128
     assert out["comm_ms"] == pytest.approx((tokens + dense) * 1e3)
     assert out["held_fraction"] == pytest.approx((332_928 + 3_145_728 / 2) / 3_478_656)
+
+
+def test_fused_rms_norm_stand_in_equals_rms_norm_and_counts_one_launch_each_way() -> None:
+    """The stand-in for CUDA's fused RMSNorm computes F.rms_norm (forward and gradients, fp32, fresh
+    random inputs) and, on meta, is one counted op forward and one backward."""
+    from tools.meta_cuda import fused_rms_norm
+
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    dy = torch.randn(6, 16)
+    ref = torch.nn.functional.rms_norm(x, (16,), w, 1e-5)
+    (gx, gw) = torch.autograd.grad(ref, (x, w), dy)
+    got = fused_rms_norm(x, w, 1e-5)[0]
+    (hx, hw) = torch.autograd.grad(got, (x, w), dy)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(hx, gx)
+    torch.testing.assert_close(hw, gw)
+    xm = torch.empty(6, 16, device="meta", requires_grad=True)
+    wm = torch.empty(16, device="meta", requires_grad=True)
+    with OpCounter() as counter:
+        fused_rms_norm(xm, wm, 1e-5)[0].sum().backward()
+    names = [r.name for r in counter.budget.ops]
+    assert names.count("moeforge_budget.fused_rms_norm.default") == 1
+    assert names.count("moeforge_budget.fused_rms_norm_backward.default") == 1
