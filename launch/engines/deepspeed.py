@@ -157,6 +157,7 @@ class DeepSpeedEngine:
         ep_size = self.ep.ep_size if self.ep else 1
         self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage},
                          "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
+        runtime.install_count_sum(core)  # router.balance_scope=global: f counts every rank's tokens
         optimizer, scheduler = build_optimizer(core, job, regroup=self.ep.regroup if self.ep else None)
         if self.stage > 0:  # ZeRO re-points the groups at flat fp32 partitions and creates their state at step 1
             optimizer.state.clear()
