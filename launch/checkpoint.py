@@ -20,6 +20,10 @@ offending tensor is named), write into ``.tmp-<id>``, hash the files (each rank 
 0 writes the manifest, fsyncs it, renames the directory to ``step_N`` (one atomic rename) and only
 then prunes: older checkpoints beyond ``keep`` are renamed to ``.del-<id>`` before they are deleted,
 so a kill at any point leaves every published checkpoint whole and never removes the newest one.
+Before writing, the ranks agree on a free-space check against the newest checkpoint's size
+(launch/disk_space.py: a warning when fewer than two fit, a stop before writing when one does not);
+a write that fails anyway is told in one line (OS error, path, bytes needed and free), its partial
+``.tmp-<id>`` folder is removed and the published checkpoints are untouched.
 With ``checkpoint.async_save`` the shards are written by DCP's ``async_save`` in a background
 thread while training goes on; the same hashing, manifest, rename and pruning happen when the
 next save starts or the run ends, so an unfinished async save is never published.
@@ -63,6 +67,7 @@ from launch.dcp_io import (
     read_metadata,
     split_state,
 )
+from launch.disk_space import check_space, describe_write_error
 from moe.errors import CheckpointError
 from parallel import Runtime
 from parallel.dense import local_tensor
@@ -107,6 +112,8 @@ class _Pending:
     step: int
     tmp: Path
     future: Any = None
+    need: int = 0
+    """Bytes this checkpoint was expected to take (for the error line of a failed write)."""
 
 
 class CheckpointWriter:
@@ -132,22 +139,58 @@ class CheckpointWriter:
         self.finish()
         tensors, objects = split_state(state)
         self._refuse_nonfinite(step, tensors)
-        tmp = self._fresh_tmp(step)
-        _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
-        if self.runtime.is_main:
-            _write_durably(tmp / OBJECTS, lambda f: f.write(objects_to_json(objects).encode()))
+        need = self.check_space(step) or _tensor_bytes(tensors)
+        tmp = self._fresh_tmp(step, need)
+
+        def write_local() -> None:
+            _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
+            if self.runtime.is_main:
+                _write_durably(tmp / OBJECTS, lambda f: f.write(objects_to_json(objects).encode()))
+
+        self._agreed(write_local, step, tmp, need)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
             try:
                 if self.async_save:
                     future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group, no_dist=not dist.is_initialized())
-                    self._pending = _Pending(step, tmp, future)
+                    self._pending = _Pending(step, tmp, future, need)
                     return None
                 dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-                raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: {err}") from err
-        self._pending = _Pending(step, tmp)
+                raise self._write_failed(err, step, tmp, need) from None
+        self._pending = _Pending(step, tmp, None, need)
         return self.finish()
+
+    def check_space(self, step: int) -> int:
+        """Before writing step ``step``: the rank-agreed free-space check (``launch.disk_space``); returns
+        the bytes one checkpoint needs (the newest published one's size; 0 when there is none)."""
+        return check_space(self.dir, latest_checkpoint(self.dir), step, self.runtime).need
+
+    def _write_failed(self, err: BaseException, step: int, tmp: Path, need: int) -> CheckpointError:
+        """The one-line error for a failed write (OS error, path, bytes needed and free); the partial
+        ``tmp`` folder is removed (it was never published), older checkpoints stay untouched."""
+        line = describe_write_error(err, step, tmp, need)  # free space as the write found it
+        if self.runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(self.dir)
+        kept = f"; the newest checkpoint stays {newest.name}" if newest is not None else "; no checkpoint was published yet"
+        return CheckpointError(line + kept)
+
+    def _agreed(self, write: Callable[[], None], step: int, tmp: Path, need: int) -> None:
+        """Run this rank's part of a write; if it fails on any rank, every rank raises (none is left
+        waiting in a collective) and the failing rank names its OS error."""
+        failure: BaseException | None = None
+        try:
+            write()
+        except Exception as err:
+            failure = err
+        if self.runtime.world_size > 1:
+            flag = torch.tensor([float(failure is not None)], device=self.runtime.device)
+            self.runtime.all_reduce_max_([flag])
+            if failure is None and flag.item() > 0:
+                raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: another rank failed (its line names the error)")
+        if failure is not None:
+            raise self._write_failed(failure, step, tmp, need) from None
 
     def finish(self) -> Path | None:
         """Publish the pending save (wait for an async write first); returns its path, or None if none."""
@@ -159,21 +202,27 @@ class CheckpointWriter:
             try:
                 future.result()
             except (Exception, CheckpointException) as err:
-                raise CheckpointError(f"could not write checkpoint step {pending.step} into {pending.tmp}: {err}") from err
+                raise self._write_failed(err, pending.step, pending.tmp, pending.need) from None
         rt = self.runtime
-        if rt.is_main and self.run_config is not None:
+        if self.run_config is not None:
             text = OmegaConf.to_yaml(OmegaConf.create(self.run_config))
-            _write_durably(pending.tmp / CONFIG, lambda f: f.write(text.encode()))
+            self._agreed(lambda: _write_durably(pending.tmp / CONFIG, lambda f: f.write(text.encode())) if rt.is_main else None,
+                         pending.step, pending.tmp, pending.need)
         rt.barrier()  # every rank's shards and RNG file are on disk
         names = _broadcast(sorted(p.name for p in pending.tmp.iterdir()) if rt.is_main else None, rt)
         listed: dict[str, Any] = {}
         for part in _gather(digests(pending.tmp, share(names, rt.rank, rt.world_size)), rt):
             listed.update(part)
         final = self.dir / f"step_{pending.step:08d}"
+        manifest = {"format": FORMAT, "step": pending.step, "world_size": rt.world_size, **self.manifest, "files": listed}
+
+        def publish() -> None:
+            if rt.is_main:
+                _write_durably(pending.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+                _publish(pending.tmp, final)
+
+        self._agreed(publish, pending.step, pending.tmp, pending.need)
         if rt.is_main:
-            manifest = {"format": FORMAT, "step": pending.step, "world_size": rt.world_size, **self.manifest, "files": listed}
-            _write_durably(pending.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
-            _publish(pending.tmp, final)
             self._prune(pending.step)
         rt.barrier()
         return final
@@ -191,15 +240,19 @@ class CheckpointWriter:
             f"the newest checkpoint stays {newest if newest is not None else '(none)'}"
         )
 
-    def _fresh_tmp(self, step: int) -> Path:
+    def _fresh_tmp(self, step: int, need: int = 0) -> Path:
         """A new empty ``step_N.tmp-<id>`` (same id on every rank); stale tmp/del folders are removed."""
         token = _broadcast(uuid.uuid4().hex[:8], self.runtime)
         tmp = self.dir / f"step_{step:08d}.tmp-{token}"
-        if self.runtime.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.dir.glob("*.tmp-*"), *self.dir.glob("*.del-*")]:
-                shutil.rmtree(stale, ignore_errors=True)  # this run holds the lock: nobody else writes them
-            tmp.mkdir()
+
+        def make() -> None:
+            if self.runtime.is_main:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                for stale in [*self.dir.glob("*.tmp-*"), *self.dir.glob("*.del-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)  # this run holds the lock: nobody else writes them
+                tmp.mkdir()
+
+        self._agreed(make, step, tmp, need)
         self.runtime.barrier()
         return tmp
 
@@ -241,6 +294,11 @@ def nonfinite_tensors(tensors: dict[str, Any], prefix: str = "") -> list[str]:
         ok = torch.stack([flags[i] for i in idx]).cpu().tolist()
         bad += [names[i] for i, good in zip(idx, ok) if not good]
     return sorted(bad)
+
+
+def _tensor_bytes(tensors: dict[str, Any]) -> int:
+    """Bytes of this rank's tensors in ``tensors``: what a first checkpoint needs at least (no earlier one to measure)."""
+    return sum(local_tensor(t).numel() * local_tensor(t).element_size() for _, t in _flatten(tensors, ""))
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> list[tuple[str, Tensor]]:

@@ -132,7 +132,26 @@ class TrainConfig:
     """torch intra-op threads on CPU; 0 keeps torch's default."""
     on_nonfinite: str = "stop"
     """A step whose loss or gradient norm is NaN/Inf: stop (before the update, nothing saved) | skip
-    (no update; the step still counts)."""
+    (no update; the step still counts) | rollback (no update, then at the next log or save the run
+    rolls back like a loss spike, see on_spike)."""
+    on_spike: str = "warn"
+    """A loss spike (launch/spike_guard.py: loss > median + spike_threshold x max(1.4826 MAD, 1% of
+    the median) of the last spike_window losses): off | warn (one line, a W&B alert) | rollback
+    (reload the newest checkpoint older than the spike window, skip skip_batches batches)."""
+    spike_window: int = 50
+    """Steps in the running statistic; also the spike window: a rollback target is at least this
+    many steps older than the spike, and a checkpoint saved within this many steps after one is
+    never a target."""
+    spike_threshold: float = 6.0
+    """How many robust standard deviations (1.4826 x MAD) above the median make a spike."""
+    max_rollbacks: int = 3
+    """on_spike/on_nonfinite=rollback: give up (exit 2, one line) when one more would be needed."""
+    skip_batches: int = 200
+    """Batches skipped after a rollback, from the checkpoint's step on (PaLM, Chowdhery et al. 2022,
+    §5.1, skipped 200-500 batches)."""
+    data_skips: list[list[int]] = field(default_factory=list)
+    """Batches to skip, told in advance: each [step, count] makes the steps from `step` on read
+    `count` batches further ahead (a rollback records its skip the same way in the checkpoint)."""
     max_consecutive_skips: int = 10
     """on_nonfinite=skip: stop anyway when this many steps in a row were skipped."""
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
@@ -152,7 +171,14 @@ class TrainConfig:
               f"must be one of {list(RECOMPUTE_MODES)}")
         check(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "must be >= 0")
         check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
-        check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", self.on_nonfinite, "must be stop or skip")
+        check(self.on_nonfinite in ("stop", "skip", "rollback"), "train.on_nonfinite", self.on_nonfinite, "must be stop, skip or rollback")
+        check(self.on_spike in ("off", "warn", "rollback"), "train.on_spike", self.on_spike, "must be off, warn or rollback")
+        check(self.spike_window >= 2, "train.spike_window", self.spike_window, "must be >= 2")
+        check(self.spike_threshold > 0, "train.spike_threshold", self.spike_threshold, "must be > 0")
+        check(self.max_rollbacks >= 0, "train.max_rollbacks", self.max_rollbacks, "must be >= 0")
+        check(self.skip_batches >= 0, "train.skip_batches", self.skip_batches, "must be >= 0")
+        for entry in self.data_skips:
+            check(len(entry) == 2 and min(entry) >= 0, "train.data_skips", self.data_skips, "must be a list of [step, count] pairs >= 0")
         check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", self.max_consecutive_skips, "must be >= 1")
         for name in self.stop_signals:
             signal_number(name)

@@ -36,11 +36,19 @@ log = logging.getLogger("moeforge")
 
 class Sink(Protocol):
     def log(self, metrics: dict[str, Any]) -> None: ...
+    def alert(self, title: str, text: str) -> None: ...
+    def rewind(self, step: int) -> None: ...
     def close(self) -> None: ...
 
 
 class NullSink:
     def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def alert(self, title: str, text: str) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -52,11 +60,21 @@ class JsonlSink:
 
     def __init__(self, path: Path, resume_step: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         truncate_after(path, resume_step)
         self._file = path.open("a", buffering=1)
 
     def log(self, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps(finite_or_null(metrics), allow_nan=False, default=float) + "\n")
+
+    def alert(self, title: str, text: str) -> None:
+        """Alerts reach metrics.jsonl as the metrics row the trainer logs with them."""
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines after ``step`` (a rollback to a checkpoint at ``step``), as a resume there would."""
+        self._file.close()
+        truncate_after(self.path, step)
+        self._file = self.path.open("a", buffering=1)
 
     def close(self) -> None:
         self._file.close()
@@ -207,6 +225,18 @@ class WandbSink:
                 self._drawn_at = step
         self._last_step = max(self._last_step, step)  # W&B drops a step below the last one
         self.run.log(out, step=step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (``run.alert``, level WARN); offline runs keep it in the run files until synced.
+        An alert that cannot be sent costs a warning line, never the run."""
+        try:
+            self.run.alert(title=title, text=text, level=self._wandb.AlertLevel.WARN)
+        except Exception as err:  # noqa: BLE001 - W&B's service may be unreachable; the console line already said it
+            log.warning(f"moeforge: W&B alert not sent ({type(err).__name__}: {err})")
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to ``step``: W&B keeps what it has and drops steps at or below its last one,
+        so the repeated steps appear in metrics.jsonl only (the rollback row says so)."""
 
     def close(self) -> None:
         """Draw the final heatmap (merged into the last logged step) unless it was drawn there, and finish."""

@@ -47,7 +47,9 @@ from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
+from launch.routing_probe import load_probe, probe_state
 from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
+from launch.spike_guard import SpikeEvent, SpikeGuard, roll_back
 from launch.step_guard import AgentLostError, StepGuard
 from launch.train_step import TrainStep
 from moe.errors import ConfigError, MoeforgeError
@@ -190,13 +192,21 @@ def resume(job: JobConfig, engine: Engine, core: MoETransformer, window: LogWind
     path = engine.select_checkpoint()
     if path is None:
         return {"step": 0}
+    trainer = restore(job, engine, core, window, path)
+    log.info(f"moeforge: resumed from {path} at step {trainer['step']}")
+    return trainer
+
+
+def restore(job: JobConfig, engine: Engine, core: MoETransformer, window: LogWindow, path: Path) -> dict[str, Any]:
+    """Load checkpoint ``path`` (model, optimizer, schedule, RNG, log window); returns its trainer counters."""
     check_compatible(path, engine.manifest)
     trainer = engine.load(path)
     window.load(trainer.get("window", {}), core)
+    load_probe(core, engine.runtime, trainer.get("probe"))
+    window.restart_clock()
     changed = apply_config(engine.optimizer, engine.scheduler, job)
     if changed:
         log.info(f"moeforge: the config differs from the checkpoint ({'; '.join(changed)}); using the config")
-    log.info(f"moeforge: resumed from {path} at step {trainer['step']}")
     return trainer
 
 
@@ -238,6 +248,28 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, signals, AgentWatch())
     trainer = resume(job, engine, core, window)
     start = int(trainer["step"])
+    spikes = SpikeGuard(runtime, tr.on_spike, tr.spike_window, tr.spike_threshold, tr.on_nonfinite == "rollback", tr.data_skips)
+    spikes.load(trainer.get("spike", {}), tr.data_skips)
+
+    def rollback(event: SpikeEvent) -> int:
+        """Roll back after ``event`` (launch/spike_guard.py); returns the step to continue from."""
+        writer.finish()  # an async save of an earlier step is published (or fails) before anything is retired
+        step, report = roll_back(event, spikes, job.checkpoint.dir, runtime, tr.max_rollbacks, tr.skip_batches, tr.data_skips,
+                                 lambda path, rt: engine.verify(path), lambda path: restore(job, engine, core, window, path))
+        log.warning(f"moeforge: {report}")
+        for sink in sinks:
+            sink.rewind(step)
+            sink.alert("moeforge: loss spike, rolled back", report)
+            sink.log({"step": step, "rollbacks": spikes.rollbacks, "rollback/spike_step": event.step, "rollback/spike_loss": event.loss,
+                      "rollback/skip_batches": tr.skip_batches})
+        return step
+
+    inside = spikes.in_spike_window(start) if start else None
+    if inside is not None:
+        what = f"{job.checkpoint.dir}/step_{start:08d} was saved inside a loss-spike window (spike at step {int(inside[0])}, loss {inside[1]:.4g})"
+        if not spikes.rolls_back:
+            log.warning(f"moeforge: resumed from a checkpoint inside a spike window: {what}; train.on_spike=rollback would resume "
+                        f"from an older one")
     guard.skipped_total = int(trainer.get("skipped_steps", 0))
     if start >= tr.steps:
         log.info(f"moeforge: nothing to do, checkpoint already at step {start} >= train.steps ({tr.steps})")
@@ -253,6 +285,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     autocast = autocast_for(precision, runtime.device)
     peak = peak_tflops(runtime.device, precision, tr.peak_tflops)
     sinks = build_sinks(job, run_dir, runtime, raw_config, start)
+    if inside is not None and spikes.rolls_back:  # never train on from weights saved inside a spike window
+        start = rollback(SpikeEvent(int(inside[0]), float(inside[1]), math.nan, math.nan, nonfinite=bool(inside[2])))
     progress = Progress(tr.steps, start) if runtime.is_main else None
     log.info(f"moeforge: {data.description}; model {job.model.name}: {counts.describe()}; "
              f"{counts.flops_per_token / 1e9:.3g} GFLOP per token; {precision}; run dir {run_dir}"
@@ -265,24 +299,34 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     reset_peak_memory(runtime.device)
     summary: dict[str, Any] = {"step": start}
     try:
-        for step in range(start, tr.steps):
-            x, y = (t.to(runtime.device) for t in train_sampler.batch(step))
+        step = start
+        while step < tr.steps:
+            x, y = (t.to(runtime.device) for t in train_sampler.batch(spikes.batch_index(step)))
             out = train_step(step, x, y)
             if out.host.agent_gone and not out.host.signum:
                 raise AgentLostError(f"the torchrun agent (pid {guard.agent.agent_pid}) is gone; stopping at step {step + 1} "
                                      f"without writing (a relaunch resumes from {latest_checkpoint(job.checkpoint.dir)})")
             done = step + 1
+            spikes.record(done, out.ce, out.grad_norm)
             stop = bool(out.host.signum) and done < tr.steps
-            due_log = done % tr.log_every == 0 or done == tr.steps
-            due_eval = done % tr.eval_every == 0 or done == tr.steps
-            due_save = job.checkpoint.enabled and ((job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop)
-            # The previous step's verdict (one step late, so the device is never waited on mid-queue); this step's
-            # before anything is logged, evaluated or saved.
-            settle(step if due_log or due_eval or due_save else step - 1)
+            logs, evals = done % tr.log_every == 0 or done == tr.steps, done % tr.eval_every == 0 or done == tr.steps
+            due = job.checkpoint.enabled and ((job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop)
+            # The previous step's non-finite verdict (one step late, so the device is never waited on mid-queue);
+            # this step's, and the spike guard's, before anything is logged, evaluated or saved.
+            settle(step if logs or evals or due else step - 1)
+            if logs or evals or due:
+                event = spikes.settle()
+                for warned in spikes.warned:
+                    log.warning(f"moeforge: {warned.describe()} (train.on_spike=warn)")
+                    for sink in sinks:
+                        sink.alert("moeforge: loss spike", warned.describe())
+                if event is not None:
+                    step = rollback(event)
+                    continue
             grad_norm, aux = out.grad_norm, out.aux
 
             metrics: dict[str, Any] = {}
-            if due_log:
+            if logs:
                 seconds = time.perf_counter() - window.t0
                 metrics.update({
                     "step": done,
@@ -292,13 +336,15 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                     "tokens_per_s": window.tokens / seconds,
                     **window_metrics(counts, window.tokens, seconds, runtime.world_size, peak),
                     "peak_mem_gib": peak_memory_gib(runtime.device),
-                    **{name: float(v) for name, v in aux.items()},
-                    **runtime.comm_metrics(),
+                    **runtime.mean_over_ranks(aux),  # the step's auxiliary losses, mean over ranks
+                    **runtime.comm_metrics(over_ranks=True),  # bytes per step, summed over ranks
                     **core.take_routing_metrics(runtime.all_reduce_sum_, runtime.all_reduce_max_),
                 })
-                if tr.on_nonfinite == "skip":
+                if tr.on_nonfinite != "stop":
                     metrics["skipped_steps"] = guard.skipped_total
-            if due_eval:
+                if spikes.rolls_back:
+                    metrics["rollbacks"] = spikes.rollbacks
+            if evals:
                 metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
             if metrics:
                 for sink in sinks:
@@ -306,9 +352,10 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 summary.update(metrics)
                 if progress is not None and "loss" in metrics:
                     progress.update(done, metrics)
-            if due_save:
+            if due:
                 t_save = time.perf_counter()
-                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core)}
+                trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core), "spike": spikes.state(done),
+                           "probe": probe_state(core, runtime)}
                 saved = engine.save(writer, done, trainer)
                 if done == tr.steps or stop:
                     saved = writer.finish() or saved
@@ -321,6 +368,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
             if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
                 window.restart_clock()
                 reset_peak_memory(runtime.device)
+            step = done
     finally:
         if progress is not None:
             progress.close()

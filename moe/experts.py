@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.layout import BlockSizes
+from moe.autocast import autocast_dtype
 from moe.errors import ConfigError, check
 from moe.expert_backends import BACKENDS, ExpertBackend, ExpertOptions, expert_backend, resolve_backend
 
@@ -61,9 +62,7 @@ class ExpertsConfig:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the expert GEMMs run in: CUDA autocast's dtype while it is on (backends call
     library GEMMs and Triton kernels that autocast does not see), else x's own."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 EXPERT_WEIGHT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe.autocast import autocast_dtype
+
 REDUCTIONS = ("mean", "sum")
 
 CHUNK_BYTES = 256 * 2**20
@@ -39,6 +41,8 @@ def chunk_tokens(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 def _compute_dtype(x_TD: Tensor) -> torch.dtype:
     """The dtype the plain path's head GEMM runs in: autocast's when it is on, else the input's."""
     dev = x_TD.device.type
+    if dev not in ("cuda", "cpu"):  # meta (the step budget): moe.autocast answers for it
+        return autocast_dtype(x_TD) or x_TD.dtype
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
 
 
@@ -50,7 +54,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         T = x_TD.shape[0]
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         scale = 1.0 / T if mean else 1.0
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with torch.autocast(x_TD.device.type if x_TD.device.type in ("cuda", "cpu") else "cpu", enabled=False):
             w_VD = weight_VD.to(dtype)
             loss = torch.zeros((), dtype=torch.float32, device=x_TD.device)
             dx_TD = torch.empty_like(x_TD) if ctx.needs_input_grad[0] else None

@@ -76,7 +76,11 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, runtime
             else:
                 state[names[id(p)]] = dict(st)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"model": model_sd, "optim": {"state": state, "param_groups": groups}}
+    out: dict[str, object] = {"model": model_sd, "optim": {"state": state, "param_groups": groups}}
+    fssdp = getattr(runtime, "fssdp", None)
+    if fssdp is not None:  # the routing-count window and owners: an FSSDP resume plans as the uninterrupted run
+        out["fssdp"] = fssdp.state_dict()
+    return out
 
 
 def _copy_tree(dst: object, src: object) -> None:
@@ -102,3 +106,6 @@ def load_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, st
         for k, v in saved.items():
             if k != "params":
                 group[k] = v
+    fssdp = getattr(runtime, "fssdp", None)
+    if fssdp is not None and isinstance(state.get("fssdp"), dict):
+        fssdp.load_state_dict(state["fssdp"], optimizer)

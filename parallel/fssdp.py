@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -329,6 +330,33 @@ class FSSDPState:
             lay.set_holders(sparse_materialize(lay.owner_E, load_E, self.cfg.overlap_degree, self.cfg.memory_cap, self.world, self.ranks_per_node))
         if self.cfg.debug_plan_hash:
             self.check_plan_identical()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs to plan as the uninterrupted run does (JSON-ready, the same on every rank):
+        the step count (reshard times), the routing-count window and every layer's owners."""
+        return {"steps": self.steps, "world": self.world, "window": [w.tolist() for w in self.window],
+                "owners": [list(lay.owner_E) for lay in self.layers]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> bool:
+        """Restore ``state_dict()`` after the weights are loaded: move experts (and their optimizer
+        state) to the saved owners, refill the window and plan the holders from it, as ``end_step``
+        did before the save. Returns False (nothing changed) when the state is for another world
+        size or layer count; the plan then starts afresh."""
+        if not state or state.get("world") != self.world or len(state.get("owners", [])) != len(self.layers):
+            return False
+        self.steps = int(state["steps"])
+        self.window.clear()
+        self.window.extend(torch.tensor(w, dtype=torch.int64) for w in state["window"])
+        meter, self.meter = self.meter, None  # restoring is not a training step's traffic
+        try:
+            self.reshard([list(o) for o in state["owners"]], optimizer)
+        finally:
+            self.meter = meter
+        if self.window:
+            for lay, load_E in zip(self.layers, self.load_LE()):
+                lay.set_holders(sparse_materialize(lay.owner_E, load_E, self.cfg.overlap_degree, self.cfg.memory_cap, self.world, self.ranks_per_node))
+        return True
 
     def plan_digest(self) -> int:
         return plan_digest([lay.owner_E for lay in self.layers], [lay.holders_E for lay in self.layers])

@@ -210,11 +210,29 @@ class Runtime:
         if self.fssdp is not None:
             self.fssdp.end_step(optimizer)
 
-    def comm_metrics(self) -> dict[str, float]:
-        """Bytes sent/received per collective per optimizer step since the last call (``comm/...``)."""
+    def comm_metrics(self, over_ranks: bool = False) -> dict[str, float]:
+        """Bytes sent/received per collective per optimizer step since the last call (``comm/...``).
+
+        This rank's bytes; ``over_ranks``: summed over all ranks (a collective: every rank calls it),
+        the job's traffic per step, which is what the trainer logs. A key missing on some rank counts 0 there.
+        """
         steps = max(self._steps, 1)
         self._steps = 0
-        return {k: v / steps for k, v in self.meter.pop().items()}
+        mine = {k: v / steps for k, v in self.meter.pop().items()}
+        if not over_ranks or not self.distributed:
+            return mine
+        every: list[dict[str, float] | None] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        keys = sorted({k for d in every if d for k in d})
+        return {k: sum(d.get(k, 0.0) for d in every if d) for k in keys}
+
+    def mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, float]:
+        """Each scalar's mean over ranks (one all-reduce; a host read): e.g. the step's aux and z losses."""
+        if not values:
+            return {}
+        stacked = torch.stack([v.detach().double().reshape(()) for v in values.values()])
+        self.all_reduce_sum_([stacked])
+        return dict(zip(values, (stacked / self.world_size).tolist()))
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""

@@ -8,8 +8,8 @@ Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k, R rou
 
 The whole ``moe.layer.MoELayer`` (router ``topk`` with its balance and z losses, dispatch,
 experts, combine, routing statistics) runs one training forward and backward in bf16 on ``meta``
-tensors, so nothing is allocated and any shape fits, under a ``TorchDispatchMode`` that sees
-every operator the GPU would launch (moeforge's own ops are ``torch.library`` custom ops, one
+tensors, so nothing is allocated and any shape fits, under ``tools.op_counter.OpCounter`` (the
+counting machinery ``tools.step_budget`` shares), which sees every operator the GPU would launch (moeforge's own ops are ``torch.library`` custom ops, one
 launch each; ``meta`` takes the GPU code path wherever the code branches on the device). Each op
 is classed as
 
@@ -32,124 +32,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tools.bench_shapes import REFERENCE_SHAPES, Shape
+from tools.op_counter import Budget, OpCounter, OpRecord
+
+__all__ = ["Budget", "OpCounter", "OpRecord", "count_layer_step", "minimum_glue_bytes", "predicted_ms"]
 
 GEMM_TFLOPS = 680.0
 GLUE_TBPS = 3.0
 
-_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
-_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias"}
-_ACCUMULATING = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "embedding_dense_backward", "_embedding_bag_backward"}
-_HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "item"}
 
-
-@dataclass
-class OpRecord:
-    name: str
-    kind: str  # "gemm" | "glue"
-    bytes: int = 0
-    flops: int = 0
-    atomic_rows: bool = False
-    host_sync: bool = False
-
-
-@dataclass
-class Budget:
-    """Totals of one layer step (forward + backward)."""
-
-    ops: list[OpRecord] = field(default_factory=list)
-
-    @property
-    def launches(self) -> int:
-        return len(self.ops)
-
-    @property
-    def glue_bytes(self) -> int:
-        return sum(r.bytes for r in self.ops if r.kind == "glue")
-
-    @property
-    def gemm_flops(self) -> int:
-        return sum(r.flops for r in self.ops if r.kind == "gemm")
-
-    @property
-    def atomics(self) -> list[str]:
-        return [r.name for r in self.ops if r.atomic_rows]
-
-    @property
-    def host_syncs(self) -> list[str]:
-        return [r.name for r in self.ops if r.host_sync]
-
-    def predicted_ms(self, tflops: float = GEMM_TFLOPS, tbps: float = GLUE_TBPS) -> float:
-        return self.gemm_flops / (tflops * 1e12) * 1e3 + self.glue_bytes / (tbps * 1e12) * 1e3
-
-
-def _distinct_bytes(t: torch.Tensor) -> int:
-    """Bytes of the distinct elements a tensor addresses (stride-0 broadcast dims count once)."""
-    n = 1
-    for size, stride in zip(t.shape, t.stride()):
-        if stride != 0:
-            n *= size
-    return n * t.element_size()
-
-
-def _tensors(obj: object) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            out.extend(_tensors(o))
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            out.extend(_tensors(o))
-    return out
-
-
-def _gemm_flops(name: str, args: tuple, out: object) -> int:
-    a, b = args[0], args[1]
-    if name in ("addmm", "baddbmm"):
-        a, b = args[1], args[2]
-    if name in ("bmm", "baddbmm"):
-        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-    return 2 * a.shape[0] * a.shape[1] * b.shape[-1]  # mm, and _grouped_mm (2D x 3D or 2D x 2D)
-
-
-class OpCounter(TorchDispatchMode):
-    """Records an ``OpRecord`` for every kernel-launching operator dispatched inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.budget = Budget()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        if func.is_view or name in _NO_KERNEL:
-            return out
-        if name in _GEMMS:
-            self.budget.ops.append(OpRecord(name, "gemm", flops=_gemm_flops(name, args, out)))
-            return out
-        seen: dict[int, torch.Tensor] = {}
-        for t in _tensors(args) + _tensors(kwargs) + _tensors(out):
-            seen.setdefault(id(t), t)
-        nbytes = sum(_distinct_bytes(t) for t in seen.values())
-        for arg, value in zip(func._schema.arguments, args):  # an argument written in place is read and written
-            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor) and name != "copy_":
-                nbytes += _distinct_bytes(value)
-        if name == "index_select":  # reads only the gathered rows of its source
-            src, idx = args[0], args[2]
-            nbytes += idx.numel() * (src[0].numel() if src.ndim else 1) * src.element_size() - _distinct_bytes(src)
-        accumulate = name in _ACCUMULATING or (name in ("index_put", "index_put_", "_index_put_impl_") and bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False)))
-        target = args[0] if isinstance(args[0], torch.Tensor) else None
-        atomic = accumulate and target is not None and target.ndim >= 2 and target.shape[-1] > 1
-        self.budget.ops.append(OpRecord(str(func), "glue", bytes=nbytes, atomic_rows=atomic, host_sync=name in _HOST_SYNCS))
-        return out
+def predicted_ms(budget: Budget, tflops: float = GEMM_TFLOPS, tbps: float = GLUE_TBPS) -> float:
+    """GEMM FLOPs at ``tflops`` plus glue bytes at ``tbps``, launch gaps ignored."""
+    return budget.gemm_flops / (tflops * 1e12) * 1e3 + budget.glue_bytes / (tbps * 1e12) * 1e3
 
 
 def count_layer_step(shape: Shape, backend: str = "grouped_mm", dtype: torch.dtype = torch.bfloat16) -> Budget:
@@ -206,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         b = count_layer_step(shape, args.backend)
         lo = minimum_glue_bytes(shape)
         print(f"| {' | '.join(map(str, shape))} | {b.launches} | {b.glue_bytes / 1e9:.2f} | {lo / 1e9:.2f} | {b.glue_bytes / lo:.2f} | "
-              f"{b.gemm_flops / 1e12:.2f} | {len(b.atomics)} | {len(b.host_syncs)} | {b.predicted_ms():.2f} |")
+              f"{b.gemm_flops / 1e12:.2f} | {len(b.atomics)} | {len(b.host_syncs)} | {predicted_ms(b):.2f} |")
         if args.ops:
             for r in b.ops:
                 print(f"    {r.kind:4s} {r.name:60s} {r.bytes / 1e6:10.1f} MB {r.flops / 1e9:10.1f} GFLOP{'  ATOMIC' if r.atomic_rows else ''}{'  SYNC' if r.host_sync else ''}")

@@ -114,6 +114,26 @@ def _compute(slots_G: list[float], cfg: SimConfig) -> tuple[float, float]:
     return max(times), max(times) - sum(times) / len(times)
 
 
+def ep_token_bytes(p_E: list[float], cfg: SimConfig) -> list[tuple[float, float]]:
+    """(bytes sent, bytes received) of each GPU of an EP group in one layer's four token
+    all-to-alls of a step (the counters ``comm/ep_a2a_tokens*`` measure the same).
+
+    GPU g owns a block of experts with load share s_g. Dispatch sends its ``T k (1 - s_g)`` rows
+    for experts elsewhere and receives ``(ep - 1) T k s_g`` rows for its own; combine returns them
+    (the reverse); the backward runs both again, reversed. So each GPU sends and receives
+    ``2 (T k (1 - s_g) + (ep - 1) T k s_g)`` rows.
+    """
+    ep = min(cfg.gpus, len(p_E))
+    per = len(p_E) // ep
+    slots, row = cfg.tokens_per_gpu * cfg.k, cfg.d_model * cfg.bytes_per_elem
+    out = []
+    for g in range(ep):
+        s_g = sum(p_E[g * per : (g + 1) * per])
+        rows = 2 * (slots * (1 - s_g) + (ep - 1) * slots * s_g)
+        out.append((rows * row, rows * row))
+    return out
+
+
 def simulate_ep(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
     G, E, gpn = cfg.gpus, len(load_LE[0]), cfg.gpus_per_node
     ep = min(G, E)

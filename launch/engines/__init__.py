@@ -45,6 +45,7 @@ class Engine(Protocol):
     scheduler: torch.optim.lr_scheduler.LambdaLR
     manifest: dict[str, Any]
     """The config a checkpoint records and a resume must match (``launch.checkpoint.check_compatible``)."""
+    runtime: Runtime
 
     def zero_grad(self) -> None:
         """Drop the previous step's gradients."""
@@ -70,6 +71,9 @@ class Engine(Protocol):
 
     def select_checkpoint(self) -> Path | None:
         """The newest checkpoint in ``checkpoint.dir`` this engine can resume from and that verifies."""
+
+    def verify(self, path: Path) -> list[str]:
+        """Problems with checkpoint ``path`` for this engine (empty: it verifies); the same on every rank."""
 
     def load(self, path: Path) -> dict[str, Any]:
         """Load checkpoint ``path`` into the model, optimizer and schedule; returns its trainer counters."""

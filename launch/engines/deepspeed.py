@@ -206,6 +206,9 @@ class DeepSpeedEngine:
         """The newest published checkpoint in ``checkpoint.dir`` written by this engine whose files all verify."""
         return select_checkpoint(self.job.checkpoint.dir, self.runtime, verify_deepspeed_checkpoint, " for engine=deepspeed")
 
+    def verify(self, path: Path) -> list[str]:
+        return verify_deepspeed_checkpoint(path, self.runtime)
+
     def load(self, path: Path) -> dict[str, Any]:
         """DeepSpeed's ``load_checkpoint`` (module, optimizer/ZeRO partitions, schedule), then this rank's RNG."""
         saved = read_manifest(path)
@@ -238,13 +241,14 @@ class DeepSpeedCheckpointWriter(CheckpointWriter):
         """
         self.finish()
         self._refuse_nonfinite(step, {"model": dict(self.ds.module.named_parameters())})
-        tmp = self._fresh_tmp(step)
-        _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
+        need = self.check_space(step)
+        tmp = self._fresh_tmp(step, need)
+        self._agreed(lambda: _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f)), step, tmp, need)
         try:
             self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"moeforge": state}, save_latest=False)
         except Exception as err:
-            raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: {err}") from err
-        self._pending = _Pending(step, tmp)
+            raise self._write_failed(err, step, tmp, need) from None
+        self._pending = _Pending(step, tmp, None, need)
         return self.finish()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint
+from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint, verify_checkpoint
 from launch.config import JobConfig
 from launch.masked_update import clip_scale, masked_step, takes_found_inf
 from launch.optim import build_optimizer
@@ -79,6 +79,9 @@ class NativeEngine:
 
     def select_checkpoint(self) -> Path | None:
         return select_checkpoint(self.job.checkpoint.dir, self.runtime)
+
+    def verify(self, path: Path) -> list[str]:
+        return verify_checkpoint(path, self.runtime)
 
     def load(self, path: Path) -> dict[str, Any]:
         state = training_state(self.model, self.optimizer, self.scheduler, self.runtime, {"step": 0})

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moe.autocast import autocast_dtype
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -48,8 +50,9 @@ def _half_gemm_ok(x_TD: Tensor) -> bool:
 def gate_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None = None) -> Tensor:
     """fp32 ``x W^T + b`` (module docstring): a 16-bit tensor-core GEMM on GPUs, fp32 elsewhere.
     Under CUDA autocast, x is first cast to the autocast dtype (as autocast does for a linear)."""
-    if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):
-        x_TD = x_TD.to(torch.get_autocast_dtype("cuda"))
+    dtype = autocast_dtype(x_TD)
+    if dtype is not None:
+        x_TD = x_TD.to(dtype)
     if _half_gemm_ok(x_TD):
         h_TE = _HalfGate.apply(x_TD, weight_ED.to(x_TD.dtype))
         return h_TE if bias_E is None else h_TE + bias_E.float()

@@ -11,7 +11,9 @@ The fault comes from the environment variable ``MOEFORGE_FAULT`` (JSON), one of:
 - ``{"signal_step": k, "signal": "SIGTERM"}``: the process sends itself that signal in the middle of
   step k's forward pass;
 - ``{"kill_step": k, "rank": r}``: rank r SIGKILLs itself in step k's forward pass, on torchrun's
-  first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through.
+  first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through;
+- ``{"spike_step": k, "factor": f}``: the loss the spike guard sees for step k (1-based) is f times
+  the real one (default 10), the first time step k is trained only (a rollback then trains on).
 
 The trainer itself has no fault hooks: this module patches ``CheckpointWriter`` and
 ``MoETransformer.forward`` from outside, then runs ``launch.train`` as ``__main__``.
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from launch.checkpoint import CheckpointWriter
+from launch.spike_guard import SpikeGuard
 from moe.model import MoETransformer
 from tests.faults.fs_ops import FsOps
 
@@ -78,12 +81,27 @@ def _patch_forward(spec: dict[str, Any]) -> None:
     MoETransformer.forward = faulty  # type: ignore[method-assign]
 
 
+def _patch_spike(spec: dict[str, Any]) -> None:
+    record = SpikeGuard.record
+    fired = []
+
+    def spiky(self: SpikeGuard, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        if step == spec["spike_step"] and not fired:
+            fired.append(step)
+            loss = loss * float(spec.get("factor", 10.0))
+        record(self, step, loss, grad_norm)
+
+    SpikeGuard.record = spiky  # type: ignore[method-assign]
+
+
 def main() -> None:
     spec = json.loads(os.environ.get("MOEFORGE_FAULT", "{}"))
     if "kill_save" in spec:
         _patch_saves(spec)
     if {"nan_step", "signal_step", "kill_step"} & spec.keys():
         _patch_forward(spec)
+    if "spike_step" in spec:
+        _patch_spike(spec)
     runpy.run_module("launch.train", run_name="__main__", alter_sys=True)
 
 

@@ -153,3 +153,16 @@ def test_heatmap_every_zero_logs_no_image_and_config_rejects_negative(tmp_path: 
     assert len(rows) == 1 and rows[0]["routing/layer0/load/e00"] == 1.0 and not any("heatmap" in k for k in rows[0])
     with pytest.raises(ConfigError, match="logging.heatmap_every"):
         LoggingConfig(heatmap_every=-1)
+
+
+def test_wandb_alert_is_kept_by_an_offline_run(tmp_path: Path, monkeypatch) -> None:
+    """``Sink.alert`` (loss spikes): an offline run stores the alert in its run file for a later sync."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sink = _wandb_sink(tmp_path, heatmap_every=0)
+    sink.log({"step": 1, "loss": 1.0})
+    sink.alert("moeforge: loss spike", "loss spike at step 11: 48.18 > 6.83")
+    sink.close()
+    offline_history(tmp_path / "wandb")  # waits for the exit record
+    path = next((tmp_path / "wandb").rglob("run-*.wandb"))
+    alerts = [r.alert for r in _read_records(path) if r.HasField("alert")]
+    assert [(a.title, a.text, a.level) for a in alerts] == [("moeforge: loss spike", "loss spike at step 11: 48.18 > 6.83", "WARN")]

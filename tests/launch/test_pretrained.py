@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -69,6 +70,11 @@ def test_loaded_model_is_the_trainers_model(layout: str, tmp_path: Path) -> None
         with torch.no_grad():
             diff = (pre.model(x)[0] - trainer_model(checkpoint)(x)[0]).abs().max()
         assert float(diff) == 0.0, f"{layout} step {step}: {float(diff)}"
+    lonely = tmp_path / "elsewhere" / "step_00000003"  # a checkpoint copied away from its run describes itself
+    shutil.copytree(run / "checkpoints" / "step_00000003", lonely)
+    assert "config.yaml" in json.loads((lonely / "moeforge.json").read_text())["files"]  # checksummed like every file
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(lonely).model(x)[0], load_pretrained(run / "checkpoints" / "step_00000003").model(x)[0])
     pre = load_pretrained(run)  # a run directory: its newest checkpoint
     assert pre.step == 3 and load_pretrained(run / "checkpoints").step == 3
     half = load_pretrained(run, dtype=torch.bfloat16)

@@ -30,3 +30,17 @@ def test_repeated_standalone_torchrun_resolves_to_one_run_dir(monkeypatch: pytes
             cfg = compose("train", return_hydra_config=True)
             dirs.append(cfg.hydra.run.dir)
     assert dirs == ["runs/local", "runs/local"]
+
+
+def test_sweep_job_names_and_changed_overrides(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from omegaconf import OmegaConf
+
+    from launch.run_dir import changed_overrides, sweep_job_name
+
+    assert sweep_job_name("runs/sweep_local", 3) == "sweep_local/3"
+    assert changed_overrides(tmp_path, ["optim.lr=0.001"]) == []  # a fresh job directory
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(["optim.lr=0.001", "train.steps=2"]), tmp_path / ".hydra" / "overrides.yaml")
+    assert changed_overrides(tmp_path, ["optim.lr=0.001", "train.steps=2"]) == []  # the same job, resumed
+    assert changed_overrides(tmp_path, ["optim.lr=0.002", "router=hash"]) == [
+        "optim.lr: 0.001 -> 0.002", "router: (unset) -> hash", "train.steps: 2 -> (unset)"]

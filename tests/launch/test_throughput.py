@@ -44,8 +44,14 @@ def test_active_count_follows_k_dense_layers_gqa_shared_and_tied_embeddings() ->
 def test_window_metrics_and_peak_lookup() -> None:
     model = MoETransformer(ModelConfig(), TopKConfig(k=2), ExpertsConfig())
     counts = count_model(model, seq_len=128)
+    # By hand, the tiny default (D 128, 4 layers of 4 heads of 32, 8 experts of F 256, top-2,
+    # vocab 256, untied head): per layer qkv 128 x 384 + out 128 x 128 + router 128 x 8 + two
+    # experts of 3 x 128 x 256 = 263,168; x 4 layers + head 128 x 256 = 1,085,440 active.
+    # Attention 12 L H Q S = 12 x 4 x 4 x 32 x 128 = 786,432. 6 x 1,085,440 + 786,432 = 7,299,072.
+    assert counts.active_params == 1_085_440
+    assert counts.flops_per_token == 7_299_072
     out = window_metrics(counts, tokens=1_000_000, seconds=2.0, world_size=4, peak=500.0)
-    tflops = counts.flops_per_token * 1e6 / 2.0 / 4 / 1e12
+    tflops = 7_299_072 * 1e6 / 2.0 / 4 / 1e12
     assert out == pytest.approx({"tflops_per_gpu": tflops, "mfu": tflops / 500.0})
     assert "mfu" not in window_metrics(counts, 10, 1.0, 1, None)
     assert peak_tflops(torch.device("cpu"), "bf16") is None

@@ -98,6 +98,10 @@ def test_resume_gives_identical_losses(tmp_path: Path, backend: str) -> None:
         assert b[step]["loss"] == a[step]["loss"], step
         assert b[step]["routing/layer0/tokens_per_expert"] == a[step]["routing/layer0/tokens_per_expert"]
     assert b[8]["val_loss"] == a[8]["val_loss"]
+    # the first evaluation after the restart compares with the probe saved at step 4, as the straight run does
+    for layer in (0, 1):
+        assert b[8][f"routing/layer{layer}/flips"] == a[8][f"routing/layer{layer}/flips"]
+    assert 0 < a[8]["routing/layer0/flips"] < 1
 
 
 @pytest.mark.gpu

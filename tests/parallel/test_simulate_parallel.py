@@ -69,3 +69,40 @@ def test_hybrid_fssdp_is_the_group_plus_a_replica_all_reduce_hand_computed() -> 
     # Twins are 2 apart and a node holds 2 GPUs: the all-reduce crosses nodes (50 GB/s).
     assert hybrid.comm_s - group.comm_s == pytest.approx(384 / 50e9)
     assert simulate_fssdp(loads, SimConfig(gpus=4, fssdp_shard=4, **base)) == simulate_fssdp(loads, SimConfig(gpus=4, **base))
+
+
+def _ep_bytes_worker(num_experts: int, k: int, d_model: int, tokens: int) -> None:
+    import torch
+
+    from moe.experts import ExpertsConfig
+    from moe.layer import MoELayer
+    from moe.routers import RouterContext
+    from moe.routers.topk import TopKConfig
+    from parallel import ParallelConfig, apply_parallel, setup_runtime
+    from tools.simulate_parallel import ep_token_bytes
+
+    rt = setup_runtime(ParallelConfig(mode="ep", ep_size=2, timeout_s=60))
+    torch.manual_seed(0)  # the same layer and the same tokens on both ranks: one load distribution
+    layer = MoELayer(d_model, 16, num_experts, TopKConfig(k=k), ExpertsConfig(backend="torch"))
+    x = torch.randn(tokens, d_model, requires_grad=True)  # as inside a model: the dispatch backward runs too
+    layer = apply_parallel(layer, ParallelConfig(mode="ep", ep_size=2, timeout_s=60), rt)
+    y, aux = layer(x, RouterContext())
+    (y.square().sum() + sum(aux.values())).backward()
+    rt.before_optimizer_step(layer)
+    m = rt.comm_metrics()
+    counts = layer.stats.raw()[0]["counts_E"].tolist()
+    p_E = [c / sum(counts) for c in counts]
+    share0 = sum(p_E[: num_experts // 2])  # rank 0's experts' share of the slots
+    assert abs(share0 - 0.5) > 0.02, share0  # unbalanced (natural routing): the bytes must follow the loads
+    cfg = SimConfig(gpus=2, gpus_per_node=2, num_experts=num_experts, k=k, d_model=d_model, tokens_per_gpu=tokens, bytes_per_elem=4)
+    sent, recv = ep_token_bytes(p_E, cfg)[rt.rank]
+    assert m["comm/ep_a2a_tokens_bytes_sent"] + m["comm/ep_a2a_tokens_bwd_bytes_sent"] == pytest.approx(sent)
+    assert m["comm/ep_a2a_tokens_bytes_recv"] + m["comm/ep_a2a_tokens_bwd_bytes_recv"] == pytest.approx(recv)
+
+
+def test_ep_token_bytes_equal_the_measured_counters_on_two_ranks() -> None:
+    """``ep_token_bytes`` (what tools.step_parallel adds per MoE layer) against ``comm/ep_a2a_tokens*``
+    measured on 2 gloo ranks for one layer step: equal, sent and received, on each rank."""
+    from dist_harness import run_distributed
+
+    run_distributed(_ep_bytes_worker, 2, 8, 2, 32, 64)
