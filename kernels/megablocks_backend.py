@@ -9,9 +9,18 @@ the same with our stacked ``[E, D, F]`` weights, reached through
 ``megablocks.grouped_gemm_util.ops``. Note the host synchronisation (``counts_E.cpu()``): it
 is MegaBlocks' own contract, kept so benchmarks measure it as users run it.
 
-MegaBlocks is optional and not a dependency: importing this module never fails;
-``UNAVAILABLE_REASON`` is a one-line reason (None when usable) and calling the backend without
-it raises ``moe.errors.EnvironmentError_`` with that line.
+What ``grouped_gemm.ops.gmm`` runs depends on how grouped_gemm was built (its 0.3.0 sdist:
+``setup.py`` adds ``-DGROUPED_GEMM_CUTLASS`` only when the environment variable
+``GROUPED_GEMM_CUTLASS=1`` is set at build time; ``csrc/grouped_gemm.cu``): by default
+``CublasGroupedGemm``, a host loop of one cuBLAS GEMM per expert; with the flag, CUTLASS's
+grouped GEMM kernel (its SM80 configuration, also on Hopper). ``experts.backend=grouped_mm``
+is one ``torch._grouped_mm`` call (CUTLASS's grouped GEMM for SM90 on Hopper).
+
+MegaBlocks cannot be installed beside moeforge's torch (>= 2.9); ``RELEASES`` says what each
+release on the package index pins (read from each sdist's metadata, or its ``setup.py`` where
+metadata needs a CUDA device to be generated). It stays optional and not a dependency:
+importing this module never fails; ``UNAVAILABLE_REASON`` is a one-line reason (None when
+usable) and calling the backend without it raises ``moe.errors.EnvironmentError_`` with that line.
 """
 
 from __future__ import annotations
@@ -23,11 +32,20 @@ from torch import Tensor
 from moe.errors import EnvironmentError_
 
 
+RELEASES = (
+    "no MegaBlocks release declares support for torch>=2.9, which moeforge needs: 0.10.0 pins torch 2.7.0, 0.9.0 and 0.8.0 torch 2.6.0, "
+    "0.7.0 torch 2.5.1, 0.6.1 torch 2.4.0, 0.5.0 triton 2.1.0 (torch 2.1's); 0.5.1, 0.0.2 and 0.0.1 pin no torch but are "
+    "CUDA source builds from before torch 2.9, untested with it; use experts.backend=grouped_mm (torch._grouped_mm)"
+)
+"""What the package index holds (``pip index versions megablocks``) and what each release pins (see the module docstring)."""
+
+
 def _probe() -> tuple[object | None, str | None]:
     try:
         from megablocks import grouped_gemm_util
     except Exception as exc:  # ImportError, or a broken compiled extension (undefined symbol)
-        return None, f"megablocks is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        return None, f"megablocks is not importable ({why}); {RELEASES}"
     if not grouped_gemm_util.grouped_gemm_is_available():
         return None, "megablocks is installed without grouped_gemm (pip install 'megablocks[gg]')"
     return grouped_gemm_util.ops, None

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.engines import ENGINES, check_job as check_engine_job
 from launch.preemption import signal_number
+from launch.routing_health import HealthConfig
 from moe.errors import ConfigError, check
 from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
@@ -104,8 +105,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step: gradients of batch_size / (ranks * grad_accum) sequences
     at a time are summed before the update, the same step as one big batch with less memory.
-    Cross-entropy, z-loss and routing statistics are those of the whole batch; a batch-level
-    balance loss (Switch's f.P) sees each micro-batch's statistics, as in Megatron-Core."""
+    Cross-entropy, z-loss and routing statistics are those of the whole batch; Switch's balance
+    loss counts f over one micro-batch (on every rank with router.balance_scope=global)."""
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast; weights and optimizer stay fp32)
     | fp32."""
@@ -194,6 +195,9 @@ class LoggingConfig:
     heatmap_every: int = 10
     """W&B: log each MoE layer's experts x steps load heatmap image every this many log steps (and at
     the end); 0 turns it off."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Routing-health warnings (launch/routing_health.py): logging.health.windows, .max_min_load,
+    .dead_fraction, .min_entropy_frac, .enabled."""
 
     def __post_init__(self) -> None:
         check(self.name in LOGGING_NAMES, "logging.name", self.name, f"must be one of {list(LOGGING_NAMES)}")
@@ -227,10 +231,12 @@ class CheckpointConfig:
 class EngineConfig:
     name: str = "native"
     """native (this trainer's own step and DCP checkpoints) | deepspeed (a DeepSpeed engine with ZeRO
-    stage ``zero_stage``; needs the ``[deepspeed]`` extra and ``parallel=ddp``); launch/engines/."""
+    stage ``zero_stage``; needs the ``[deepspeed]`` extra and ``parallel=ddp``, or ``parallel=ep``
+    with ZeRO 1/2 for DeepSpeed's expert parallelism); launch/engines/."""
     zero_stage: int = 0
-    """deepspeed: ZeRO stage for every parameter, experts included: 0 (replicated), 1 (optimizer state
-    sharded), 2 (optimizer state and gradients sharded). Stage 3 is not supported."""
+    """deepspeed: ZeRO stage for every parameter, experts included (over their expert-data-parallel
+    group under ``parallel=ep``): 0 (replicated), 1 (optimizer state sharded), 2 (optimizer state and
+    gradients sharded). Stage 3 is not supported."""
 
     def __post_init__(self) -> None:
         check(self.name in ENGINES, "engine.name", self.name, f"must be one of {list(ENGINES)}")

@@ -13,9 +13,13 @@ import os
 
 
 class ConsoleFilter(logging.Filter):
-    """Pass records to the console on rank 0 only, and never those marked ``console=False``."""
+    """Pass records to the console on rank 0 only, and never those marked ``console=False``;
+    records marked ``every_rank=True`` (a rank's one line saying why it stops because another
+    rank failed, parallel/heartbeat.py) pass on every rank."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "every_rank", False):
+            return True
         return os.environ.get("RANK", "0") == "0" and getattr(record, "console", True)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -19,14 +21,23 @@ from launch.config import JobConfig, OptimConfig
 log = logging.getLogger("moeforge")
 
 
-def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (decay on matrices only) with the learning-rate schedule of ``lr_factor``."""
+def build_optimizer(model: torch.nn.Module, job: JobConfig,
+                    regroup: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (decay on matrices only) with the learning-rate schedule of ``lr_factor``.
+
+    ``regroup``: rewrites the two param groups (named ``decay`` and ``no_decay``, each with a
+    ``decay`` flag that ``apply_config`` reads) before AdamW is built; groups it makes must keep
+    their source group's keys (``engine=deepspeed parallel=ep`` moves the experts into DeepSpeed's
+    MoE groups).
+    """
     o, steps = job.optim, job.train.steps
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if regroup is not None:
+        groups = regroup([{**groups[0], "name": "decay", "decay": True}, {**groups[1], "name": "no_decay", "decay": False}])
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
     init_adamw_state(opt)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, o))
@@ -34,8 +45,9 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> tuple[torch.optim
 
 def fused_for(devices: set[torch.device]) -> bool:
     """Fused AdamW (one multi-tensor kernel reading each parameter, gradient and both moments once) when
-    every parameter is on CUDA; CPU keeps torch's default implementation (and its numbers)."""
-    return bool(devices) and all(d.type == "cuda" for d in devices)
+    every parameter is on CUDA; CPU keeps torch's default implementation (and its numbers). ``meta``
+    parameters stand for CUDA ones (``tools.step_budget`` counts the step the card would run)."""
+    return bool(devices) and all(d.type in ("cuda", "meta") for d in devices)
 
 
 def lr_factor(step: int, steps: int, o: OptimConfig) -> float:
@@ -94,7 +106,8 @@ def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sch
     o = job.optim
     changed: list[str] = []
     for i, group in enumerate(optimizer.param_groups):
-        want = {"initial_lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay if i == 0 else 0.0}
+        decays = group.get("decay", i == 0)  # build_optimizer: group 0 decays, or each regrouped group says
+        want = {"initial_lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay if decays else 0.0}
         for key, value in want.items():
             if group.get(key) != value:
                 note = f"optim.{'lr' if key == 'initial_lr' else key}: {group.get(key)} -> {value}"

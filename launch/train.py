@@ -11,8 +11,10 @@ that verifies, then step / guard / log / evaluate / checkpoint until ``train.ste
 
 Exit status: 0 done (or nothing left to do); 2 a configuration, data or checkpoint error, a run
 directory locked by another run, or a non-finite step (one message on stderr naming the offending
-thing); 128 + N after stop signal N (143 for SIGTERM, 130 for SIGINT): the current step finished
-and a checkpoint was saved, so rerunning the same command resumes.
+thing); 3 another rank failed or stopped responding (one line naming it, parallel/heartbeat.py;
+a relaunch resumes from the newest checkpoint); 128 + N after stop signal N (143 for SIGTERM, 130
+for SIGINT): the current step finished and a checkpoint was saved, so rerunning the same command
+resumes.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config
 from launch.throughput import count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
+from launch.routing_health import RoutingHealth
 from launch.routing_probe import load_probe, probe_state
 from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
 from launch.spike_guard import SpikeEvent, SpikeGuard, roll_back
@@ -57,6 +60,7 @@ from moe.expert_backends import expert_backend
 from moe.model import MoETransformer
 from parallel import Runtime, setup_runtime
 from parallel.config import check_experts
+from parallel.heartbeat import RankFailure, report_failure
 
 log = logging.getLogger("moeforge")
 
@@ -177,6 +181,13 @@ def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = Non
                 if record is not None and runtime.is_main:
                     record()
                 return _train(job, run_dir, runtime, raw_config or {}, t_start, signals)
+        except Preempted:
+            raise
+        except Exception as err:  # another rank's failure is told in one line (parallel/heartbeat.py)
+            failure = runtime.peer_failure(err)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             runtime.shutdown()
 
@@ -245,6 +256,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     engine = build_engine(job, core, runtime, manifest_of(job))
     model, scheduler = engine.model, engine.scheduler
     window = LogWindow(runtime)
+    health = RoutingHealth(job.logging.health)
     guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, signals, AgentWatch())
     trainer = resume(job, engine, core, window)
     start = int(trainer["step"])
@@ -344,6 +356,12 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                     metrics["skipped_steps"] = guard.skipped_total
                 if spikes.rolls_back:
                     metrics["rollbacks"] = spikes.rollbacks
+                flags, warnings = health.check(metrics)
+                metrics.update(flags)
+                for layer, text in warnings:
+                    log.warning(f"moeforge: step {done}: {text}")
+                    for sink in sinks:
+                        sink.alert(f"routing health: MoE layer {layer}", f"step {done}: {text}")
             if evals:
                 metrics.update({"step": done, **evaluate(model, core, val_sampler, job, runtime, autocast)})
             if metrics:
@@ -419,6 +437,9 @@ def main(cfg: DictConfig) -> None:
     except Preempted as stop:
         log.warning(str(stop))
         sys.exit(stop.exit_code)
+    except RankFailure as failure:
+        report_failure(str(failure))
+        sys.exit(failure.exit_code)
     except MoeforgeError as err:
         log.error(f"moeforge: error: {err}")
         sys.exit(2)

@@ -10,6 +10,7 @@ Model code never knows which runner is installed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from moe.dispatch import DispatchPlan, dispatch
 from moe.experts import Experts, ExpertsConfig, dense_swiglu
 from moe.recompute import is_recomputing
 from moe.routers import RouterContext, build_router
+from moe.routers.losses import CountSum
 from moe.stats import RoutingStats
 
 ExpertRunner = Callable[[Experts, Tensor, DispatchPlan], Tensor]
@@ -72,6 +74,9 @@ class MoELayer(nn.Module):
         self.experts = Experts(num_experts, d_model, d_ff, backend=experts_cfg.backend, options=experts_cfg.options())
         self.shared = SharedExperts(num_shared_experts, d_model, d_ff, shared_expert_gate) if num_shared_experts > 0 else None
         self.runner: ExpertRunner = local_runner
+        # Installed by the parallel runtime (parallel.runtime.Runtime.install_count_sum): sums a
+        # router's per-expert counts over data-parallel ranks for the global-batch balance loss.
+        self.sum_counts: CountSum | None = None
         self.stats = RoutingStats(num_experts)
         # Routing-flip probe: while record_probe is set, the forward keeps the top-1 choices.
         self.record_probe = False
@@ -79,6 +84,8 @@ class MoELayer(nn.Module):
         self.previous_probe_top1_T: Tensor | None = None
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.sum_counts is not None and self.training:  # every rank runs the same training forwards
+            context = replace(context, sum_counts=self.sum_counts)
         decision = self.router(x_TD, context)
         plan = dispatch(decision, self.num_experts, self.capacity_factor)
         y_TD = self.runner(self.experts, x_TD, plan)

@@ -59,6 +59,9 @@ class ParallelConfig:
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     timeout_s: int = 600
     """Process-group timeout: a collective that waits longer fails instead of hanging."""
+    heartbeat_s: float = 60.0
+    """A rank whose heartbeat (through the rendezvous store) stops for this long is named as failed
+    and the run stops (exit status 3 on the other ranks); 0 disables (parallel/heartbeat.py)."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size for dense=ddp."""
     overlap_grad_reduce: bool = True
@@ -74,6 +77,7 @@ class ParallelConfig:
         shard = self.fssdp.shard_size
         check(shard == 0 or self.mode == "fssdp", "parallel.fssdp.shard_size", shard, f"is only used by parallel.mode=fssdp (mode is {self.mode!r})")
         check(self.timeout_s >= 1, "parallel.timeout_s", self.timeout_s, "must be >= 1")
+        check(self.heartbeat_s >= 0, "parallel.heartbeat_s", self.heartbeat_s, "must be >= 0 (0 disables)")
         check(self.bucket_mb > 0, "parallel.bucket_mb", self.bucket_mb, "must be > 0")
 
 

@@ -23,9 +23,25 @@ from torch import Tensor, nn
 
 from moe.dispatch import DispatchPlan, combine, gather_rows
 from moe.experts import EXPERT_WEIGHT_NAMES, Experts
+from moe.layer import MoELayer
 from parallel.comm import CommMeter
 from parallel.token_exchange import exchange_and_run
 
+
+def apply_expert_parallel(layers: list[MoELayer], ep_group: dist.ProcessGroup | None, ep_rank: int, ep_size: int,
+                          meter: CommMeter | None) -> None:
+    """Wire every MoE layer for expert parallelism over ``ep_group`` (this rank is ``ep_rank`` of ``ep_size``).
+
+    Each layer keeps only this rank's block of experts (``shard_experts``), records ``ep_group``
+    as the group in which each expert lives once, and routes through an ``ExpertParallelRunner``.
+    Both engines call it: the native one with its DeviceMesh's ``ep`` group, ``engine=deepspeed``
+    with DeepSpeed's expert-parallel group (the same consecutive-rank layout). Gradient reduction
+    over the expert-data-parallel group is the engine's (native: ``Runtime.before_optimizer_step``).
+    """
+    for layer in layers:
+        shard_experts(layer.experts, ep_rank, ep_size)
+        layer.experts.expert_group = ep_group  # each expert lives once per EP group
+        layer.runner = ExpertParallelRunner(layer.num_experts, ep_group, ep_rank, ep_size, meter)
 
 
 def shard_experts(experts: Experts, ep_rank: int, ep_size: int) -> list[int]:

@@ -33,8 +33,9 @@ from parallel.checkpoint import checkpoint_state, load_checkpoint_state
 from parallel.comm import CommMeter
 from parallel.config import ParallelConfig, check_experts
 from parallel.dense import FsdpUnit, GradAverager, apply_fsdp, fsdp_step_bytes, is_sharded, local_tensor
-from parallel.expert_parallel import ExpertParallelRunner, shard_experts
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.fssdp import FSSDPRunner, FSSDPState
+from parallel.heartbeat import Heartbeat, RankFailure, start_heartbeat
 from parallel.mesh import MeshInfo, init_mesh
 
 __all__ = ["ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]
@@ -59,6 +60,8 @@ class Runtime:
     """ep / hybrid fssdp: the group of ranks that hold the same experts (None: no replicas)."""
     expert_replicas: int = 1
     fssdp: FSSDPState | None = None
+    heartbeat: Heartbeat | None = None
+    """Peer liveness through the rendezvous store (parallel.heartbeat_s; None in one process)."""
     _steps: int = 0
     _host_group: dist.ProcessGroup | None = None
 
@@ -91,6 +94,25 @@ class Runtime:
     def all_reduce_sum_(self, tensors: list[Tensor]) -> None:
         """Sum each tensor across ranks in place (one collective per dtype; no-op in one process)."""
         self._all_reduce_(tensors, dist.ReduceOp.SUM)
+
+    @torch.no_grad()
+    def sum_counts(self, counts_E: Tensor) -> Tensor:
+        """``counts_E`` summed over the data-parallel ranks (a fresh tensor; the global-batch
+        balance loss's ``f``, moe.routers.losses.switch_balance_loss); metered as ``comm/balance_counts``."""
+        total_E = counts_E.detach().clone()
+        dist.all_reduce(total_E, group=self.mesh.group("dp") if self.mesh is not None else None)
+        nbytes = total_E.numel() * total_E.element_size()
+        self.meter.add("balance_counts", nbytes, nbytes)
+        return total_E
+
+    def install_count_sum(self, model: nn.Module) -> None:
+        """Give every MoE layer of ``model`` this runtime's ``sum_counts`` (the one hook behind
+        ``router.balance_scope=global``); nothing in one process, where it would be the identity."""
+        if not self.distributed:
+            return
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                layer.sum_counts = self.sum_counts
 
     def all_reduce_max_(self, tensors: list[Tensor]) -> None:
         """Max of each tensor across ranks in place (no-op in one process)."""
@@ -239,8 +261,15 @@ class Runtime:
         if dist.is_initialized():
             dist.barrier()
 
+    def peer_failure(self, err: Exception) -> RankFailure | None:
+        """A ``RankFailure`` naming the rank that failed first when ``err`` came from another rank's
+        failure; None when ``err`` is this rank's own (then posted for the others to name)."""
+        return self.heartbeat.peer_failure(err) if self.heartbeat is not None else None
+
     def shutdown(self) -> None:
-        """Tear down the process group, if any."""
+        """Stop the heartbeat and tear down the process group, if any."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -249,6 +278,7 @@ def setup_runtime(cfg: ParallelConfig, device: str = "auto") -> Runtime:
     """Read the torchrun environment, initialise the process group and mesh for ``cfg.mode`` on
     ``device`` (auto: CUDA when present; cpu; cuda)."""
     info = init_mesh(cfg, device)
+    heartbeat = start_heartbeat(cfg.heartbeat_s, info.rank, info.world_size, info.local_rank, info.local_world_size) if info.mesh is not None else None
     return Runtime(
         rank=info.rank,
         world_size=info.world_size,
@@ -256,6 +286,7 @@ def setup_runtime(cfg: ParallelConfig, device: str = "auto") -> Runtime:
         device=info.device,
         cfg=cfg,
         mesh=info if info.mesh is not None else None,
+        heartbeat=heartbeat,
     )
 
 
@@ -268,6 +299,7 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
     for layer in layers:
         check_experts(cfg, runtime.world_size, layer.num_experts)
     dp_group = info.group("dp")
+    runtime.install_count_sum(model)
     if cfg.mode == "ddp":
         runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce",
                                           overlap=cfg.overlap_grad_reduce, host_max=runtime.all_reduce_host_max_)
@@ -276,11 +308,8 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         runtime.fsdp_units = apply_fsdp(model, info.mesh, set())
         return model
     if cfg.mode == "ep":
-        ep_group, ep_rank, ep = info.group("ep"), info.ep_mesh.get_local_rank("ep"), info.ep_size
-        for layer in layers:
-            shard_experts(layer.experts, ep_rank, ep)
-            layer.experts.expert_group = ep_group  # each expert lives once per EP group
-            layer.runner = ExpertParallelRunner(layer.num_experts, ep_group, ep_rank, ep, runtime.meter)
+        ep = info.ep_size
+        apply_expert_parallel(layers, info.group("ep"), info.ep_mesh.get_local_rank("ep"), ep, runtime.meter)
         runtime.expert_replicas = runtime.world_size // ep
         runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
     else:  # fssdp: over the world, or inside groups of shard_size ranks replicated across groups

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="extra Hydra override for every run, e.g. train.batch_size=8 (repeatable)")
     lmg.add_argument("--lm-timeout", type=float, default=1800.0, help="seconds before one launch.train run is abandoned")
     lmg.add_argument("--lm-threads", type=int, default=1, help="train.threads of each run")
+    lmg.add_argument("--lm-nproc", type=int, default=1,
+                     help="data-parallel ranks per run (>1: python -m launch.torchrun --standalone with parallel=ddp)")
     lmg.add_argument("--jobs", type=int, default=1, help="launch.train runs at once (each uses --lm-threads threads)")
     p.add_argument("--render-only", action="store_true",
                    help="no training: rewrite table.md and the plots from --out's results.json (same --task); "
@@ -184,7 +186,8 @@ def run_lm(args: argparse.Namespace) -> tuple[dict[str, list[RunResult]], dict[s
     def one(arm: lm.LmArm, seed: int) -> RunResult:
         log(f"lm {arm.label} seed {seed}: {' '.join(arm.overrides)}")
         extra = lm.overrides_for(arm, args.lm_override)
-        result = lm.run_arm(arm, seed, args.steps, args.target, runs_dir, extra, args.lm_backend, args.lm_timeout, args.lm_threads)
+        result = lm.run_arm(arm, seed, args.steps, args.target, runs_dir, extra, args.lm_backend, args.lm_timeout, args.lm_threads,
+                            args.lm_nproc)
         log(f"lm {arm.label} seed {seed}: val_loss {result.final_loss:.4f}, {result.wall_s:.0f}s")
         return result
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m launch.torchrun --standalone --nproc-per-node 8 -m launch.train engine=deepspeed engine.zero_stage=2 parallel=ddp
     deepspeed --num_gpus 8 --module launch.train engine=deepspeed engine.zero_stage=1 parallel=ddp
+    .venv/bin/python -m launch.torchrun --standalone --nproc-per-node 8 -m launch.train engine=deepspeed engine.zero_stage=2 parallel=ep parallel.ep_size=4
 
 What DeepSpeed gets (``deepspeed.initialize``): the plain ``MoETransformer``; the AdamW and
 ``LambdaLR`` of ``launch.optim.build_optimizer`` (the same param groups and hyperparameters as the
@@ -13,15 +14,18 @@ DeepSpeed then averages gradients over all ranks, clips, steps the optimizer and
 
 Decisions, and why:
 
-- **Experts are not marked as DeepSpeed MoE parameters** (no ``allreduce=False`` / ``group_name``,
-  no separate MoE param groups). DeepSpeed reduces a parameter marked that way over its
-  expert-data-parallel group, which it only creates for its own ``deepspeed.moe.layer.MoE``
-  modules (``engine.has_moe_layers``); here every rank holds every expert (pure data
-  parallelism, ``parallel=ddp``), so expert gradients must be all-reduced over all ranks exactly
-  like dense ones, or ranks diverge. Unmarked, they are: and ZeRO 1/2 then shard the experts'
-  optimizer state (and gradients) over all ranks like every other parameter. Expert parallelism
-  under DeepSpeed (``parallel=ep|fssdp``) is refused, as are ``fsdp`` (two owners of the same
-  parameters) and ZeRO-3 (``engine.zero_stage``: DeepSpeed refuses it with MoE).
+- **parallel=ddp: experts are not marked as DeepSpeed MoE parameters** (no ``allreduce=False`` /
+  ``group_name``, no separate MoE param groups). DeepSpeed reduces a parameter marked that way
+  over its expert-data-parallel group only; under ``parallel=ddp`` every rank holds every expert,
+  so expert gradients must be all-reduced over all ranks exactly like dense ones, or ranks
+  diverge. Unmarked, they are: and ZeRO 1/2 then shard the experts' optimizer state (and
+  gradients) over all ranks like every other parameter.
+- **parallel=ep: DeepSpeed's expert parallelism** (``launch/engines/deepspeed_moe.py``): DeepSpeed's
+  expert-parallel and expert-data-parallel groups, experts marked as its MoE parameters and moved
+  into its MoE optimizer groups, so ZeRO 1/2 partition them over their expert-data-parallel
+  group; ZeRO 0 is refused (its clipping averages per-rank norms). ``fsdp`` and ``fssdp`` are
+  refused (two owners of the same parameters), as is ZeRO-3 (``engine.zero_stage``: DeepSpeed
+  refuses it with MoE).
 - **Precision**: ``train.precision=bf16`` is the same bf16 autocast as the native engine (the
   trainer's ``autocast_for`` around the forward); DeepSpeed sees an fp32 model, so weights,
   gradients, their all-reduce and the optimizer state stay fp32 as ``train.precision`` documents.
@@ -36,8 +40,9 @@ Decisions, and why:
   the native writer's ``step_N.tmp-<id>`` folder and published by ``CheckpointWriter.finish``: the
   same SHA-256 manifest (with ``engine: {name, zero_stage}``), fsync, atomic rename and pruning.
   A resume verifies every file before DeepSpeed reads it. ZeRO's per-rank partitions are not DCP
-  tensors, so these checkpoints resume only under ``engine=deepspeed`` at the same ZeRO stage and
-  (stage 1/2) the same number of ranks; both are refused with a message otherwise. DeepSpeed's
+  tensors, so these checkpoints resume only under ``engine=deepspeed`` at the same ZeRO stage,
+  ``parallel.mode`` and ``ep_size`` (recorded in the manifest) and (stage 1/2) the same number of
+  ranks; each is refused with a message otherwise. DeepSpeed's
   files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed): the checksums catch
   corruption, not tampering, so resume only checkpoints you wrote.
 - **Launchers**: torchrun (``launch.torchrun``) as for every mode; the ``deepspeed`` launcher sets
@@ -74,6 +79,7 @@ from launch.checkpoint import (
 )
 from launch.checksums import problems, share
 from launch.config import JobConfig
+from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
 from moe.errors import CheckpointError, EnvironmentError_, MoeforgeError, check
 from parallel import Runtime
@@ -146,22 +152,33 @@ class DeepSpeedEngine:
         deepspeed = _import_deepspeed(runtime.device)
         os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
         self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
-        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage}}
-        optimizer, scheduler = build_optimizer(core, job)
+        # Experts split over DeepSpeed's expert-parallel groups and marked as its MoE parameters (parallel=ep).
+        self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.mode == "ep" else None
+        ep_size = self.ep.ep_size if self.ep else 1
+        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage},
+                         "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
+        runtime.install_count_sum(core)  # router.balance_scope=global: f counts every rank's tokens
+        optimizer, scheduler = build_optimizer(core, job, regroup=self.ep.regroup if self.ep else None)
         if self.stage > 0:  # ZeRO re-points the groups at flat fp32 partitions and creates their state at step 1
             optimizer.state.clear()
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=core, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job, runtime.world_size), dist_init_required=False,
-        )
+        with self.ep.seen_as_deepspeed_moe() if self.ep else nullcontext():
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=core, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job, runtime.world_size), dist_init_required=False,
+            )
         self.model: nn.Module = self.ds
 
     @staticmethod
     def check_job(job: JobConfig) -> None:
         """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
         p, tr = job.parallel, job.train
-        check(p.mode == "ddp", "parallel.mode", p.mode,
-              "must be ddp with engine.name=deepspeed (data parallelism over every rank, one process included; DeepSpeed reduces "
-              "every gradient, experts included: expert or FSDP sharding under DeepSpeed is not supported)")
+        check(p.mode in ("ddp", "ep"), "parallel.mode", p.mode,
+              "must be ddp or ep with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
+              "expert parallelism; FSDP and FSSDP shard parameters themselves, which DeepSpeed's ZeRO does instead)")
+        check(p.mode != "ep" or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
+              "must be 1 or 2 with engine.name=deepspeed and parallel=ep (DeepSpeed's stage-0 clipping averages the ranks' local "
+              "gradient norms, which is wrong when ranks hold different experts)")
+        check(p.mode != "ep" or p.dense == "ddp", "parallel.dense", p.dense,
+              "must be ddp with engine.name=deepspeed (DeepSpeed reduces the dense gradients itself)")
         check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
               "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")
         check(tr.on_nonfinite == "stop", "train.on_nonfinite", tr.on_nonfinite,
@@ -197,7 +214,7 @@ class DeepSpeedEngine:
 
     def checkpoint_writer(self) -> CheckpointWriter:
         c = self.job.checkpoint
-        return DeepSpeedCheckpointWriter(c.dir, self.runtime, c.keep, self.manifest, self.ds)
+        return DeepSpeedCheckpointWriter(c.dir, self.runtime, c.keep, self.manifest, self.ds, self.ep)
 
     def save(self, writer: CheckpointWriter, step: int, trainer: dict[str, Any]) -> Path | None:
         return writer.save(step, {"trainer": trainer})
@@ -218,6 +235,8 @@ class DeepSpeedEngine:
         loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None or "moeforge" not in client:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        if self.ep is not None:  # the module file held rank 0's experts; the ZeRO partitions hold everyone's
+            self.ds.optimizer.update_lp_params()
         # The schedule's position is restored; put each group's lr where that position says.
         for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * fn(self.scheduler.last_epoch)
@@ -230,9 +249,10 @@ class DeepSpeedEngine:
 class DeepSpeedCheckpointWriter(CheckpointWriter):
     """``CheckpointWriter`` whose files are DeepSpeed's ``save_checkpoint`` output (published the same way)."""
 
-    def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], ds: Any) -> None:
+    def __init__(self, directory: str | Path, runtime: Runtime, keep: int, manifest: dict[str, Any], ds: Any,
+                 ep: DeepSpeedExpertParallel | None = None) -> None:
         super().__init__(directory, runtime, keep, manifest, async_save=False)
-        self.ds = ds
+        self.ds, self.ep = ds, ep
 
     def save(self, step: int, state: dict[str, Any]) -> Path | None:
         """Refuse NaN/Inf weights, write DeepSpeed's files and this rank's RNG into a fresh tmp folder, publish.
@@ -246,6 +266,8 @@ class DeepSpeedCheckpointWriter(CheckpointWriter):
         self._agreed(lambda: _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f)), step, tmp, need)
         try:
             self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"moeforge": state}, save_latest=False)
+            if self.ep is not None:
+                self.ep.save_expert_weights(tmp)
         except Exception as err:
             raise self._write_failed(err, step, tmp, need) from None
         self._pending = _Pending(step, tmp, None, need)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
 from moe.routers.gate import gate_logits
+from moe.routers.losses import check_balance_scope, scope_count_sum
 from moe.routers.similarity import MIX_SPACES, graph_mixed_decision, sequence_mask, token_layout
 
 
@@ -41,12 +42,16 @@ class AttentionAwareConfig:
     """Coefficient of the Switch load-balancing loss, computed on the mixed distribution."""
     z_loss_coef: float = 0.001
     """Coefficient of the ST-MoE router z-loss on the unmixed logits h."""
+    balance_scope: str = "global"
+    """Which tokens the balance loss's f counts: global (every data-parallel rank's) | micro_batch
+    (this rank's); see router.balance_scope of topk."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "router.k", self.k, "must be >= 1")
         check(self.mix in MIX_SPACES, "router.mix", self.mix, f"must be one of {list(MIX_SPACES)}")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        check_balance_scope(self.balance_scope)
 
 
 class AttentionAwareRouter(Router):
@@ -81,4 +86,5 @@ class AttentionAwareRouter(Router):
         logits_TE = gate_logits(x_TD, self.gate.weight)
         graph_BSS = self.graph(x_TD.shape[0], context)
         c = self.cfg
-        return graph_mixed_decision(logits_TE, graph_BSS, c.mix, c.k, c.aux_loss_coef, c.z_loss_coef)
+        return graph_mixed_decision(logits_TE, graph_BSS, c.mix, c.k, c.aux_loss_coef, c.z_loss_coef,
+                                    scope_count_sum(c.balance_scope, context.sum_counts))

@@ -12,6 +12,7 @@ dropless so every marked slot reaches its expert.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ class RouterContext:
     flattened tokens (per-sequence mixing); ``doc_ids_T`` document ids for boundary-aware
     mixing; ``attn_probs_BSS`` the head-averaged attention probabilities of the preceding
     attention sublayer (attention-aware routing), present only when a router asks for them.
+    ``sum_counts`` sums per-expert counts over the data-parallel ranks (the global-batch balance
+    loss, ``moe.routers.losses.switch_balance_loss``); set by the MoE layer in training forwards
+    when the parallel runtime installed it, None in one process (where it would be the identity).
     """
 
     step: int = 0
@@ -36,6 +40,7 @@ class RouterContext:
     doc_ids_T: Tensor | None = None
     attn_probs_BSS: Tensor | None = None
     training: bool = True
+    sum_counts: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)

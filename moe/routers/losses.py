@@ -5,17 +5,47 @@ Shape legend: T tokens, E experts, K slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from moe.errors import check
 
-def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_TK: Tensor | None = None) -> Tensor:
+CountSum = Callable[[Tensor], Tensor]
+"""``counts_E -> counts_E`` summed over the data-parallel ranks (a fresh tensor, no gradient)."""
+
+BALANCE_SCOPES = ("global", "micro_batch")
+"""``router.balance_scope`` values: which tokens the Switch loss's ``f`` counts (``switch_balance_loss``)."""
+
+
+def check_balance_scope(scope: str) -> None:
+    """One clear error naming ``router.balance_scope`` when ``scope`` is not a known scope."""
+    check(scope in BALANCE_SCOPES, "router.balance_scope", scope, f"must be one of {list(BALANCE_SCOPES)}")
+
+
+def scope_count_sum(scope: str, sum_counts: CountSum | None) -> CountSum | None:
+    """The cross-rank count sum a router hands ``switch_balance_loss``: ``sum_counts`` for the
+    ``global`` scope, None (this micro-batch on this rank) for ``micro_batch``."""
+    return sum_counts if scope == "global" else None
+
+
+def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_TK: Tensor | None = None, sum_counts: CountSum | None = None) -> Tensor:
     """Switch Transformer load-balancing loss without its coefficient: ``E * sum_e f_e * P_e``.
 
     Fedus et al. 2021, eq. (4): ``f_e`` is the fraction of routed token-slots sent to expert e
     (over all K slots, the GShard/Mixtral generalisation of the top-1 fraction, which equals the
     paper's definition for K=1) and ``P_e`` the mean router probability of e. Equals 1 for
     perfectly uniform routing and E when every token goes to one expert with probability 1.
+
+    ``sum_counts`` (the global-batch balance loss, Qiu et al. 2025, "Demons in the Detail",
+    arXiv 2501.11873, §3): the per-expert counts behind ``f`` are summed over the data-parallel
+    ranks first, so ``f`` is the fraction over every rank's tokens of this forward, while ``P``
+    stays this rank's mean. ``f`` is a count and carries no gradient, so the ranks' mean loss
+    ``E * sum_e f_e * mean_r P_e^r`` is exactly the single-process loss on the concatenated
+    batch (equal tokens per rank), gradients included. Under gradient accumulation each
+    micro-batch's ``f`` covers that micro-batch on every rank (later micro-batches are not yet
+    routed; counting them would need a second forward).
     """
     T, E = probs_TE.shape
     # Slot counts per expert by a scatter of ones over E bins (exact integers in fp32, so any
@@ -23,6 +53,8 @@ def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_TK: Tensor
     ids_S = expert_ids_TK.reshape(-1)
     ones_S = torch.ones_like(ids_S, dtype=probs_TE.dtype) if mask_TK is None else mask_TK.reshape(-1).to(probs_TE.dtype)
     counts_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(0, ids_S, ones_S)
+    if sum_counts is not None:
+        counts_E = sum_counts(counts_E.detach())
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE.mean(dim=0)
     return E * torch.sum(f_E * P_E)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
 from moe.routers.gate import gate_logits
+from moe.routers.losses import CountSum, check_balance_scope, scope_count_sum
 from moe.routers.topk import topk_decision
 
 MIX_SPACES = ("probs", "logits")
@@ -70,6 +71,9 @@ class SimilarityConfig:
     """Coefficient of the Switch load-balancing loss, computed on the mixed distribution."""
     z_loss_coef: float = 0.001
     """Coefficient of the ST-MoE router z-loss on the unmixed logits h."""
+    balance_scope: str = "global"
+    """Which tokens the balance loss's f counts: global (every data-parallel rank's) | micro_batch
+    (this rank's); see router.balance_scope of topk."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "router.k", self.k, "must be >= 1")
@@ -78,6 +82,7 @@ class SimilarityConfig:
         check(self.mix in MIX_SPACES, "router.mix", self.mix, f"must be one of {list(MIX_SPACES)}")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        check_balance_scope(self.balance_scope)
 
 
 def token_layout(num_tokens: int, context: RouterContext) -> tuple[int, int]:
@@ -102,12 +107,14 @@ def sequence_mask(batch_size: int, seq_len: int, doc_ids_T: Tensor | None, causa
 
 
 def graph_mixed_decision(
-    logits_TE: Tensor, graph_BSS: Tensor, mix: str, k: int, aux_loss_coef: float, z_loss_coef: float
+    logits_TE: Tensor, graph_BSS: Tensor, mix: str, k: int, aux_loss_coef: float, z_loss_coef: float,
+    sum_counts: CountSum | None = None,
 ) -> RoutingDecision:
     """Top-k decision on the graph-mixed distribution ``pi~ = G pi`` (or ``softmax(G h)``).
 
     ``graph_BSS`` is row-stochastic per sequence (rows sum to 1), so ``pi~`` rows sum to 1.
-    The Switch balance loss is computed on ``pi~``, the z-loss on the unmixed logits.
+    The Switch balance loss is computed on ``pi~`` (its counts summed over ranks by ``sum_counts``
+    when given), the z-loss on the unmixed logits.
     """
     B, S, _ = graph_BSS.shape
     T, E = logits_TE.shape
@@ -115,7 +122,7 @@ def graph_mixed_decision(
         mixed_TE = torch.softmax((graph_BSS @ logits_TE.view(B, S, E)).view(T, E), dim=-1)
     else:
         mixed_TE = (graph_BSS @ torch.softmax(logits_TE, dim=-1).view(B, S, E)).view(T, E)
-    return topk_decision(logits_TE, mixed_TE, k, aux_loss_coef, z_loss_coef)
+    return topk_decision(logits_TE, mixed_TE, k, aux_loss_coef, z_loss_coef, sum_counts=sum_counts)
 
 
 class SimilarityRouter(Router):
@@ -150,4 +157,5 @@ class SimilarityRouter(Router):
         logits_TE = gate_logits(x_TD, self.gate.weight)
         graph_BSS = self.similarity(x_TD, context)
         c = self.cfg
-        return graph_mixed_decision(logits_TE, graph_BSS, c.mix, c.k, c.aux_loss_coef, c.z_loss_coef)
+        return graph_mixed_decision(logits_TE, graph_BSS, c.mix, c.k, c.aux_loss_coef, c.z_loss_coef,
+                                    scope_count_sum(c.balance_scope, context.sum_counts))

@@ -25,7 +25,7 @@ from moe.errors import check
 from moe.routers.base import Router, RouterContext, RoutingDecision
 from moe.routers.gate import gate_logits
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
-from moe.routers.losses import router_z_loss, switch_balance_loss
+from moe.routers.losses import CountSum, check_balance_scope, router_z_loss, scope_count_sum, switch_balance_loss
 
 
 RENORMALIZE = ("auto", "always", "never")
@@ -42,6 +42,10 @@ class TopKConfig:
     """Coefficient of the Switch load-balancing loss (Fedus et al. eq. 4; α = 1e-2, their §2.2)."""
     z_loss_coef: float = 0.001
     """Coefficient of the ST-MoE router z-loss (Zoph et al. eq. 5; c_z = 1e-3, their §3.3)."""
+    balance_scope: str = "global"
+    """Which tokens the balance loss's f counts: global (this forward's tokens on every
+    data-parallel rank, Qiu et al. 2025; N ranks then train like one process) | micro_batch
+    (this rank's micro-batch only). Equal in one process without gradient accumulation."""
     local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
     """Permutation local search of the expert axis (COMET+ wrapper, moe.routers.local_search)."""
     renormalize: str = "auto"
@@ -55,6 +59,7 @@ class TopKConfig:
         check(0.0 <= self.jitter < 1.0, "router.jitter", self.jitter, "must be in [0, 1)")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        check_balance_scope(self.balance_scope)
         check(self.renormalize in RENORMALIZE, "router.renormalize", self.renormalize, f"must be one of {list(RENORMALIZE)}")
 
 
@@ -81,10 +86,12 @@ class TopKRouter(Router):
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
+        c = self.cfg
+        sum_counts = scope_count_sum(c.balance_scope, context.sum_counts)
         if self.local_search is None:
-            return topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef, self.cfg.renormalize)
+            return topk_decision(logits_TE, probs_TE, c.k, c.aux_loss_coef, c.z_loss_coef, c.renormalize, sum_counts)
         probs_TE, perm_aux = self.local_search.mix(probs_TE.unsqueeze(1), context.step)
-        decision = topk_decision(logits_TE, probs_TE, self.cfg.k, self.cfg.aux_loss_coef, self.cfg.z_loss_coef, self.cfg.renormalize)
+        decision = topk_decision(logits_TE, probs_TE, c.k, c.aux_loss_coef, c.z_loss_coef, c.renormalize, sum_counts)
         return replace(decision, aux_losses={**decision.aux_losses, **perm_aux})
 
     @torch.no_grad()
@@ -94,11 +101,13 @@ class TopKRouter(Router):
 
 
 def topk_decision(
-    logits_TE: Tensor, probs_TE: Tensor, k: int, aux_loss_coef: float, z_loss_coef: float, renormalize: str = "auto"
+    logits_TE: Tensor, probs_TE: Tensor, k: int, aux_loss_coef: float, z_loss_coef: float, renormalize: str = "auto",
+    sum_counts: CountSum | None = None,
 ) -> RoutingDecision:
     """Select the top-k of ``probs_TE`` and build the decision with Switch weights and losses.
 
-    ``renormalize`` is ``TopKConfig.renormalize`` (auto: only for k >= 2). Shared by routers that
+    ``renormalize`` is ``TopKConfig.renormalize`` (auto: only for k >= 2); ``sum_counts`` sums the
+    balance loss's expert counts over data-parallel ranks (``switch_balance_loss``). Shared by routers that
     differ only in how they produce ``probs_TE`` (similarity- and attention-aware mixing select on
     the mixed distribution).
     """
@@ -107,7 +116,7 @@ def topk_decision(
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     aux = {}
     if aux_loss_coef > 0:
-        aux["aux_loss"] = aux_loss_coef * switch_balance_loss(probs_TE, expert_ids_TK)
+        aux["aux_loss"] = aux_loss_coef * switch_balance_loss(probs_TE, expert_ids_TK, sum_counts=sum_counts)
     if z_loss_coef > 0:
         aux["z_loss"] = z_loss_coef * router_z_loss(logits_TE)
     return RoutingDecision(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, aux_losses=aux)

@@ -12,6 +12,9 @@ The fault comes from the environment variable ``MOEFORGE_FAULT`` (JSON), one of:
   step k's forward pass;
 - ``{"kill_step": k, "rank": r}``: rank r SIGKILLs itself in step k's forward pass, on torchrun's
   first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted worker group goes through;
+  ``{"stop_step": k, "rank": r}``: the same with SIGSTOP (a frozen rank);
+- ``{"collapse_router": true}``: every top-k router's logits favour experts 0, 1, ... by a wide
+  margin (a collapsed router: every token on the same k experts);
 - ``{"spike_step": k, "factor": f}``: the loss the spike guard sees for step k (1-based) is f times
   the real one (default 10), the first time step k is trained only (a rollback then trains on).
 
@@ -74,11 +77,26 @@ def _patch_forward(spec: dict[str, Any]) -> None:
                 out = out * float("nan")
             if spec.get("signal_step") == step + 1:
                 os.kill(os.getpid(), getattr(signal, spec.get("signal", "SIGTERM")))
-            if spec.get("kill_step") == step + 1 and first_attempt and int(os.environ.get("RANK", "0")) == spec.get("rank", 0):
+            this_rank = first_attempt and int(os.environ.get("RANK", "0")) == spec.get("rank", 0)
+            if spec.get("kill_step") == step + 1 and this_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if spec.get("stop_step") == step + 1 and this_rank:
+                os.kill(os.getpid(), signal.SIGSTOP)
         return out, aux
 
     MoETransformer.forward = faulty  # type: ignore[method-assign]
+
+
+def _patch_router() -> None:
+    from moe.routers.topk import TopKRouter
+
+    logits = TopKRouter.logits
+
+    def collapsed(self: TopKRouter, x_TD: torch.Tensor) -> torch.Tensor:
+        h_TE = logits(self, x_TD)
+        return h_TE + torch.linspace(50.0, 0.0, h_TE.shape[-1], device=h_TE.device)
+
+    TopKRouter.logits = collapsed  # type: ignore[method-assign]
 
 
 def _patch_spike(spec: dict[str, Any]) -> None:
@@ -98,8 +116,10 @@ def main() -> None:
     spec = json.loads(os.environ.get("MOEFORGE_FAULT", "{}"))
     if "kill_save" in spec:
         _patch_saves(spec)
-    if {"nan_step", "signal_step", "kill_step"} & spec.keys():
+    if {"nan_step", "signal_step", "kill_step", "stop_step"} & spec.keys():
         _patch_forward(spec)
+    if spec.get("collapse_router"):
+        _patch_router()
     if "spike_step" in spec:
         _patch_spike(spec)
     runpy.run_module("launch.train", run_name="__main__", alter_sys=True)

@@ -108,3 +108,53 @@ def test_max_restarts_recovers_a_killed_rank_with_the_same_losses(tmp_path: Path
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in (run_dir / "train_rank1.log").read_text()
     assert_same_record(rows(run_dir), rows(straight))
+
+
+FOUR_RANKS = [*TWO_RANKS, "train.steps=200", "checkpoint.every=0"]
+
+
+def torchrun4(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node", "4", "-m", "tests.faults.inject",
+            f"hydra.run.dir={run_dir}", *overrides]
+
+
+def _stamp(line: str) -> float:
+    """Seconds of a ``[YYYY-mm-dd HH:MM:SS,mmm][LEVEL]`` log line."""
+    from datetime import datetime
+
+    return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _failure_lines(err: str, run_dir: Path, failed: int) -> None:
+    """Each survivor: exactly one line on stderr and in its log naming ``failed``; no traceback; the
+    launcher's last line names ``failed`` too."""
+    assert "Traceback" not in err and "Error executing job" not in err, err[-3000:]
+    for rank in {0, 1, 2, 3} - {failed}:
+        mine = [ln for ln in err.splitlines() if ln.startswith(f"moeforge: rank {rank} stopping")]
+        assert len(mine) == 1 and f"rank {failed} failed first" in mine[0], err[-3000:]
+        log_lines = [ln for ln in (run_dir / f"train_rank{rank}.log").read_text().splitlines() if "stopping" in ln]
+        assert len(log_lines) == 1 and f"rank {failed} failed first" in log_lines[0]
+    assert err.strip().splitlines()[-1].startswith(f"moeforge: torchrun: rank {failed} failed first"), err[-3000:]
+
+
+def test_four_ranks_a_killed_rank_is_named_once_by_each_survivor(tmp_path: Path) -> None:
+    out = run(torchrun4(tmp_path, *FOUR_RANKS), _env({"kill_step": 3, "rank": 2}))
+    assert out.returncode == 137, out.stderr[-3000:]  # the killed rank's status
+    _failure_lines(out.stderr, tmp_path, failed=2)
+    assert "its process" in out.stderr and "is gone" in out.stderr
+
+
+def test_four_ranks_a_frozen_rank_is_named_within_heartbeat_plus_one_step(tmp_path: Path) -> None:
+    heartbeat_s = 4.0
+    t0 = time.monotonic()
+    out = run(torchrun4(tmp_path, *FOUR_RANKS, f"parallel.heartbeat_s={heartbeat_s}"), _env({"stop_step": 4, "rank": 1}))
+    assert time.monotonic() - t0 < 120  # not the 600 s process-group timeout
+    assert out.returncode == 137, out.stderr[-3000:]  # the frozen rank, ended by the peer that named it
+    _failure_lines(out.stderr, tmp_path, failed=1)
+    assert f"no heartbeat for {heartbeat_s:.0f}" in out.stderr
+    log = (tmp_path / "train_rank0.log").read_text().splitlines()
+    steps = [_stamp(ln) for ln in log if "] [" in ln and " step " in ln]  # progress lines of steps 1-3
+    stopped = _stamp(next(ln for ln in log if "stopping" in ln))
+    step_s = steps[-1] - steps[-2]
+    # Rank 1 froze at the start of step 4, right after step 3's line; polling adds at most 3/20 of heartbeat_s.
+    assert stopped - steps[-1] <= heartbeat_s + step_s + 0.15 * heartbeat_s + 0.5, (stopped - steps[-1], step_s)

@@ -52,7 +52,8 @@ def job_of(*overrides: str) -> JobConfig:
 
 
 @pytest.mark.parametrize(("overrides", "keys"), [
-    (["engine=deepspeed", "parallel=ep"], ["parallel.mode ('ep')", "engine.name=deepspeed"]),
+    (["engine=deepspeed", "parallel=ep"], ["engine.zero_stage (0)", "must be 1 or 2", "parallel=ep", "averages the ranks' local gradient norms"]),
+    (["engine=deepspeed", "parallel=ep", "engine.zero_stage=2", "parallel.dense=fsdp"], ["parallel.dense ('fsdp')", "engine.name=deepspeed"]),
     (["engine=deepspeed", "parallel=fssdp"], ["parallel.mode ('fssdp')", "engine.name=deepspeed"]),
     (["engine=deepspeed", "parallel=fsdp"], ["parallel.mode ('fsdp')", "engine.name=deepspeed"]),
     (["engine=deepspeed"], ["parallel.mode ('none')", "engine.name=deepspeed"]),

@@ -2,7 +2,8 @@
 
 Each rank trains on its rows of a global batch with the per-rank mean loss (the trainer's rule);
 the reference is the single-process model with the mean of those per-rank losses. Router aux
-(balance) loss is off: it is a per-rank statistic in every mode, so it has no single-process twin.
+(balance) loss is off here; with it on, test_balance_scope.py compares the global-batch scope
+with one process on the concatenated batch.
 """
 
 from __future__ import annotations

@@ -163,3 +163,27 @@ def test_parallel_layout_adds_the_hand_counted_communication() -> None:
     assert out["layout"] == "parallel=ep parallel.ep_size=2" and out["tokens_per_gpu"] == 128
     assert out["comm_ms"] == pytest.approx((tokens + dense) * 1e3)
     assert out["held_fraction"] == pytest.approx((332_928 + 3_145_728 / 2) / 3_478_656)
+
+
+def test_fused_rms_norm_stand_in_equals_rms_norm_and_counts_one_launch_each_way() -> None:
+    """The stand-in for CUDA's fused RMSNorm computes F.rms_norm (forward and gradients, fp32, fresh
+    random inputs) and, on meta, is one counted op forward and one backward."""
+    from tools.meta_cuda import fused_rms_norm
+
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    dy = torch.randn(6, 16)
+    ref = torch.nn.functional.rms_norm(x, (16,), w, 1e-5)
+    (gx, gw) = torch.autograd.grad(ref, (x, w), dy)
+    got = fused_rms_norm(x, w, 1e-5)[0]
+    (hx, hw) = torch.autograd.grad(got, (x, w), dy)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(hx, gx)
+    torch.testing.assert_close(hw, gw)
+    xm = torch.empty(6, 16, device="meta", requires_grad=True)
+    wm = torch.empty(16, device="meta", requires_grad=True)
+    with OpCounter() as counter:
+        fused_rms_norm(xm, wm, 1e-5)[0].sum().backward()
+    names = [r.name for r in counter.budget.ops]
+    assert names.count("moeforge_budget.fused_rms_norm.default") == 1
+    assert names.count("moeforge_budget.fused_rms_norm_backward.default") == 1

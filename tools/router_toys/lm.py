@@ -94,11 +94,16 @@ compared paired by seed (``report.paired_difference``); different seeds see diff
 
 
 def train_command(
-    arm: LmArm, seed: int, steps: int, run_dir: Path, ckpt_dir: Path, extra: list[str], backend: str = "torch", threads: int = 1
+    arm: LmArm, seed: int, steps: int, run_dir: Path, ckpt_dir: Path, extra: list[str], backend: str = "torch", threads: int = 1,
+    nproc: int = 1,
 ) -> list[str]:
-    """The ``python -m launch.train`` command line of one arm and seed (``extra`` overrides go last)."""
+    """The ``python -m launch.train`` command line of one arm and seed (``extra`` overrides go last);
+    with ``nproc`` > 1 the run is ``nproc`` data-parallel ranks (``launch.torchrun --standalone``,
+    ``parallel=ddp``) sharing the same global batch."""
+    launcher = ["-m", "launch.torchrun", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    layout = ["parallel=ddp"] if nproc > 1 else []
     return [
-        sys.executable, "-m", "launch.train", "model=tiny", *arm.overrides,
+        sys.executable, *launcher, "-m", "launch.train", "model=tiny", *layout, *arm.overrides,
         f"experts.backend={backend}", f"train.steps={steps}", "train.log_every=1", f"train.threads={threads}",
         f"train.eval_every={max(1, steps // EVALS)}", f"train.eval_batches={EVAL_BATCHES}", f"train.seed={seed}",
         "logging=none", f"checkpoint.dir={ckpt_dir}", "checkpoint.every=0", "checkpoint.resume=never",
@@ -151,7 +156,7 @@ def read_metrics(path: Path, label: str, seed: int, steps: int, target: float, w
 
 def run_arm(
     arm: LmArm, seed: int, steps: int, target: float, runs_dir: Path, extra: list[str],
-    backend: str = "torch", timeout_s: float | None = None, threads: int = 1,
+    backend: str = "torch", timeout_s: float | None = None, threads: int = 1, nproc: int = 1,
 ) -> RunResult:
     """Run one arm and seed; keeps ``metrics.jsonl`` under ``runs_dir``, deletes the checkpoint."""
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in arm.label)
@@ -159,7 +164,7 @@ def run_arm(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     ckpt_dir = Path(tempfile.mkdtemp(prefix="moeforge_cmp_ckpt_"))
-    cmd = train_command(arm, seed, steps, run_dir, ckpt_dir, extra, backend, threads)
+    cmd = train_command(arm, seed, steps, run_dir, ckpt_dir, extra, backend, threads, nproc)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
