@@ -18,7 +18,10 @@ path, ``component_of``), plus live memory by category.
 
 Time: each GEMM at the card's dense or grouped GEMM rate, attention at FlashAttention-2's rate,
 every other op at the card's measured glue bandwidth, plus the exposed host time per launch
-(``tools.card_rates``; each rate names its source). The step's time is their sum.
+(``tools.card_rates``; each rate names its source). The step's time is their sum. With
+``train.cuda_graphs=true`` a captured step replays without per-launch host work, so its exposed
+host time is taken as 0; ``train.compile=true`` is counted as the eager step (what inductor would
+fuse is not predicted).
 MFU = the model FLOPs of ``launch/throughput.py`` (6 N_active + 12 L H Q S per token; attention
 over the full S x S square, as PaLM counts it) / step time / the card's dense bf16 peak.
 Without activation recomputation the counted GEMM + attention FLOPs equal that formula (tests
@@ -269,7 +272,8 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
     comps = [component_of(r.where, r.kind) for r in ops]
     return StepCount(counter.budget, comps, memory.at_peak, memory.peak, _component_peaks(ops, comps), memory.phase_peaks, x.numel(),
                      counts.flops_per_token * x.numel(), backend, rates,
-                     {"precision": precision, "activation_checkpointing": tr.activation_checkpointing, "grad_accum": tr.grad_accum})
+                     {"precision": precision, "activation_checkpointing": tr.activation_checkpointing, "grad_accum": tr.grad_accum,
+                      "cuda_graphs": bool(getattr(tr, "cuda_graphs", False)), "compile": bool(tr.compile)})
 
 
 def _component_peaks(ops: list[OpRecord], comps: list[str]) -> dict[str, int]:
@@ -308,6 +312,7 @@ def op_ms(r: OpRecord, card: Card) -> float:
 def predict(count: StepCount, card: Card | None = None) -> Prediction:
     """Step time = the ops' GPU time + the exposed host time of their launches; tokens/s; MFU."""
     card = card or count.card
+    launch_us = 0.0 if count.settings.get("cuda_graphs") else card.launch_us  # a graph replays with no per-launch host work
     per: dict[str, dict[str, float]] = {c: {"gemm_tflop": 0.0, "model_tflop": 0.0, "glue_gb": 0.0, "launches": 0, "host_syncs": 0,
                                             "gpu_ms": 0.0, "host_ms": 0.0} for c in COMPONENTS}
     for r, c in zip(count.budget.ops, count.components):
@@ -318,7 +323,7 @@ def predict(count: StepCount, card: Card | None = None) -> Prediction:
         row["launches"] += r.launches
         row["host_syncs"] += int(r.host_sync)
         row["gpu_ms"] += op_ms(r, card)
-        row["host_ms"] += r.launches * card.launch_us / 1e3
+        row["host_ms"] += r.launches * launch_us / 1e3
     gpu = sum(r["gpu_ms"] for r in per.values())
     host = sum(r["host_ms"] for r in per.values())
     step = gpu + host

@@ -90,6 +90,8 @@ def test_prediction_is_the_sum_of_op_times_at_the_card_rates() -> None:
     host_ms = count.budget.launches * card.launch_us / 1e3
     assert pred.step_ms == pytest.approx(gemm_ms + glue_ms + sdpa_ms + host_ms)
     assert pred.mfu == pytest.approx(count.formula_flops / (pred.step_ms / 1e3) / 989.4e12)
+    count.settings["cuda_graphs"] = True  # a replayed graph: no exposed host time per launch
+    assert predict(count, card).step_ms == pytest.approx(gemm_ms + glue_ms + sdpa_ms)
 
 
 def test_counter_sees_each_kind_of_host_sync_on_meta() -> None:
