@@ -115,6 +115,9 @@ class TrainConfig:
     outputs, recompute the elementwise rest)."""
     compile: bool = False
     """torch.compile every transformer block (inductor)."""
+    cuda_graphs: bool = False
+    """Replay every transformer block from CUDA graphs (torch.compile mode=reduce-overhead; launch/cuda_graphs.py):
+    CUDA, dropless, parallel=none|ddp, an expert backend that keeps counts on the device; refused otherwise."""
     peak_tflops: float = 0.0
     """Dense peak TFLOP/s per device for MFU; 0 looks the device up in launch/throughput.py
     (CPUs and unknown GPUs then report TFLOP/s without MFU)."""

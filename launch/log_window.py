@@ -35,16 +35,23 @@ class LogWindow:
         self.tokens = 0
         self.t0 = time.perf_counter()
 
-    def add(self, ce: Tensor, tokens: int, finite: bool = True) -> None:
-        """Fold one training step in; a skipped (non-finite) step adds its tokens but not its loss."""
-        if finite:
-            self.loss += torch.stack([ce.detach().double(), torch.ones((), dtype=torch.float64, device=self.loss.device)])
+    def add(self, ce: Tensor, tokens: int, finite: Tensor | bool = True) -> None:
+        """Fold one training step in; a skipped (non-finite) step adds its tokens but not its loss.
+
+        ``finite`` may be a device flag: it is applied on the device (no host read)."""
+        one = torch.ones((), dtype=torch.float64, device=self.loss.device)
+        term = torch.stack([ce.detach().double(), one])
+        if isinstance(finite, Tensor):
+            self.loss += torch.where(finite, term, torch.zeros_like(term))
+        elif finite:
+            self.loss += term
         self.tokens += tokens
 
     def take_loss(self) -> float:
         """The window's mean training loss over all ranks (NaN when every step was skipped); starts a new window."""
         self.runtime.all_reduce_sum_([self.loss])
-        mean = float(self.loss[0] / self.loss[1]) if self.loss[1] > 0 else float("nan")
+        total, count = self.loss.tolist()
+        mean = total / count if count > 0 else float("nan")
         self.loss.zero_()
         return mean
 

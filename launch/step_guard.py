@@ -1,28 +1,44 @@
 """Per-step guards every rank agrees on: non-finite loss or gradient norm, stop signals, a lost agent.
 
-After backward and gradient clipping, and before the optimizer step, ``StepGuard.check`` packs four
-flags (this rank's loss is not finite, the gradient norm is not finite, the stop signal received,
-this worker's torchrun agent is gone) into one tensor and takes its max over ranks: one small
-all-reduce per step (none in one process), so every rank takes the same branch and none is left
-waiting in a collective. A non-finite step then either stops the run before anything is updated
-or saved (``train.on_nonfinite=stop``, the default) or is skipped: no optimizer update, the step
-still counts, at most ``train.max_consecutive_skips`` in a row.
+Nothing here makes the host wait for the device in a step that neither logs, evaluates nor saves:
+
+- Host facts (a stop signal received, this worker's torchrun agent gone) are host values: ``host``
+  takes their max over ranks through a gloo all-reduce of a CPU tensor (no device involved), every
+  step, so every rank sees a signal or a lost agent in the same step and takes the same branch.
+- Device facts (the loss or the gradient norm is NaN/Inf) stay on the device: ``post`` turns them
+  into a bool tensor ``ok`` (max over ranks by one small device all-reduce), which the optimizer
+  step obeys without the host reading it (``launch.masked_update``: a non-finite step changes no
+  weight and no optimizer state). ``post`` also queues a copy of (non-finite, loss, gradient norm)
+  into a host buffer. ``settle(step)`` reads those copies for every step up to ``step`` and applies
+  ``train.on_nonfinite``: the trainer settles the previous step at the end of each step (on a GPU
+  that waits only for a step the device has already finished or is finishing, while the current
+  step's kernels keep it busy), and the current one before it logs, evaluates or saves. So a
+  non-finite step stops the run (``stop``, the default) at most one step later, with the message
+  naming it, and never reaches a checkpoint; with ``skip`` it is counted and warned about, at most
+  ``train.max_consecutive_skips`` in a row.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from parallel.host_memory import mark_host
 from launch.preemption import AgentWatch, StopSignals
 from moe.errors import MoeforgeError
 from parallel import Runtime
 
 log = logging.getLogger("moeforge")
+
+
+class AgentLostError(MoeforgeError):
+    """This torchrun worker's agent is gone; it stops without writing (a relaunch may be running)."""
 
 
 class NonFiniteError(MoeforgeError):
@@ -37,6 +53,14 @@ class Verdict:
     agent_gone: bool
 
 
+@dataclass
+class _Posted:
+    step: int
+    values: Tensor
+    """Host buffer: (non-finite on some rank, this rank's loss, gradient norm)."""
+    ready: torch.cuda.Event | None
+
+
 class StepGuard:
     """Agrees on each step's verdict across ranks and applies ``train.on_nonfinite``."""
 
@@ -45,19 +69,65 @@ class StepGuard:
         self.signals, self.agent = signals, agent
         self.consecutive = 0
         self.skipped_total = 0
+        self.last_bad = -1
+        """The last step (0-based) settled as non-finite (-1: none)."""
+        self._posted: deque[_Posted] = deque()
+
+    def host(self) -> Verdict:
+        """Stop signal and lost agent, max over ranks (a gloo all-reduce of host values; no device read)."""
+        flags = mark_host(torch.tensor([float(self.signals.received or 0), float(self.agent.gone())]))
+        self.runtime.all_reduce_host_max_(flags)
+        signum, gone = flags.tolist()
+        return Verdict(nonfinite=False, signum=int(signum), agent_gone=bool(gone))
+
+    def post(self, step: int, loss: Tensor, grad_norm: Tensor) -> Tensor:
+        """Step ``step``'s finiteness as a 0-dim bool tensor on the device (true on every rank only when all are
+        finite); queues its values for ``settle``. Nothing is read on the host."""
+        values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+        bad = (~torch.isfinite(values)).any().float().reshape(1)
+        self.runtime.all_reduce_max_([bad])
+        ok = bad[0] == 0
+        dev = values.device
+        if dev.type == "meta":  # counted, not run (tools.step_budget): there are no values to read back
+            return ok
+        buf = torch.empty(3, dtype=torch.float32, pin_memory=dev.type == "cuda")
+        buf.copy_(torch.cat([bad, values]), non_blocking=dev.type == "cuda")
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._posted.append(_Posted(step, mark_host(buf), event))
+        return ok
+
+    def settle(self, through: int, last_saved: Callable[[], str], resumed_at: int | None = None,
+               before_stop: Callable[[], None] = lambda: None) -> None:
+        """Read the verdicts of every posted step up to ``through`` and apply the policy to each in order.
+
+        ``last_saved``: the newest checkpoint, for the message; ``before_stop`` runs before a
+        ``NonFiniteError`` is raised or a skip is recorded (the trainer publishes a pending async save of an
+        earlier, finite step there)."""
+        while self._posted and self._posted[0].step <= through:
+            posted = self._posted.popleft()
+            if posted.ready is not None:
+                posted.ready.synchronize()
+            bad, loss, norm = posted.values.tolist()
+            if bad:
+                before_stop()
+                self.last_bad = posted.step
+                self.on_nonfinite(posted.step, loss, norm, last_saved(), resumed_at)
+            else:
+                self.on_finite()
 
     def check(self, loss: Tensor | None = None, grad_norm: Tensor | None = None) -> Verdict:
-        """The agreed verdict for this step (``loss``/``grad_norm`` None: only signals and agent)."""
-        dev = self.runtime.device
-        bad_loss = ~torch.isfinite(loss.detach().float()) if loss is not None else torch.zeros((), dtype=torch.bool, device=dev)
-        bad_norm = ~torch.isfinite(grad_norm.detach().float()) if grad_norm is not None else torch.zeros((), dtype=torch.bool, device=dev)
-        others = torch.tensor([float(self.signals.received or 0), float(self.agent.gone())], device=dev)
-        flags = torch.cat([torch.stack([bad_loss, bad_norm]).to(dev).float(), others])
-        self.runtime.all_reduce_max_([flags])
-        nonfinite_loss, nonfinite_norm, signum, gone = flags.tolist()
-        return Verdict(nonfinite=bool(nonfinite_loss or nonfinite_norm), signum=int(signum), agent_gone=bool(gone))
+        """The agreed verdict now, read at once (start-up, tests): ``post`` and ``host`` in one call."""
+        host = self.host()
+        if loss is None or grad_norm is None:
+            return host
+        ok = self.post(-1, loss, grad_norm)
+        self._posted.pop()
+        return Verdict(nonfinite=not bool(ok), signum=host.signum, agent_gone=host.agent_gone)
 
-    def on_nonfinite(self, step: int, loss: Tensor, grad_norm: Tensor, last_saved: str, resumed_at: int | None = None) -> None:
+    def on_nonfinite(self, step: int, loss: Tensor | float, grad_norm: Tensor | float, last_saved: str, resumed_at: int | None = None) -> None:
         """Stop (raise ``NonFiniteError``) or record a skipped step, by policy and limit.
 
         ``resumed_at``: the step this process resumed at; a first step that is already non-finite
@@ -80,6 +150,6 @@ class StepGuard:
         self.consecutive = 0
 
 
-def _fmt(t: Tensor) -> str:
-    v = float(t.detach().float())
+def _fmt(t: Tensor | float) -> str:
+    v = float(t.detach().float()) if isinstance(t, Tensor) else float(t)
     return f"{v:.4g}" if math.isfinite(v) else str(v)

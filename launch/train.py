@@ -37,7 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launch import run_lock
+from launch import cuda_graphs, run_lock
 from launch.checkpoint import check_compatible, latest_checkpoint
 from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
 from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus, token_counts
@@ -53,8 +53,10 @@ from launch.routing_health import RoutingHealth
 from launch.routing_probe import load_probe, probe_state
 from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
 from launch.spike_guard import SpikeEvent, SpikeGuard, roll_back
-from launch.step_guard import StepGuard
+from launch.step_guard import AgentLostError, StepGuard
+from launch.train_step import TrainStep
 from moe.errors import ConfigError, MoeforgeError
+from moe.expert_backends import expert_backend
 from moe.model import MoETransformer
 from parallel import Runtime, setup_runtime
 from parallel.config import check_experts
@@ -103,6 +105,8 @@ def evaluate(model: torch.nn.Module, core: MoETransformer, sampler: BatchSampler
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     for index in range(job.train.eval_batches):
         x, y = (t.to(runtime.device) for t in sampler.batch(index))
+        if job.train.cuda_graphs:
+            cuda_graphs.mark_step()
         with core.probing_routing() if index == 0 else nullcontext(), autocast:
             ce_sum, _ = model(x, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y, reduction="sum")
         total[0] += ce_sum.double()
@@ -160,10 +164,6 @@ def manifest_of(job: JobConfig) -> dict[str, Any]:
     model.pop("name", None)
     return {"model": model, "router": {"name": job.router.name}}
 
-
-
-class AgentLostError(MoeforgeError):
-    """This torchrun worker's agent is gone; it stops without writing (a relaunch may be running)."""
 
 
 def train(job: JobConfig, run_dir: Path, raw_config: dict[str, Any] | None = None, record: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -244,7 +244,13 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
     if wanted:  # e.g. hash routing's frequency-balanced table; a resume reloads the same table
         core.fit_token_counts(token_counts(data.train, job.model.vocab_size, wanted))
     core.set_activation_checkpointing(tr.activation_checkpointing)
-    if tr.compile:
+    if tr.cuda_graphs:
+        layers = core.moe_layers()
+        why = cuda_graphs.refusal(job, runtime.device, layers[0][1].experts.backend) if layers else None
+        if why is not None:
+            raise ConfigError(why)
+        core.compile_blocks(mode="reduce-overhead")
+    elif tr.compile:
         core.compile_blocks()
     # ``model`` may be a wrapper (DeepSpeed); ``core`` stays the plain transformer for hooks and stats.
     engine = build_engine(job, core, runtime, manifest_of(job))
@@ -295,39 +301,32 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
         start = rollback(SpikeEvent(int(inside[0]), float(inside[1]), math.nan, math.nan, nonfinite=bool(inside[2])))
     progress = Progress(tr.steps, start) if runtime.is_main else None
     log.info(f"moeforge: {data.description}; model {job.model.name}: {counts.describe()}; "
-             f"{counts.flops_per_token / 1e9:.3g} GFLOP per token; {precision}; run dir {run_dir}")
+             f"{counts.flops_per_token / 1e9:.3g} GFLOP per token; {precision}; run dir {run_dir}"
+             + "".join(f"; {n}" for n in [expert_backend(job.experts.backend).choice_note(runtime.device, job.model.num_experts)] if n))
+    train_step = TrainStep(job, engine, core, runtime, guard, window, autocast)
+
+    def settle(through: int) -> None:
+        guard.settle(through, lambda: str(latest_checkpoint(job.checkpoint.dir) or "no checkpoint"), start or None, writer.finish)
+
     reset_peak_memory(runtime.device)
     summary: dict[str, Any] = {"step": start}
     try:
         step = start
         while step < tr.steps:
             x, y = (t.to(runtime.device) for t in train_sampler.batch(spikes.batch_index(step)))
-            engine.zero_grad()
-            ce, aux = forward_backward(model, runtime, x, y, step, job, autocast, engine)
-            loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-            grad_norm = engine.grad_norm()
-            verdict = guard.check(loss, grad_norm)
-            if verdict.agent_gone and not verdict.signum:
+            out = train_step(step, x, y)
+            if out.host.agent_gone and not out.host.signum:
                 raise AgentLostError(f"the torchrun agent (pid {guard.agent.agent_pid}) is gone; stopping at step {step + 1} "
                                      f"without writing (a relaunch resumes from {latest_checkpoint(job.checkpoint.dir)})")
-            if verdict.nonfinite:
-                writer.finish()  # an async save of an earlier, finite step is published before any stop
-                guard.on_nonfinite(step, loss, grad_norm, str(latest_checkpoint(job.checkpoint.dir) or "no checkpoint"), start or None)
-                engine.skip_step()
-            else:
-                guard.on_finite()
-                engine.step()
-            runtime.after_optimizer_step(model, engine.optimizer, step)
-            runtime.all_reduce_sum_(core.router_step_sums())
-            core.after_step(step)
             done = step + 1
-            window.add(ce, x.numel() * runtime.world_size, finite=not verdict.nonfinite)
-            spikes.record(done, ce, grad_norm)
-
-            stop = bool(verdict.signum) and done < tr.steps
-            due = (job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop
+            spikes.record(done, out.ce, out.grad_norm)
+            stop = bool(out.host.signum) and done < tr.steps
             logs, evals = done % tr.log_every == 0 or done == tr.steps, done % tr.eval_every == 0 or done == tr.steps
-            if logs or evals or (due and job.checkpoint.enabled):  # the spike guard's only host sync
+            due = job.checkpoint.enabled and ((job.checkpoint.every and done % job.checkpoint.every == 0) or done == tr.steps or stop)
+            # The previous step's non-finite verdict (one step late, so the device is never waited on mid-queue);
+            # this step's, and the spike guard's, before anything is logged, evaluated or saved.
+            settle(step if logs or evals or due else step - 1)
+            if logs or evals or due:
                 event = spikes.settle()
                 for warned in spikes.warned:
                     log.warning(f"moeforge: {warned.describe()} (train.on_spike=warn)")
@@ -336,6 +335,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 if event is not None:
                     step = rollback(event)
                     continue
+            grad_norm, aux = out.grad_norm, out.aux
 
             metrics: dict[str, Any] = {}
             if logs:
@@ -370,7 +370,7 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 summary.update(metrics)
                 if progress is not None and "loss" in metrics:
                     progress.update(done, metrics)
-            if due and job.checkpoint.enabled:
+            if due:
                 t_save = time.perf_counter()
                 trainer = {"step": done, "skipped_steps": guard.skipped_total, "window": window.state(core), "spike": spikes.state(done),
                            "probe": probe_state(core, runtime)}
@@ -380,8 +380,8 @@ def _train(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str
                 log.info(f"moeforge: checkpoint step {done} {'saved' if saved else 'staged (async)'} in "
                          f"{time.perf_counter() - t_save:.2f}s", extra=FILE_ONLY)
             if stop:
-                raise Preempted(verdict.signum, f"moeforge: {signal.Signals(verdict.signum).name}: finished step {done} and saved "
-                                f"{latest_checkpoint(job.checkpoint.dir)}; exiting with {128 + verdict.signum} "
+                raise Preempted(out.host.signum, f"moeforge: {signal.Signals(out.host.signum).name}: finished step {done} and saved "
+                                f"{latest_checkpoint(job.checkpoint.dir)}; exiting with {128 + out.host.signum} "
                                 f"(rerun the same command to resume)")
             if "loss" in metrics:  # throughput windows exclude evaluation and checkpoint time
                 window.restart_clock()

@@ -312,12 +312,12 @@ class MoETransformer(nn.Module):
             raise ValueError(f"activation checkpointing mode {mode!r}: must be one of {list(RECOMPUTE_MODES)}")
         self.checkpointing = mode
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
         """``torch.compile`` every transformer block in place (one compiled graph per block, reused by
         all blocks of the same shape). Data-dependent parts of the MoE layer (expert counts) become
         graph breaks, so they run eagerly."""
         for block in self.blocks:
-            block.compile(backend=backend, dynamic=False)
+            block.compile(backend=backend, dynamic=False, mode=mode)
 
     def router_step_sums(self) -> list[Tensor]:
         """Tensors to sum across data-parallel ranks (in place) before ``after_step``."""

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +26,19 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.comm import CommMeter, group_size
+from parallel.host_memory import mark_host
 
 
 class GradAverager:
     """Average gradients of ``params`` over ``group`` in flat buckets (DDP semantics).
 
     Buckets are fixed at construction, in reverse parameter order (gradients of the last layers
-    are ready first), each at most ``bucket_mb`` and of one dtype. Every bucket's all-reduce also
-    carries one has-gradient flag per parameter, so a parameter without a gradient on every rank
-    keeps none and one without a gradient on some ranks counts as zeros there, at no extra
-    collective.
+    are ready first), each at most ``bucket_mb`` and of one dtype. One has-gradient flag per
+    parameter is reduced with max over ranks, so a parameter without a gradient on every rank keeps
+    none and one without a gradient on some ranks counts as zeros there. Whether a gradient exists
+    is a host fact: with ``host_max`` (a gloo all-reduce of a CPU tensor, ``Runtime.all_reduce_host_max_``)
+    the flags travel there and ``sync`` reads nothing from the device; without it they ride at the
+    end of each bucket's all-reduce and are read back (a host sync on a GPU).
 
     With ``overlap`` (``attach``), a bucket's all-reduce starts asynchronously during backward as
     soon as all its gradients are accumulated *and* every earlier bucket has started, so every rank
@@ -46,9 +50,10 @@ class GradAverager:
 
     def __init__(
         self, params: list[nn.Parameter], group: dist.ProcessGroup | None, bucket_mb: float, meter: CommMeter | None,
-        name: str = "dense_allreduce", *, overlap: bool = False,
+        name: str = "dense_allreduce", *, overlap: bool = False, host_max: Callable[[Tensor], None] | None = None,
     ) -> None:
         self.params, self.group, self.meter, self.name = params, group, meter, name
+        self.host_max = host_max
         self.bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
         self.buckets = self._buckets(list(reversed(params)))
         self.world = group_size(group)
@@ -79,6 +84,7 @@ class GradAverager:
         self._waiting = [len(b) for b in self.buckets]  # gradients not yet accumulated, per bucket
         self._seen: set[int] = set()
         self._started: list[tuple[Tensor, object]] = []  # (flat buffer, work handle) in bucket order
+        self._host_flags: list[Tensor] = []  # with host_max: each started bucket's has-gradient flags (CPU)
 
     def _ready(self, p: nn.Parameter, b: int) -> None:
         if self.paused:  # a micro-batch before the last of a step: keep accumulating locally
@@ -96,8 +102,12 @@ class GradAverager:
     def _start(self, b: int) -> None:
         bucket = self.buckets[b]
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
-        flags = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
-        flat = torch.cat([*grads, flags])
+        if self.host_max is not None:
+            self._host_flags.append(torch.tensor([p.grad is not None for p in bucket], dtype=torch.float32))
+            flat = torch.cat(grads)
+        else:
+            flags = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
+            flat = torch.cat([*grads, flags])
         work = None
         if self.world > 1:
             work = dist.all_reduce(flat, group=self.group, async_op=True)
@@ -111,10 +121,18 @@ class GradAverager:
         """Finish the all-reduce (SUM) of every bucket and divide the gradients by ``divide_by``."""
         while len(self._started) < len(self.buckets):
             self._start(len(self._started))
-        for bucket, (flat, work) in zip(self.buckets, self._started):
+        host_flags: list[list[float]] = []
+        if self.host_max is not None:
+            every = mark_host(torch.cat(self._host_flags))
+            self.host_max(every)
+            values, start = every.tolist(), 0
+            for bucket in self.buckets:
+                host_flags.append(values[start : start + len(bucket)])
+                start += len(bucket)
+        for b, (bucket, (flat, work)) in enumerate(zip(self.buckets, self._started)):
             if work is not None:
                 work.wait()
-            flags = flat[-len(bucket):].tolist()
+            flags = host_flags[b] if host_flags else flat[-len(bucket):].tolist()
             if divide_by != 1:
                 flat.div_(divide_by)
             offset = 0

@@ -39,6 +39,7 @@ from moe.dispatch import DispatchPlan, combine, gather_rows
 from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from parallel.comm import CommMeter, all_to_all_raw
 from parallel.config import FSSDPConfig
+from parallel.host_memory import mark_host
 from parallel.fssdp_plan import heterogeneous_shard, initial_owners, plan_digest, sparse_materialize
 from parallel.token_exchange import exchange_and_run
 
@@ -305,7 +306,7 @@ class FSSDPState:
         """Sliding-window load per layer and expert (sum over the window; same order as the mean)."""
         if not self.window:
             return [[0] * lay.num_experts for lay in self.layers]
-        return torch.stack(list(self.window)).sum(0).tolist()
+        return mark_host(torch.stack(list(self.window)).sum(0)).tolist()
 
     @torch.no_grad()
     def end_step(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -318,7 +319,7 @@ class FSSDPState:
         counts = counts.to(device)
         if self.plan_world > 1:
             dist.all_reduce(counts, group=self.plan_group)
-        self.window.append(counts.cpu())
+        self.window.append(mark_host(counts.cpu()))  # the plan's one host read per step (the next placement needs it)
         for lay in self.layers:
             lay.counts_E.zero_()
         load = self.load_LE()

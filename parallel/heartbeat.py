@@ -106,7 +106,7 @@ class Heartbeat:
         self.hostname = socket.gethostname()
         timeout = timedelta(seconds=max(self.heartbeat_s, 1.0))
         store = dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
-        self.store = dist.PrefixStore(f"moeforge/heartbeat/{attempt}/", store)
+        self.store = dist.PrefixStore(f"moeforge/heartbeat/{attempt}", store)  # keys: <prefix>/<key>
         self.store.set(f"pid/{rank}", f"{self.hostname}:{os.getpid()}")
         self.store.add(f"hb/{rank}", 1)
         self._pids: dict[int, int] = {}
@@ -202,7 +202,7 @@ class Heartbeat:
         except Exception:  # noqa: BLE001
             return (0, "the rendezvous store it hosts does not answer") if self.rank0_hosts_store and self.rank != 0 else None
         rank, _, reason = value.partition("|")
-        return int(rank), reason
+        return (int(rank), reason) if rank.lstrip("-").isdigit() else None
 
     def _pid(self, rank: int) -> int | None:
         """Process id of ``rank`` when it runs on this host (read once from the store)."""

@@ -63,6 +63,7 @@ class Runtime:
     heartbeat: Heartbeat | None = None
     """Peer liveness through the rendezvous store (parallel.heartbeat_s; None in one process)."""
     _steps: int = 0
+    _host_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +118,16 @@ class Runtime:
         """Max of each tensor across ranks in place (no-op in one process)."""
         self._all_reduce_(tensors, dist.ReduceOp.MAX)
 
+    def all_reduce_host_max_(self, t: Tensor) -> None:
+        """Max of a CPU tensor of host values across ranks, in place, over gloo (no device involved; no-op in one process).
+
+        Every rank must call it at the same point; the first call creates the gloo group under NCCL."""
+        if not self.distributed:
+            return
+        if self._host_group is None:
+            self._host_group = dist.new_group(backend="gloo") if self.mesh is not None and self.mesh.backend != "gloo" else dist.group.WORLD
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group)
+
     @torch.no_grad()
     def grad_norm(self, model: nn.Module) -> Tensor:
         """Global L2 norm of all gradients, each parameter element counted exactly once.
@@ -143,6 +154,13 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(spread)
         return (replicated + spread).sqrt().float()
+
+    @torch.no_grad()
+    def total_grad_norm(self, model: nn.Module) -> Tensor:
+        """The global gradient L2 norm (as ``clip_grad_norm_`` returns it) without clipping."""
+        if not self.distributed and self.cfg.mode in ("none", "ddp"):
+            return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        return self.grad_norm(model)
 
     @torch.no_grad()
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
@@ -283,7 +301,8 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
     dp_group = info.group("dp")
     runtime.install_count_sum(model)
     if cfg.mode == "ddp":
-        runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)
+        runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce",
+                                          overlap=cfg.overlap_grad_reduce, host_max=runtime.all_reduce_host_max_)
         return model
     if cfg.mode == "fsdp":
         runtime.fsdp_units = apply_fsdp(model, info.mesh, set())
@@ -315,5 +334,6 @@ def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> n
         runtime.fsdp_units = apply_fsdp(model, info.mesh, experts)
     else:
         dense = [p for p in model.parameters() if p not in experts]
-        runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce)
+        runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce,
+                                          host_max=runtime.all_reduce_host_max_)
     return model

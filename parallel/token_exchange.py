@@ -63,16 +63,17 @@ def exchange_and_run(
         x_send, send_order = x_RD, None
     else:
         # destination of each row: inside expert e's segment, peers in order with send_PE[:, e] rows each.
-        dest_R = torch.repeat_interleave(torch.arange(P, device=device).repeat(E), send_PE.t().reshape(-1))
-        expert_R = torch.repeat_interleave(torch.arange(E, device=device), counts_E)
+        R = x_RD.shape[0]  # output sizes given: no host read of the counts
+        dest_R = torch.repeat_interleave(torch.arange(P, device=device).repeat(E), send_PE.t().reshape(-1), output_size=R)
+        expert_R = torch.repeat_interleave(torch.arange(E, device=device), counts_E, output_size=R)
         send_order = torch.argsort(dest_R * E + expert_R, stable=True)
         x_send = x_RD.index_select(0, send_order)
     recv_PE = exchange_counts(send_PE, group, meter)
-    in_splits = send_PE.sum(1).tolist()
-    out_splits = recv_PE.sum(1).tolist()
+    # The one host read of the exchange: all_to_all needs its split sizes on the host.
+    in_splits, out_splits = torch.stack([send_PE.sum(1), recv_PE.sum(1)]).tolist()
     x_recv = all_to_all_rows(x_send, out_splits, in_splits, group, meter, name)
     # Received rows are source-major, expert-ascending inside a source; make them expert-major.
-    expert_N = torch.repeat_interleave(torch.arange(E, device=device).repeat(P), recv_PE.reshape(-1))
+    expert_N = torch.repeat_interleave(torch.arange(E, device=device).repeat(P), recv_PE.reshape(-1), output_size=sum(out_splits))
     perm_N = torch.argsort(expert_N, stable=True)
     counts_H = recv_PE.sum(0).index_select(0, held_H)
     y_held = fn(x_recv.index_select(0, perm_N), counts_H)

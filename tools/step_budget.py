@@ -151,9 +151,9 @@ def _backend_on(card: Card, job: Any) -> str:
     """``experts.backend`` as resolved on ``card`` (``auto`` asks ``moe.expert_backends.auto``)."""
     if job.experts.backend != "auto":
         return job.experts.backend
-    from moe.expert_backends.auto import measured_choice
+    from moe.expert_backends.auto import choice_for
 
-    return measured_choice(torch.device("cuda"), job.model.num_experts)
+    return choice_for(card.device_name, card.capability, job.model.num_experts, triton_ok=True).backend
 
 
 def count_step(overrides: list[str], card: str = "h200") -> StepCount:
@@ -256,12 +256,10 @@ def count_step(overrides: list[str], card: str = "h200") -> StepCount:
             phase[0] = memory.phase = "clip"
             grad_norm = engine.grad_norm()
             phase[0] = memory.phase = "bookkeeping"
-            verdict = guard.check(loss, grad_norm)
+            ok = guard.post(0, loss, grad_norm)  # the trainer's step (launch/train_step.py): verdict on the device
+            guard.host()
             phase[0] = memory.phase = "optimizer"
-            if verdict.nonfinite:  # on meta every read value is 0: never taken
-                engine.skip_step()
-            else:
-                engine.step()
+            engine.step(ok)
             phase[0] = memory.phase = "bookkeeping"
             runtime.after_optimizer_step(model, engine.optimizer, 0)
             runtime.all_reduce_sum_(core.router_step_sums())

@@ -59,11 +59,9 @@ class Engine(Protocol):
     def grad_norm(self) -> Tensor:
         """Finish the step's gradient reduction; the global gradient L2 norm before clipping (every rank the same)."""
 
-    def step(self) -> None:
-        """Clip (if the engine has not), update the weights, advance the learning-rate schedule."""
-
-    def skip_step(self) -> None:
-        """A non-finite step skipped (``train.on_nonfinite=skip``): no update, the schedule still advances."""
+    def step(self, ok: Tensor) -> None:
+        """Clip (if the engine has not), update the weights where the device flag ``ok`` is true (a non-finite
+        step changes no weight and no optimizer state), advance the learning-rate schedule either way."""
 
     def checkpoint_writer(self) -> CheckpointWriter:
         """The writer the loop saves through (``finish`` publishes a pending save)."""

@@ -206,11 +206,12 @@ class DeepSpeedEngine:
         norm = torch.as_tensor(self.ds.optimizer.scaled_global_norm(), dtype=torch.float32, device=self.runtime.device)
         return torch.where(norm < 0, torch.full_like(norm, float("inf")), norm)  # DeepSpeed reports inf/NaN as -1
 
-    def step(self) -> None:
-        self.ds.step()
-
-    def skip_step(self) -> None:
-        raise MoeforgeError("engine=deepspeed cannot skip a step (train.on_nonfinite=skip is refused at start-up)")
+    def step(self, ok: Tensor) -> None:
+        """DeepSpeed clips, updates and steps the schedule in one call that cannot take a device flag, so this
+        engine reads ``ok`` on the host (one sync per step) and does not step a non-finite step; the trainer's
+        guard then stops the run (``train.on_nonfinite=stop``, the only policy allowed here)."""
+        if bool(ok):
+            self.ds.step()
 
     def checkpoint_writer(self) -> CheckpointWriter:
         c = self.job.checkpoint

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint, verify_checkpoint
 from launch.config import JobConfig
+from launch.masked_update import clip_scale, masked_step, takes_found_inf
 from launch.optim import build_optimizer
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state
 
@@ -36,6 +37,9 @@ class NativeEngine:
         # ``model`` may rewire ``core`` in place (ep/fssdp runners, FSDP2); it stays the same module.
         self.model = apply_parallel(core, job.parallel, runtime)
         self.optimizer, self.scheduler = build_optimizer(self.model, job)
+        self.fold_clip = takes_found_inf(self.optimizer)
+        """Fused AdamW clips inside its own kernel (``launch.masked_update``): no separate pass over the gradients."""
+        self._grad_scale: Tensor | None = None
 
     @staticmethod
     def check_job(job: JobConfig) -> None:
@@ -51,16 +55,19 @@ class NativeEngine:
         backward(loss, micro_batches)
 
     def grad_norm(self) -> Tensor:
-        """Reduce (ddp averaging, expert sums and 1/W), then clip to ``optim.grad_clip``; the norm before clipping."""
+        """Reduce (ddp averaging, expert sums and 1/W), then clip to ``optim.grad_clip`` (or hand the clipping
+        to fused AdamW's ``grad_scale``); the norm before clipping."""
         self.runtime.before_optimizer_step(self.model)
+        if self.fold_clip:
+            norm = self.runtime.total_grad_norm(self.model)
+            self._grad_scale = clip_scale(norm, self.job.optim.grad_clip)
+            return norm
         return self.runtime.clip_grad_norm_(self.model, self.job.optim.grad_clip)
 
-    def step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-
-    def skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, ok: Tensor) -> None:
+        """The update where ``ok`` (a device flag, never read here), then the schedule advances either way."""
+        masked_step(self.optimizer, ok, self._grad_scale)
+        self._grad_scale = None
         self.scheduler.step()
 
     def checkpoint_writer(self) -> CheckpointWriter:

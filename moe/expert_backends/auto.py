@@ -10,6 +10,12 @@ the fastest backend that was never slower than the plain layer on any of its sha
 without an entry gets ``DEFAULT_CUDA``, the backend that won on every reference shape. On the CPU
 ``auto`` is ``torch`` (the reference), which keeps CPU runs bit-identical to earlier releases.
 
+Below sm_90 (A100, L40S) ``torch._grouped_mm`` has no grouped kernel: it loops over the groups and
+reads their offsets on the host, a host synchronisation in every MoE layer of every step. There
+``auto`` picks the Triton backend, whose kernels read the offsets on the device, and says so in
+the trainer's start-up line; without Triton it keeps grouped_mm and says that the step syncs.
+``choice_for`` is the pure function behind all of this (``tools.step_budget --card`` calls it).
+
 Shape classes: ``coarse`` = few large experts (E <= 16, e.g. Mixtral's 8 x 14336), ``fine`` =
 many small experts (E > 16, e.g. OLMoE's 64 x 1024, 128 x 768).
 """
@@ -61,15 +67,40 @@ def shape_class(num_experts: int) -> str:
     return "coarse" if num_experts <= 16 else "fine"
 
 
-def measured_choice(device: torch.device, num_experts: int) -> str:
-    """The backend name ``auto`` picks on ``device`` for ``num_experts`` experts."""
-    if device.type != "cuda":
-        return "torch"
-    card = torch.cuda.get_device_name(device)
+SYNC_FREE_FROM = (9, 0)
+"""Compute capability from which ``torch._grouped_mm`` runs one grouped kernel with device offsets."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str
+
+
+def choice_for(card: str, capability: tuple[int, int] | None, num_experts: int, triton_ok: bool) -> Choice:
+    """What ``auto`` picks, and why, on ``card`` (``torch.cuda.get_device_name``; ``capability`` None: the CPU)
+    for ``num_experts`` experts, with or without a working Triton (``triton_ok``)."""
+    if capability is None:
+        return Choice("torch", "the CPU runs the pure-torch reference")
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if capability < SYNC_FREE_FROM:
+        if triton_ok:
+            return Choice("triton", f"{card} is {sm}, below sm_90, where torch._grouped_mm loops over the groups and reads "
+                                    f"their offsets on the host; the Triton kernels read them on the device (no host sync)")
+        fallback = "grouped_mm" if capability >= (8, 0) else "torch"
+        return Choice(fallback, f"{card} is {sm}, below sm_90, and Triton is not available: {fallback} reads the expert "
+                                f"offsets on the host in every MoE layer (install triton for a step without host syncs)")
     for row in MEASURED:
         if row.card in card and row.shape_class == shape_class(num_experts):
-            return row.winner
-    return DEFAULT_CUDA
+            return Choice(row.winner, f"fastest whole layer on {row.card} for {row.shape_class} experts (measured {row.date})")
+    return Choice(DEFAULT_CUDA, f"no measurement for {card} ({sm}); {DEFAULT_CUDA} won on every reference shape elsewhere")
+
+
+def device_choice(device: torch.device, num_experts: int, triton_ok: bool) -> Choice:
+    """``choice_for`` on ``device``."""
+    if device.type != "cuda":
+        return choice_for("cpu", None, num_experts, triton_ok)
+    return choice_for(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), num_experts, triton_ok)
 
 
 class AutoBackend(ExpertBackend):
@@ -82,10 +113,17 @@ class AutoBackend(ExpertBackend):
         self.registry = registry
 
     def resolve(self, device: torch.device, d_model: int, d_ff: int, num_experts: int) -> ExpertBackend:
-        chosen = self.registry[measured_choice(device, num_experts)]
+        chosen = self.registry[device_choice(device, num_experts, self.registry["triton"].unavailable(device) is None).backend]
         if chosen.unavailable(device) is not None:
             chosen = self.registry["torch"]
         return chosen.resolve(device, d_model, d_ff, num_experts)
+
+    def choice_note(self, device: torch.device, num_experts: int) -> str | None:
+        choice = device_choice(device, num_experts, self.registry["triton"].unavailable(device) is None)
+        missing = self.registry[choice.backend].unavailable(device)
+        if missing is not None:
+            return f"experts.backend=auto: torch ({choice.backend} would be chosen but {missing})"
+        return f"experts.backend=auto: {choice.backend} ({choice.reason})"
 
     def grouped(self, *args: object) -> object:
         raise TypeError("experts.backend=auto must be resolved to a concrete backend first (Experts.resolve)")

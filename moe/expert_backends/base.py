@@ -52,6 +52,14 @@ class ExpertBackend:
         """Why this backend cannot run on ``device`` (one line), or None when it can."""
         return None
 
+    def reads_counts_on_host(self, device: torch.device) -> bool:
+        """Whether the grouped call reads the per-expert counts on the host on ``device`` (a sync; no CUDA graph)."""
+        return True
+
+    def choice_note(self, device: torch.device, num_experts: int) -> str | None:
+        """For the start-up line: what this name chose on ``device`` and why (None: it names one backend)."""
+        return None
+
     def check_shapes(self, d_model: int, d_ff: int) -> None:
         """Raise ``ConfigError`` naming ``model.d_model``/``model.d_ff`` if the kernels cannot take them."""
 

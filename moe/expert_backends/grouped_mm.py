@@ -143,6 +143,10 @@ def _offsets(counts_E: Tensor) -> Tensor:
 class GroupedMMBackend(ExpertBackend):
     name = "grouped_mm"
 
+    def reads_counts_on_host(self, device: torch.device) -> bool:
+        """Below sm_90 torch._grouped_mm loops over the groups with offsets read on the host."""
+        return device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0)
+
     def unavailable(self, device: torch.device) -> str | None:
         if not hasattr(torch, "_grouped_mm"):
             return f"needs torch >= 2.9 (torch._grouped_mm); this is {torch.__version__}"

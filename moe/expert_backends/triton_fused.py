@@ -21,6 +21,10 @@ class TritonFusedBackend(ExpertBackend):
     name = "triton"
     honours = frozenset({"recompute", "kernel_blocks"})
 
+    def reads_counts_on_host(self, device: torch.device) -> bool:
+        """The kernels read the expert offsets on the device."""
+        return False
+
     def unavailable(self, device: torch.device) -> str | None:
         try:
             from kernels.moe_experts import INTERPRETED

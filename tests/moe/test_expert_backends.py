@@ -50,3 +50,28 @@ def test_measured_table_covers_the_reference_shapes_and_never_picks_a_loser():
 def test_a_row_whose_backends_all_lose_to_the_plain_layer_falls_back_to_torch():
     row = Measurement("X", "fine", "2026-01-01", ((1, 1, 32, 1, 1),), {"triton": (2.0,), "plain": (1.0,)})
     assert row.winner == "torch"
+
+
+@pytest.mark.parametrize(("card", "capability", "experts", "triton_ok", "backend", "says"), [
+    ("cpu", None, 8, False, "torch", "pure-torch reference"),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), 64, True, "triton", "sm_80, below sm_90"),
+    ("NVIDIA L40S", (8, 9), 8, True, "triton", "read them on the device (no host sync)"),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), 64, False, "grouped_mm", "install triton for a step without host syncs"),
+    ("Tesla V100", (7, 0), 8, False, "torch", "sm_70, below sm_90"),
+    ("NVIDIA H200", (9, 0), 64, True, "grouped_mm", "measured 2026-11-27"),
+    ("NVIDIA H100 80GB HBM3", (9, 0), 8, True, "grouped_mm", "no measurement for NVIDIA H100 80GB HBM3 (sm_90)"),
+])
+def test_auto_choice_below_sm90_is_sync_free_and_says_why(card: str, capability: tuple[int, int] | None, experts: int, triton_ok: bool,
+                                                          backend: str, says: str) -> None:
+    from moe.expert_backends.auto import choice_for
+
+    choice = choice_for(card, capability, experts, triton_ok)
+    assert choice.backend == backend
+    assert says in choice.reason
+
+
+def test_auto_names_its_choice_for_the_start_up_line_and_concrete_backends_do_not() -> None:
+    from moe.expert_backends import expert_backend
+
+    assert expert_backend("auto").choice_note(torch.device("cpu"), 8) == "experts.backend=auto: torch (the CPU runs the pure-torch reference)"
+    assert expert_backend("grouped_mm").choice_note(torch.device("cpu"), 8) is None
