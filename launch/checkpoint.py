@@ -74,6 +74,8 @@ from parallel.dense import local_tensor
 
 _NAME = re.compile(r"^step_(\d{8})$")
 MANIFEST = "moeforge.json"
+LOSS_WINDOW = "loss_window"
+"""Manifest key of the trainer's loss window (launch/spike_guard.py), for any engine's checkpoints."""
 OBJECTS = "objects.json"
 CONFIG = "config.yaml"
 FORMAT = 2
@@ -114,6 +116,8 @@ class _Pending:
     future: Any = None
     need: int = 0
     """Bytes this checkpoint was expected to take (for the error line of a failed write)."""
+    loss_window: dict[str, Any] | None = None
+    """The trainer's loss window (``launch.spike_guard``), recorded in the manifest: readable for any engine."""
 
 
 class CheckpointWriter:
@@ -153,12 +157,12 @@ class CheckpointWriter:
             try:
                 if self.async_save:
                     future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group, no_dist=not dist.is_initialized())
-                    self._pending = _Pending(step, tmp, future, need)
+                    self._pending = _Pending(step, tmp, future, need, loss_window_of(state))
                     return None
                 dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
                 raise self._write_failed(err, step, tmp, need) from None
-        self._pending = _Pending(step, tmp, None, need)
+        self._pending = _Pending(step, tmp, None, need, loss_window_of(state))
         return self.finish()
 
     def check_space(self, step: int) -> int:
@@ -215,6 +219,8 @@ class CheckpointWriter:
             listed.update(part)
         final = self.dir / f"step_{pending.step:08d}"
         manifest = {"format": FORMAT, "step": pending.step, "world_size": rt.world_size, **self.manifest, "files": listed}
+        if pending.loss_window is not None:
+            manifest[LOSS_WINDOW] = pending.loss_window
 
         def publish() -> None:
             if rt.is_main:
@@ -294,6 +300,12 @@ def nonfinite_tensors(tensors: dict[str, Any], prefix: str = "") -> list[str]:
         ok = torch.stack([flags[i] for i in idx]).cpu().tolist()
         bad += [names[i] for i, good in zip(idx, ok) if not good]
     return sorted(bad)
+
+
+def loss_window_of(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer's loss window in a state to save (``state["trainer"]["spike"]``), if any."""
+    trainer = state.get("trainer")
+    return trainer.get("spike") if isinstance(trainer, dict) else None
 
 
 def _tensor_bytes(tensors: dict[str, Any]) -> int:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launch.checkpoint import OBJECTS, published_checkpoints, step_of
+from launch.checkpoint import LOSS_WINDOW, MANIFEST, published_checkpoints, step_of
 from moe.errors import MoeforgeError
 from parallel import Runtime
 
@@ -180,11 +180,12 @@ class SpikeGuard:
 
 
 def saved_spike_state(path: Path) -> dict[str, Any]:
-    """The loss window recorded in checkpoint ``path`` (``{}`` when it holds none: an older or a DeepSpeed checkpoint)."""
+    """The loss window recorded in checkpoint ``path``'s manifest (any engine; ``{}`` when it holds none)."""
     try:
-        return json.loads((path / OBJECTS).read_text()).get("trainer", {}).get("spike", {})
+        found = json.loads((path / MANIFEST).read_text()).get(LOSS_WINDOW, {})
     except (OSError, ValueError, AttributeError):
         return {}
+    return found if isinstance(found, dict) else {}
 
 
 def rollback_target(directory: str | Path, before: int, runtime: Runtime, verify: Callable[[Path, Runtime], list[str]]) -> Path | None:

@@ -74,6 +74,7 @@ from launch.checkpoint import (
     _rng_state,
     _set_rng_state,
     _write_durably,
+    loss_window_of,
     read_manifest,
     select_checkpoint,
 )
@@ -270,7 +271,7 @@ class DeepSpeedCheckpointWriter(CheckpointWriter):
                 self.ep.save_expert_weights(tmp)
         except Exception as err:
             raise self._write_failed(err, step, tmp, need) from None
-        self._pending = _Pending(step, tmp, None, need)
+        self._pending = _Pending(step, tmp, None, need, loss_window_of(state))
         return self.finish()
 
 

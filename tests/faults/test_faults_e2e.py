@@ -190,3 +190,15 @@ def test_second_writer_is_refused_and_the_first_stops_gracefully(tmp_path: Path)
     assert first.returncode == 143, err[-3000:]
     saved = newest_verified_step(tmp_path / "checkpoints")
     assert saved is not None and saved >= 20 and f"SIGTERM: finished step {saved} and saved" in err
+
+
+def test_nan_step_between_log_steps_stops_one_step_later_and_saves_nothing_after_it(tmp_path: Path) -> None:
+    """No log, evaluation or save at step 5: the step guard reads step 5's verdict at the end of step 6 (one step
+    late, so the host never waits for the device mid-queue). Step 5 updated nothing; nothing after step 4 is saved."""
+    out = launch(tmp_path, *SMALL, "train.steps=12", "train.log_every=100", "train.eval_every=100", "checkpoint.every=4",
+                 fault={"nan_step": 5})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (f"step 5: loss nan, gradient norm nan (rank 0) is not finite; stopped before the optimizer step "
+            f"(train.on_nonfinite=stop), nothing saved after {tmp_path / 'checkpoints' / 'step_00000004'}") in out.stderr
+    assert newest_verified_step(tmp_path / "checkpoints") == 4
+    assert nonfinite_in_checkpoints(tmp_path / "checkpoints") == {"step_00000004": []}

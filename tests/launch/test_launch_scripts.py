@@ -1,4 +1,5 @@
-"""launch/slurm.sbatch requeues a job whose ranks saved and stopped on a signal, and only then.
+"""launch/slurm.sbatch requeues a job whose ranks saved and stopped on a signal, or (a bounded
+number of times) whose rank died or froze, and only then.
 
 SLURM is not installed here: ``srun`` and ``scontrol`` are stubs on PATH that record their
 arguments; the stub ``srun`` exits with the status the ranks would have had.
@@ -21,14 +22,18 @@ if [[ "$1" == show ]]; then echo node0; echo node1; fi
 """
 
 
-@pytest.mark.parametrize("status,requeued", [(0, False), (2, False), (137, False), (138, True), (143, True)])
-def test_sbatch_requeues_after_a_signal_save(tmp_path: Path, status: int, requeued: bool) -> None:
+@pytest.mark.parametrize("status,restarts,requeued", [(0, 0, False), (2, 0, False), (138, 0, True), (143, 5, True),
+                                                      (3, 0, True), (137, 1, True), (137, 2, False), (3, 2, False)])
+def test_sbatch_requeues_after_a_signal_save(tmp_path: Path, status: int, restarts: int, requeued: bool) -> None:
+    """Signal saves always requeue; rank failures (3: a peer failed, 137: killed or frozen) at most
+    MOEFORGE_FAILURE_REQUEUES (2) times, counted by SLURM_RESTART_COUNT."""
     for name in ("srun", "scontrol"):
         (tmp_path / name).write_text(STUB)
         (tmp_path / name).chmod(0o755)
     calls = tmp_path / "calls"
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CALLS": str(calls), "SRUN_STATUS": str(status),
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(REPO)}
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_RESTART_COUNT": str(restarts)}
     out = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "parallel=ep"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == status
     lines = calls.read_text().splitlines()

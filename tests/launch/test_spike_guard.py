@@ -147,7 +147,7 @@ def test_diverged_checkpoints_are_never_resumed_under_rollback(tmp_path: Path) -
     saved = sorted(p.name for p in ck.iterdir() if p.name.startswith("step_"))
     assert saved == ["step_00000004", "step_00000005", "step_00000006"]
     for name in saved:
-        assert json.loads((ck / name / "objects.json").read_text())["trainer"]["spike"]["in_spike_window"] is True
+        assert json.loads((ck / name / "moeforge.json").read_text())["loss_window"]["in_spike_window"] is True
 
     warned = run(tmp_path, *common, "train.steps=7", "train.on_nonfinite=skip")  # warn: resumes, but says so
     assert "resumed from a checkpoint inside a spike window" in warned.stderr and "step_00000006 was saved inside" in warned.stderr
@@ -171,3 +171,17 @@ def test_default_warn_run_raises_no_spike(tmp_path: Path) -> None:
     out = run(tmp_path, "train.steps=60", "train.spike_window=50", "train.eval_every=60", "checkpoint.every=60", "train.log_every=10")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "loss spike" not in out.stderr
+
+
+def test_rollback_target_skips_newer_and_spike_window_checkpoints(tmp_path: Path) -> None:
+    for step, inside in ((2, False), (4, True), (6, False), (8, False)):
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        (d / "moeforge.json").write_text(json.dumps({"step": step, "loss_window": {"in_spike_window": inside}}))
+    fails = {"step_00000006"}
+    verify = lambda path, rt: ["broken"] if path.name in fails else []  # noqa: E731
+    from launch.spike_guard import rollback_target
+
+    assert rollback_target(tmp_path, 7, Runtime(), verify).name == "step_00000002"  # 6 fails, 4 is inside a window
+    assert rollback_target(tmp_path, 8, Runtime(), verify).name == "step_00000008"
+    assert rollback_target(tmp_path, 1, Runtime(), verify) is None
