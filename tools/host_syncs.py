@@ -72,14 +72,20 @@ def _reads(func: Any, args: tuple, kwargs: dict) -> bool:
 
 
 class HostSyncCounter(TorchDispatchMode):
-    """Context manager: counts host reads of device values, by kind and by calling line (``sites``)."""
+    """Context manager: counts host reads of device values, by kind and by calling line (``sites``).
 
-    def __init__(self) -> None:
+    With ``model``, each site also names the innermost of its modules whose forward was running
+    (``... in blocks.1.ffn``), so a read inside a layer is told per layer."""
+
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.kinds: collections.Counter[str] = collections.Counter()
         self.sites: collections.Counter[str] = collections.Counter()
         self._depth = 0
         self._saved: dict[str, Any] = {}
+        self._names = {id(m): n for n, m in model.named_modules() if n} if model is not None else {}
+        self._stack: list[str] = []
+        self._hooks: list[Any] = []
 
     @property
     def total(self) -> int:
@@ -91,7 +97,17 @@ class HostSyncCounter(TorchDispatchMode):
 
     def _record(self, kind: str) -> None:
         self.kinds[kind] += 1
-        self.sites[f"{kind} at {_caller()}"] += 1
+        where = f" in {self._stack[-1]}" if self._stack else ""
+        self.sites[f"{kind} at {_caller()}{where}"] += 1
+
+    def _enter_module(self, module: torch.nn.Module, _inputs: Any) -> None:
+        name = self._names.get(id(module))
+        if name is not None:
+            self._stack.append(name)
+
+    def _leave_module(self, module: torch.nn.Module, _inputs: Any, _output: Any) -> None:
+        if id(module) in self._names and self._stack:
+            self._stack.pop()
 
     def _wrap(self, name: str, original: Any) -> Any:
         counter = self
@@ -113,10 +129,16 @@ class HostSyncCounter(TorchDispatchMode):
             setattr(torch.Tensor, name, self._wrap(name, self._saved[name]))
         self._saved_nonzero = torch.nonzero
         torch.nonzero = self._wrap("nonzero", self._saved_nonzero)  # type: ignore[assignment]
+        if self._names:
+            self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter_module),
+                           torch.nn.modules.module.register_module_forward_hook(self._leave_module)]
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._stack = [], []
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
         torch.nonzero = self._saved_nonzero  # type: ignore[assignment]

@@ -47,3 +47,15 @@ def test_counter_restores_the_tensor_methods() -> None:
     with HostSyncCounter():
         pass
     assert (torch.Tensor.item, torch.Tensor.tolist, torch.nonzero) == before
+
+
+def test_sites_name_the_module_whose_forward_read() -> None:
+    class Reads(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float(x.detach().sum())
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Reads(), Reads())
+    with HostSyncCounter(model) as syncs:
+        model(torch.randn(2, 3))
+    assert dict(syncs.kinds) == {"float": 2}
+    assert sorted(site.split(" in ")[1] for site in syncs.sites) == ["1", "2"]
