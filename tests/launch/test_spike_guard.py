@@ -185,3 +185,18 @@ def test_rollback_target_skips_newer_and_spike_window_checkpoints(tmp_path: Path
     assert rollback_target(tmp_path, 7, Runtime(), verify).name == "step_00000002"  # 6 fails, 4 is inside a window
     assert rollback_target(tmp_path, 8, Runtime(), verify).name == "step_00000008"
     assert rollback_target(tmp_path, 1, Runtime(), verify) is None
+
+
+def test_record_reads_nothing_from_the_device_and_settle_reads_once() -> None:
+    """The guard's per-step part adds no host sync (tools.host_syncs); the read waits for settle."""
+    from tools.host_syncs import HostSyncCounter
+
+    guard = SpikeGuard(Runtime(), "rollback", window=4, threshold=6.0, nonfinite_rollback=True, skips=[[2, 5]])
+    with HostSyncCounter() as syncs:
+        for step in range(1, 9):
+            guard.record(step, torch.tensor(3.0) + step * 1e-3, torch.tensor(1.0))
+            guard.batch_index(step)
+    assert syncs.total == 0, syncs.describe()
+    with HostSyncCounter() as syncs:
+        assert guard.settle() is None
+    assert syncs.total == 1, syncs.describe()
