@@ -286,6 +286,7 @@ class FSSDPState:
         self.ranks_per_node = max(1, min(ranks_per_node, world))
         self.layers: list[FSSDPLayer] = []
         self.window: deque[Tensor] = deque(maxlen=cfg.window)
+        self.pending: _PendingCounts | None = None
         self.steps = 0
         self.digests: list[int] = []
 
@@ -310,7 +311,13 @@ class FSSDPState:
 
     @torch.no_grad()
     def end_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """After an optimizer step: all-reduce this step's counts, re-own if due, plan P'."""
+        """After an optimizer step: all-reduce this step's counts, re-own if due, plan P'.
+
+        The counts reach the host one step late: this step's all-reduced counts start an
+        asynchronous copy to (pinned) host memory, and the previous step's copy, long finished,
+        joins the window. So the plan never makes the host wait for the step just queued; the
+        placement for step t+1 uses the window up to step t-1 (Hecate's window is a sliding mean of
+        past steps' loads, so one step of lag changes which past steps it covers, not what it is)."""
         if not self.layers:
             return
         self.steps += 1
@@ -319,9 +326,13 @@ class FSSDPState:
         counts = counts.to(device)
         if self.plan_world > 1:
             dist.all_reduce(counts, group=self.plan_group)
-        self.window.append(mark_host(counts.cpu()))  # the plan's one host read per step (the next placement needs it)
+        previous, self.pending = self.pending, _PendingCounts.start(counts)
+        if previous is not None:
+            self.window.append(previous.wait())
         for lay in self.layers:
             lay.counts_E.zero_()
+        if not self.window:
+            return
         load = self.load_LE()
         if self.cfg.reshard_every > 0 and self.steps % self.cfg.reshard_every == 0:
             owners = heterogeneous_shard(load, self.cfg.overlap_degree, self.world, self.ranks_per_node)
@@ -335,6 +346,7 @@ class FSSDPState:
         """What a resume needs to plan as the uninterrupted run does (JSON-ready, the same on every rank):
         the step count (reshard times), the routing-count window and every layer's owners."""
         return {"steps": self.steps, "world": self.world, "window": [w.tolist() for w in self.window],
+                "pending": None if self.pending is None else self.pending.wait().tolist(),
                 "owners": [list(lay.owner_E) for lay in self.layers]}
 
     @torch.no_grad()
@@ -348,6 +360,8 @@ class FSSDPState:
         self.steps = int(state["steps"])
         self.window.clear()
         self.window.extend(torch.tensor(w, dtype=torch.int64) for w in state["window"])
+        pending = state.get("pending")
+        self.pending = None if pending is None else _PendingCounts.done(torch.tensor(pending, dtype=torch.int64))
         meter, self.meter = self.meter, None  # restoring is not a training step's traffic
         try:
             self.reshard([list(o) for o in state["owners"]], optimizer)
@@ -447,3 +461,34 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new:
             if p is old:
                 group["params"][i] = new
     optimizer.state.pop(old, None)
+
+
+class _PendingCounts:
+    """One step's all-reduced routing counts on their way to the host (``FSSDPState.end_step``).
+
+    On CUDA the copy goes to pinned memory with ``non_blocking=True`` and an event marks its end;
+    ``wait`` then only waits for work queued a whole step earlier. On the CPU it is a plain copy."""
+
+    def __init__(self, host: Tensor, event: Any) -> None:
+        self.host, self.event = host, event
+
+    @classmethod
+    def start(cls, counts: Tensor) -> _PendingCounts:
+        on_cuda = counts.device.type == "cuda"
+        host = mark_host(torch.empty(counts.shape, dtype=counts.dtype, pin_memory=on_cuda))
+        host.copy_(counts, non_blocking=on_cuda)
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return cls(host, event)
+
+    @classmethod
+    def done(cls, host: Tensor) -> _PendingCounts:
+        return cls(mark_host(host), None)
+
+    def wait(self) -> Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.host

@@ -18,6 +18,7 @@ from dist_harness import run_distributed
 from test_parallel_ep import TOL
 from test_parallel_fssdp import lm_loss, tiny_model
 
+from launch.dcp_io import split_state
 from moe.experts import Experts
 from parallel import ParallelConfig, apply_parallel, checkpoint_state, load_checkpoint_state, setup_runtime
 
@@ -118,7 +119,7 @@ def load_into_fresh_model(cfg: ParallelConfig, directory: str) -> tuple[torch.nn
     rt = setup_runtime(cfg)
     model = apply_parallel(tiny_model(seed=5), cfg, rt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    state = checkpoint_state(model, opt, rt)
+    state, _ = split_state(checkpoint_state(model, opt, rt))  # tensors only, as the trainer loads them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=directory)
