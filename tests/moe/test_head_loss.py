@@ -163,3 +163,49 @@ def test_chunked_loss_peak_is_under_a_quarter_of_the_full_logits_peak() -> None:
     # The full path holds bf16 logits, their fp32 copy, the log-softmax and the logit gradient: >= 4 x T x V x 2.5 B.
     assert full >= 8192 * 8192 * 10
     assert chunked * 4 <= full, (chunked, full)
+
+
+class _UpcastLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shapes of every conversion to fp32 (``_to_copy``) that runs inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._to_copy.default and kwargs and kwargs.get("dtype") == torch.float32:
+            self.copies.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_the_gpu_path_no_logits_or_weight_gradient_is_upcast_after_its_gemm() -> None:
+    """bf16 operands on ``meta`` (the GPU path, as the step budget runs it): the logits and each chunk's
+    dW come out of the GEMM in fp32, so no [C, V] or [V, D] tensor is upcast; on the CPU they are."""
+    T, D, V, C = 40, 16, 96, 16
+
+    def upcasts(device: str) -> set[tuple[int, ...]]:
+        x = torch.randn(T, D, dtype=torch.bfloat16, device=device, requires_grad=True)
+        w = torch.randn(V, D, dtype=torch.bfloat16, device=device, requires_grad=True)
+        y = torch.zeros(T, dtype=torch.int64, device=device)
+        with _UpcastLog() as log:
+            loss = head_cross_entropy(x, w, y, chunk=C)
+        assert loss.dtype == torch.float32
+        return set(log.copies)
+
+    gemm_outputs = {(C, V), (T - 2 * C, V), (V, D)}  # a chunk's logits (the last one is short), a chunk's dW
+    assert upcasts("cpu") >= gemm_outputs
+    assert not upcasts("meta") & gemm_outputs
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_loss_and_grads_match_an_fp64_reference_of_the_same_operands() -> None:
+    g = torch.Generator().manual_seed(9)
+    T, D, V = 300, 64, 1000
+    x = torch.randn(T, D, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, D, generator=g) * 0.1).to("cuda", torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g).cuda()
+    got = _grads(lambda a, b: head_cross_entropy(a, b, y, chunk=128), x, w)
+    want = _grads(lambda a, b: head_cross_entropy_reference(a.double(), b.double(), y), x, w)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)  # fp32-accumulated logits
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-3)  # logit gradient rounded to bf16
