@@ -117,6 +117,17 @@ def per_step(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
+def assert_steps_match(rows: list[dict[str, Any]], want_rows: list[dict[str, Any]], steps: int, label: str, against: str) -> None:
+    """Loss, gradient norm and lr logged at every step 1..``steps``, each within TOL of ``want_rows``'s
+    (prints the largest gap per key, as ``label: max |key - against|``)."""
+    for key in ("loss", "grad_norm", "lr"):
+        got, want = per_step(rows, key), per_step(want_rows, key)
+        assert sorted(got) == list(range(1, steps + 1))
+        for s in got:
+            assert got[s] == pytest.approx(want[s], rel=TOL, abs=TOL), f"{key} at step {s}: {got[s]} vs {want[s]}"
+        print(f"{label}: max |{key} - {against}| over {steps} steps = {max(abs(got[s] - want[s]) for s in got):.3g}")
+
+
 def native_weights(ckpt: Path, job: JobConfig) -> dict[str, torch.Tensor]:
     """The model weights of a native (DCP) checkpoint, loaded in this process."""
     from launch.checkpoint import load_checkpoint  # noqa: PLC0415
@@ -158,12 +169,7 @@ def test_ten_steps_match_native_ddp(stage: int, native_ddp: tuple[list[dict[str,
     """Losses, gradient norms (read before DeepSpeed's step) and final weights within 1e-4 of native ddp."""
     want_rows, want_weights = native_ddp
     rows = run(tmp_path, "engine=deepspeed", f"engine.zero_stage={stage}")
-    for key in ("loss", "grad_norm", "lr"):
-        got, want = per_step(rows, key), per_step(want_rows, key)
-        assert sorted(got) == list(range(1, STEPS + 1))
-        for s in got:
-            assert got[s] == pytest.approx(want[s], rel=TOL, abs=TOL), f"{key} at step {s}: {got[s]} vs {want[s]}"
-        print(f"zero_stage={stage}: max |{key} - native ddp| over {STEPS} steps = {max(abs(got[s] - want[s]) for s in got):.3g}")
+    assert_steps_match(rows, want_rows, STEPS, f"zero_stage={stage}", "native ddp")
     assert per_step(rows, "val_loss")[STEPS] == pytest.approx(per_step(want_rows, "val_loss")[STEPS], abs=TOL)
     assert want_rows[-1]["loss"] < want_rows[0]["loss"] - 0.1  # it trained: equality of two frozen runs would prove nothing
     ckpt = tmp_path / "ckpt" / f"step_{STEPS:08d}"
