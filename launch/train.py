@@ -41,7 +41,7 @@ from launch import cuda_graphs, run_lock
 from launch.checkpoint import check_compatible, latest_checkpoint
 from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
 from launch.data import BatchSampler, TokenSplits, memmap_corpus, stdlib_corpus, token_counts
-from launch.engines import Engine, build_engine, native
+from launch.engines import Engine, build_engine
 from launch.engines.deepspeed import from_deepspeed_launcher
 from launch.log_window import LogWindow
 from launch.logs import FILE_ONLY
@@ -54,7 +54,7 @@ from launch.routing_probe import load_probe, probe_state
 from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
 from launch.spike_guard import SpikeEvent, SpikeGuard, roll_back
 from launch.step_guard import AgentLostError, StepGuard
-from launch.train_step import TrainStep
+from launch.train_step import TrainStep, doc_ids, forward_backward
 from moe.errors import ConfigError, MoeforgeError
 from moe.expert_backends import expert_backend
 from moe.model import MoETransformer
@@ -72,14 +72,6 @@ def load_data(job: JobConfig) -> TokenSplits:
     if d.name == "stdlib_bytes":
         return stdlib_corpus(d.val_fraction, d.max_bytes)
     return memmap_corpus(str(d.path), d.dtype, d.val_fraction, job.model.vocab_size)
-
-
-def doc_ids(tokens_BS: torch.Tensor, separator: int | None) -> torch.Tensor | None:
-    """Document index of every position: it increases by one after each ``separator`` token."""
-    if separator is None:
-        return None
-    ends = (tokens_BS == separator).long()
-    return torch.cumsum(ends, dim=1) - ends
 
 
 def build_sinks(job: JobConfig, run_dir: Path, runtime: Runtime, raw_config: dict[str, Any], start: int) -> list[Sink]:
@@ -130,32 +122,6 @@ def precision_of(job: JobConfig, device: torch.device) -> str:
 def autocast_for(precision: str, device: torch.device) -> Any:
     """bf16 autocast on ``device`` (weights, gradients and optimizer state stay fp32), or nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def forward_backward(model: torch.nn.Module, runtime: Runtime, x_BS: torch.Tensor, y_BS: torch.Tensor, step: int, job: JobConfig,
-                     autocast: Any, engine: Engine | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Accumulate one optimizer step's gradients over ``train.grad_accum`` micro-batches.
-
-    Each micro-batch's loss is divided by their number, so the summed gradients are those of the
-    mean over the whole batch; gradient communication runs only in the last backward. ``engine``
-    owns both (the native engine's way when None). Returns the step's mean cross-entropy and mean
-    auxiliary losses (detached).
-    """
-    n = job.train.grad_accum
-    sync = engine.micro_batch if engine is not None else lambda last: native.micro_batch(model, runtime, last)
-    backward = engine.backward if engine is not None else native.backward
-    ce_total = torch.zeros((), device=runtime.device)
-    aux_total: dict[str, torch.Tensor] = {}
-    for j, (x, y) in enumerate(zip(x_BS.chunk(n), y_BS.chunk(n))):
-        with sync(j == n - 1):
-            with autocast:
-                ce, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y)
-            loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-            backward(loss, n)
-        ce_total += ce.detach()
-        for name, value in aux.items():
-            aux_total[name] = aux_total.get(name, 0.0) + value.detach()
-    return ce_total / n, {name: value / n for name, value in aux_total.items()}
 
 
 def manifest_of(job: JobConfig) -> dict[str, Any]:
