@@ -21,7 +21,7 @@ import torch
 
 KERNEL_MODULES = (
     "kernels.layout", "kernels.tile_matmul", "kernels.route_meta", "kernels.combine", "kernels.grouped_wgrad", "kernels.gather_plain",
-    "kernels.gmm_scatter", "kernels.gather_gmm", "kernels.moe_experts", "kernels.swiglu_act", "kernels.unpermute",
+    "kernels.gmm_scatter", "kernels.gather_gmm", "kernels.moe_experts", "kernels.swiglu_act", "kernels.unpermute", "kernels.cross_entropy",
 )
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
