@@ -1,4 +1,4 @@
-"""``experts.backend=triton``: moeforge's fused Triton grouped-GEMM kernels (``kernels.moe_experts``).
+"""``experts.backend=triton``: moeforge's fused Triton grouped-GEMM kernels (``kernels.triton.moe_experts``).
 
 Shape legend: T tokens, R expert-sorted rows, D model dim, F expert ffn dim, E experts.
 
@@ -27,7 +27,7 @@ class TritonFusedBackend(ExpertBackend):
 
     def unavailable(self, device: torch.device) -> str | None:
         try:
-            from kernels.moe_experts import INTERPRETED
+            from kernels.triton.moe_experts import INTERPRETED
         except ImportError:
             return "needs the triton package (pip install triton)"
         if device.type != "cuda" and not (INTERPRETED and device.type == "cpu"):
@@ -35,12 +35,12 @@ class TritonFusedBackend(ExpertBackend):
         return None
 
     def grouped(self, x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
-        from kernels.moe_experts import swiglu_triton
+        from kernels.triton.moe_experts import swiglu_triton
 
         return swiglu_triton(x_RD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, recompute=options.recompute, blocks=options.blocks)
 
     def run_plan(self, x_TD: Tensor, plan: object, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
-        from kernels.moe_experts import fused_moe_experts
+        from kernels.triton.moe_experts import fused_moe_experts
 
         return fused_moe_experts(
             x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, plan.num_slots, w_gate_EDF, w_up_EDF, w_down_EFD,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.megablocks_backend as mb
+import moe.expert_backends.megablocks_adapter as mb
 from moe.errors import EnvironmentError_
 from moe.expert_backends import swiglu_loop
 
