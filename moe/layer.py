@@ -91,7 +91,10 @@ class MoELayer(nn.Module):
         y_TD = self.runner(self.experts, x_TD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        if is_recomputing():  # a checkpointed forward run again: its statistics were recorded the first time
+        if is_recomputing():
+            # A checkpointed forward run again records nothing. torch's default early stop ends the
+            # recomputation at the experts' last saved tensor, before this line; with early stop off
+            # (torch.utils.checkpoint.set_checkpoint_early_stop(False)) it runs to the end.
             pass
         elif self.training:
             self.stats.update(decision, plan)
