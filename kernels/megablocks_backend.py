@@ -20,7 +20,7 @@ MegaBlocks cannot be installed beside moeforge's torch (>= 2.9); ``RELEASES`` sa
 release on the package index pins (read from each sdist's metadata, or its ``setup.py`` where
 metadata needs a CUDA device to be generated). It stays optional and not a dependency:
 importing this module never fails; ``UNAVAILABLE_REASON`` is a one-line reason (None when
-usable) and calling the backend without it raises ``moe.errors.EnvironmentError_`` with that line.
+usable) and calling the backend without it raises ``moe.errors.SetupError`` with that line.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe.errors import EnvironmentError_
+from moe.errors import SetupError
 
 
 RELEASES = (
@@ -57,7 +57,7 @@ _OPS, UNAVAILABLE_REASON = _probe()
 def swiglu_megablocks(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
     """``moe.experts`` backend: SwiGLU per expert segment through MegaBlocks' grouped GEMM."""
     if _OPS is None:
-        raise EnvironmentError_(f"experts.backend=megablocks: {UNAVAILABLE_REASON}")
+        raise SetupError(f"experts.backend=megablocks: {UNAVAILABLE_REASON}")
     batch_sizes = counts_E.to("cpu", dtype=torch.int64)
     x_RD = x_RD.contiguous()
     g_RF = _OPS.gmm(x_RD, w_gate_EDF.contiguous(), batch_sizes)

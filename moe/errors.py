@@ -23,8 +23,9 @@ class CheckpointError(MoeforgeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
-class EnvironmentError_(MoeforgeError):
-    """The runtime environment (packages, devices, torchrun variables) is unusable."""
+class SetupError(MoeforgeError):
+    """The machine's setup is unusable: a missing package, a device that is absent or oversubscribed,
+    a malformed torchrun or ``MOEFORGE_*`` environment variable."""
 
 
 def check(ok: bool, key: str, value: object, rule: str) -> None:

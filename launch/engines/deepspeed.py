@@ -82,7 +82,7 @@ from launch.checksums import problems, share
 from launch.config import JobConfig
 from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
-from moe.errors import CheckpointError, EnvironmentError_, MoeforgeError, check
+from moe.errors import CheckpointError, MoeforgeError, SetupError, check
 from parallel import Runtime
 from parallel.modes import ParallelMode, names_where
 
@@ -119,9 +119,9 @@ def _import_deepspeed(device: torch.device) -> Any:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except ImportError as err:
-        raise EnvironmentError_(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
+        raise SetupError(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
     if get_accelerator().device_name() != device.type:
-        raise EnvironmentError_(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
+        raise SetupError(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
                                 f"set DS_ACCELERATOR={device.type} (MOEFORGE_DEVICE=cpu ranks need DS_ACCELERATOR=cpu)")
     if device.type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes of C++) that only its
