@@ -1,6 +1,6 @@
 """Output head and cross-entropy together, chunked over tokens: the loss without full fp32 logits.
 
-Shape legend: T tokens, D model dim, V vocabulary, C tokens in one chunk.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, V vocabulary, C tokens in one chunk).
 
 The plain loss (``head_cross_entropy_reference``) writes the logits ``[T, V]``, upcasts all of
 them to fp32, and keeps them (and writes their gradient) for the backward: at V = 50,304 and

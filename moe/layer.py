@@ -1,6 +1,7 @@
 """The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
 
-Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots, R routed rows.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, F ffn dim, E experts, K slots per
+token, R routed rows).
 
 ``MoELayer.runner`` is the seam ``parallel/`` replaces: a callable ``(experts, x_TD, plan) ->
 y_TD`` that moves routed rows to expert weights and back. The default runs every expert locally.

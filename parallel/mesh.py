@@ -8,7 +8,8 @@ put two ranks on one GPU.
 Without torchrun (no ``WORLD_SIZE``) a parallel mode still gets a one-rank gloo/NCCL group, so
 every code path is the same in one process and in many.
 
-Layout (the mesh dims, outer to inner):
+Layout (the mesh dims, outer to inner; the mode's object in ``parallel.modes`` decides, through
+``needs_expert_mesh`` and ``expert_group_size``):
 
 - ``ep`` mode: ``("edp", "ep")`` of shape ``(W / ep_size, ep_size)``. Expert-parallel groups are
   blocks of consecutive ranks (on one node when ep_size <= GPUs per node); expert-data-parallel
@@ -30,7 +31,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe.errors import SetupError
-from parallel.config import ParallelConfig, check_world, expert_shard_size
+from parallel.config import ParallelConfig, check_world
+from parallel.modes import names_where
 
 
 @dataclass
@@ -116,9 +118,11 @@ def init_mesh(cfg: ParallelConfig, device: str = "auto") -> MeshInfo:
     if cuda:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
-    if cfg.mode == "none":
+    mode = cfg.layout
+    if not mode.distributed:
         if world > 1:
-            raise SetupError(f"parallel.mode ('none') runs one process but WORLD_SIZE is {world}; pick parallel=ddp|fsdp|ep|fssdp")
+            raise SetupError(f"parallel.mode ({cfg.mode!r}) runs one process but WORLD_SIZE is {world}; "
+                             f"pick parallel={'|'.join(names_where(lambda m: m.distributed))}")
         return MeshInfo(rank, world, local_rank, local_world, device, backend, None)
     check_world(cfg, world)
     if not dist.is_initialized():
@@ -130,7 +134,7 @@ def init_mesh(cfg: ParallelConfig, device: str = "auto") -> MeshInfo:
     device_type = "cuda" if cuda else "cpu"
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
     ep, ep_mesh = 1, None
-    if cfg.mode == "ep" or (cfg.mode == "fssdp" and expert_shard_size(cfg, world) < world):
-        ep = expert_shard_size(cfg, world)
+    if mode.needs_expert_mesh(cfg, world):
+        ep = mode.expert_group_size(cfg, world)
         ep_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
     return MeshInfo(rank, world, local_rank, local_world, device, backend, mesh, ep_mesh, ep_size=ep)

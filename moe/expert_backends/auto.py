@@ -1,6 +1,7 @@
 """``experts.backend=auto``: the backend measured fastest for this device and shape class.
 
-Shape legend: D model dim, F expert ffn dim, E experts, K top-k, T tokens.
+Shape letters: the ``moe`` package legend (D model dim, F expert ffn dim, E experts, K slots per
+token, T tokens).
 
 ``MEASURED`` is the table of GPU measurements behind the choice: per card (matched against
 ``torch.cuda.get_device_name``) and shape class, the whole-layer times of each backend
@@ -107,7 +108,7 @@ class AutoBackend(ExpertBackend):
     """Resolves to a concrete backend; it never runs experts itself."""
 
     name = "auto"
-    honours = frozenset({"recompute", "kernel_blocks"})  # used when the choice is a backend that honours them
+    honours = frozenset({"regenerate_preactivations", "kernel_blocks"})  # used when the choice is a backend that honours them
 
     def __init__(self, registry: dict[str, ExpertBackend]) -> None:
         self.registry = registry
