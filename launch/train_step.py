@@ -4,7 +4,7 @@
 micro-batches, reduction and the gradient norm, the device-side finiteness verdict
 (``StepGuard.post``), the masked optimizer step, the parallel layout's and routers' per-step
 bookkeeping, and the log window's running sums. In a step that neither logs, evaluates nor saves
-none of it reads a device value on the host (``tools.host_syncs`` counts, tests assert zero for
+none of it reads a device value on the host (``tools.bench.host_syncs`` counts, tests assert zero for
 ``parallel=none|ddp|fsdp|fssdp``; EP's all-to-all needs its split sizes on the host).
 
 ``forward_backward`` (the accumulation over micro-batches) and ``doc_ids`` live here, beside their

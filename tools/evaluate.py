@@ -46,7 +46,7 @@ SPLITS = {"training": 0, "validation": 1}
 
 def data_group(run_config: DictConfig, overrides: list[str]) -> Any:
     """The ``DataConfig`` to evaluate on: the run's, or the trainer's composition of ``data`` overrides."""
-    from tools.hf_checkpoint import compose_job
+    from tools.hf.checkpoint import compose_job
 
     other = [o for o in overrides if not o.lstrip("+~").startswith("data")]
     if other:

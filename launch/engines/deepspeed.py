@@ -82,8 +82,9 @@ from launch.checksums import problems, share
 from launch.config import EngineConfig, JobConfig
 from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
-from moe.errors import CheckpointError, EnvironmentError_, MoeforgeError, check
+from moe.errors import CheckpointError, MoeforgeError, SetupError, check
 from parallel import Runtime
+from parallel.modes import ParallelMode, names_where
 
 log = logging.getLogger("moeforge")
 
@@ -98,9 +99,9 @@ def _import_deepspeed(device: torch.device) -> Any:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except ImportError as err:
-        raise EnvironmentError_(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
+        raise SetupError(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
     if get_accelerator().device_name() != device.type:
-        raise EnvironmentError_(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
+        raise SetupError(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
                                 f"set DS_ACCELERATOR={device.type} (MOEFORGE_DEVICE=cpu ranks need DS_ACCELERATOR=cpu)")
     if device.type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes of C++) that only its
@@ -124,6 +125,12 @@ def ds_config(job: JobConfig, world_size: int) -> dict[str, Any]:
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
     }
+
+
+def runs_under_deepspeed(mode: ParallelMode) -> bool:
+    """Whether DeepSpeed runs ``mode``: it needs a process group (one process included) and shards
+    parameters itself (ZeRO), so a mode that shards and gathers them is not one it can run."""
+    return mode.distributed and not mode.gathers_parameters
 
 
 @dataclass(kw_only=True)
@@ -152,7 +159,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
         self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
         # Experts split over DeepSpeed's expert-parallel groups and marked as its MoE parameters (parallel=ep).
-        self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.mode == "ep" else None
+        self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.layout.splits_experts else None
         ep_size = self.ep.ep_size if self.ep else 1
         self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage},
                          "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
@@ -170,13 +177,14 @@ class DeepSpeedEngine:
     def check_job(job: JobConfig) -> None:
         """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
         p, tr = job.parallel, job.train
-        check(p.mode in ("ddp", "ep"), "parallel.mode", p.mode,
-              "must be ddp or ep with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
+        mode, runs = p.layout, names_where(runs_under_deepspeed)
+        check(runs_under_deepspeed(mode), "parallel.mode", p.mode,
+              f"must be {' or '.join(runs)} with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
               "expert parallelism; FSDP and FSSDP shard parameters themselves, which DeepSpeed's ZeRO does instead)")
-        check(p.mode != "ep" or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
+        check(not mode.splits_experts or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
               "must be 1 or 2 with engine.name=deepspeed and parallel=ep (DeepSpeed's stage-0 clipping averages the ranks' local "
               "gradient norms, which is wrong when ranks hold different experts)")
-        check(p.mode != "ep" or p.dense == "ddp", "parallel.dense", p.dense,
+        check(not mode.splits_experts or not p.dense_layout.gathers_parameters, "parallel.dense", p.dense,
               "must be ddp with engine.name=deepspeed (DeepSpeed reduces the dense gradients itself)")
         check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
               "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.moe_experts as moe_experts
+import kernels.triton.moe_experts as moe_experts
 from kernels import reference
 from kernels.layout import BlockSizes
 from moe.expert_backends import swiglu_loop
@@ -117,8 +117,8 @@ def test_falls_back_to_reference_where_triton_cannot_run(kc, gen, monkeypatch):
 
 
 def test_import_fails_without_triton():
-    """``experts.backend=auto`` relies on ``import kernels.moe_experts`` raising ImportError."""
-    code = "import sys; sys.modules['triton'] = None\ntry:\n    import kernels.moe_experts\nexcept ImportError as e:\n    print('ImportError', e)\n"
+    """``experts.backend=auto`` relies on ``import kernels.triton.moe_experts`` raising ImportError."""
+    code = "import sys; sys.modules['triton'] = None\ntry:\n    import kernels.triton.moe_experts\nexcept ImportError as e:\n    print('ImportError', e)\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ImportError") and "triton" in out.stdout
