@@ -60,7 +60,7 @@ def test_loss_only_writes_no_gradient(kc, gen):
 
 
 def test_the_fake_op_counts_one_kernel_that_reads_the_logits_once():
-    from tools.op_counter import OpCounter
+    from tools.bench.op_counter import OpCounter
 
     C, V = 1334, 50304
     z = torch.empty(C, V, device="meta")
