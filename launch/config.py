@@ -27,7 +27,7 @@ from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
 from moe.recompute import MODES as RECOMPUTE_MODES
-from moe.routers import ROUTERS, router_class
+from moe.routers import ROUTERS, RouterConfig, router_class
 from parallel import ParallelConfig
 
 DATA_NAMES = ("stdlib_bytes", "memmap")
@@ -251,7 +251,7 @@ class JobConfig:
     """The validated, typed form of the whole composed config."""
 
     model: ModelConfig
-    router: Any
+    router: RouterConfig
     experts: ExpertsConfig
     data: DataConfig
     optim: OptimConfig
@@ -319,9 +319,7 @@ def _instantiate(group: str, node: DictConfig) -> Any:
 def validate_job(job: JobConfig) -> None:
     """Rules that span groups."""
     m, e = job.model, job.experts
-    k = getattr(job.router, "k", None)
-    if k is not None:
-        check(k <= m.num_experts, "router.k", k, f"must be <= model.num_experts ({m.num_experts})")
+    job.router.check_num_experts(m.num_experts)
     expert_backend(e.backend).check_shapes(m.d_model, m.d_ff)
     check(job.train.seq_len <= m.max_seq_len, "train.seq_len", job.train.seq_len, f"must be <= model.max_seq_len ({m.max_seq_len})")
     sep = job.data.doc_separator
