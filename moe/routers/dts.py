@@ -57,9 +57,9 @@ from torch import Tensor, nn
 
 from moe.dtensor_io import copy_full_
 from moe.errors import check
-from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
 from moe.routers.evolve import EvolveConfig, base_expert_decision, spawn_experts, stream_generator
+from moe.routers.gate import gate_logits
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 
 SCHEDULES = ("linear", "exponential")
 

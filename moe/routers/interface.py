@@ -1,4 +1,5 @@
-"""The router seam: ``router(x_TD, context) -> RoutingDecision``, and ``RouterConfig``, the base of every router's config.
+"""The router seam: ``router(x_TD, context) -> RoutingDecision``, and the base of every router's
+config (``RouterConfig``).
 
 Shape legend of ``moe/routers`` (each letter means one thing in every file of this package):
 
