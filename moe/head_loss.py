@@ -1,6 +1,6 @@
 """Output head and cross-entropy together, chunked over tokens: the loss without full fp32 logits.
 
-Shape legend: T tokens, D model dim, V vocabulary, C tokens in one chunk.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, V vocabulary, C tokens in one chunk).
 
 The plain loss (``head_cross_entropy_reference``) writes the logits ``[T, V]``, upcasts all of
 them to fp32, and keeps them (and writes their gradient) for the backward: at V = 50,304 and
@@ -41,7 +41,7 @@ CHUNK_BYTES = 256 * 2**20
 """Target size of one chunk's fp32 logits; C = max(1, CHUNK_BYTES // (4 V)) tokens (1,334 at V = 50,304).
 
 512 MiB would save about 100 launches and 7 GB of ``dW`` traffic per olmoe_1b_7b step
-(``tools.step_budget``: 27.3% instead of 26.7% predicted MFU on an H200) but adds 0.5 GB to the
+(``tools.bench.step_budget``: 27.3% instead of 26.7% predicted MFU on an H200) but adds 0.5 GB to the
 loss peak, which is what keeps ``mixtral_8x7b`` under 80 GB per GPU on 64 H100s."""
 
 

@@ -1,6 +1,7 @@
 """The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
 
-Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots, R routed rows.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, F ffn dim, E experts, K slots per
+token, R routed rows).
 
 ``MoELayer.runner`` is the seam ``parallel/`` replaces: a callable ``(experts, x_TD, plan) ->
 y_TD`` that moves routed rows to expert weights and back. The default runs every expert locally.
@@ -91,7 +92,10 @@ class MoELayer(nn.Module):
         y_TD = self.runner(self.experts, x_TD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        if is_recomputing():  # a checkpointed forward run again: its statistics were recorded the first time
+        if is_recomputing():
+            # A checkpointed forward run again records nothing. torch's default early stop ends the
+            # recomputation at the experts' last saved tensor, before this line; with early stop off
+            # (torch.utils.checkpoint.set_checkpoint_early_stop(False)) it runs to the end.
             pass
         elif self.training:
             self.stats.update(decision, plan)

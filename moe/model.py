@@ -1,6 +1,7 @@
 """Decoder-only MoE transformer: embedding, RMSNorm, RoPE, causal SDPA attention, MoE FFNs.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D model dim, H heads, V vocabulary, L layers.
+Shape letters: the ``moe`` package legend (B batch, S sequence, T = B*S tokens, D model dim, H query
+heads, G key/value heads, d head dim, P cached positions, V vocabulary).
 
 Pre-norm blocks ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the FFN is an ``MoELayer`` in
 every ``moe_every``-th layer (layer i is MoE when ``(i + 1) % moe_every == 0``) and a dense SwiGLU

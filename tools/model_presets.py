@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from launch.config import conf_dir, register_schemas, to_job_config
+from launch.config import conf_dir
+from launch.job import register_schemas, to_job_config
 from launch.throughput import count_model
 from moe.model import MoETransformer
 

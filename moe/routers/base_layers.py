@@ -1,8 +1,8 @@
 """BASE layers (Lewis et al., ICML 2021): balanced assignment of tokens to experts. NON-CAUSAL in training.
 
 Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, C
-tokens per expert, A auction seats (``E*C``), U tokens bidding in a round, W a round's offers (the
-seats' prices and the new bids, ``A + U``).
+tokens per expert, Z auction seats (``E*C``), U tokens bidding in a round, W a round's offers (the
+seats' prices and the new bids, ``Z + U``).
 
 *BASE Layers: Simplifying Training of Large, Sparse Models* (arXiv 2103.16716) §2, as in
 ``facebookresearch/fairseq: fairseq/modules/base_layer.py``: each expert e has a centroid
@@ -125,16 +125,16 @@ def balanced_assignment(scores_TE: Tensor, capacity: int, eps: float = 1e-3, dua
     step = (spread if spread > 0 else 1.0) * eps
     dev = scores.device
     # Seats: expert e owns rows e*C .. e*C+C-1; a seat's price is the bid of the token holding it.
-    seat_expert_A = torch.arange(E, device=dev).repeat_interleave(C)
-    price_A = dual_prices(scores, C, dual_sweeps).repeat_interleave(C)  # any start is valid; a good one is fast
-    owner_A, _ = _auction(scores, C, price_A, seat_expert_A, step, max_rounds)
+    seat_expert_Z = torch.arange(E, device=dev).repeat_interleave(C)
+    price_Z = dual_prices(scores, C, dual_sweeps).repeat_interleave(C)  # any start is valid; a good one is fast
+    owner_Z, _ = _auction(scores, C, price_Z, seat_expert_Z, step, max_rounds)
     expert_T = torch.empty(T, dtype=torch.int64, device=dev)
-    taken = owner_A >= 0
-    expert_T[owner_A[taken]] = seat_expert_A[taken]
+    taken = owner_Z >= 0
+    expert_T[owner_Z[taken]] = seat_expert_Z[taken]
     return expert_T
 
 
-def _auction(scores: Tensor, C: int, price_A: Tensor, seat_expert_A: Tensor, step: float, max_rounds: int) -> tuple[Tensor, Tensor]:
+def _auction(scores: Tensor, C: int, price_Z: Tensor, seat_expert_Z: Tensor, step: float, max_rounds: int) -> tuple[Tensor, Tensor]:
     """Jacobi auction from no one seated at the given seat prices: (owner per seat, price per seat).
 
     One phase at the final ε: measured at T=2048, E=8, warm prices need 72 rounds (20 ms on a CPU
@@ -142,14 +142,14 @@ def _auction(scores: Tensor, C: int, price_A: Tensor, seat_expert_A: Tensor, ste
     """
     T, E = scores.shape
     dev = scores.device
-    owner_A = torch.full((E * C,), -1, dtype=torch.int64, device=dev)
+    owner_Z = torch.full((E * C,), -1, dtype=torch.int64, device=dev)
     for _ in range(max_rounds):
         seated = torch.zeros(T, dtype=torch.bool, device=dev)
-        seated[owner_A[owner_A >= 0]] = True
+        seated[owner_Z[owner_Z >= 0]] = True
         bidders = torch.nonzero(~seated).flatten()
         if bidders.numel() == 0:
             break
-        sorted_prices = torch.sort(price_A.view(E, C), dim=1).values
+        sorted_prices = torch.sort(price_Z.view(E, C), dim=1).values
         low_E = sorted_prices[:, 0]
         next_E = sorted_prices[:, 1] if C > 1 else torch.full_like(low_E, math.inf)
         value_UE = scores[bidders] - low_E
@@ -161,24 +161,24 @@ def _auction(scores: Tensor, C: int, price_A: Tensor, seat_expert_A: Tensor, ste
         second_U = torch.where(torch.isfinite(second_U), second_U, v1_U)
         bid_U = low_E[best_U] + (v1_U - second_U) + step
         # Each expert keeps its C highest among current seats and new bids; the rest bid again.
-        group = torch.cat([seat_expert_A, best_U])
-        value = torch.cat([price_A, bid_U])
-        who = torch.cat([owner_A, bidders])
+        group = torch.cat([seat_expert_Z, best_U])
+        value = torch.cat([price_Z, bid_U])
+        who = torch.cat([owner_Z, bidders])
         kept = _top_per_group(group, value, C, E)
         order = torch.sort(group[kept], stable=True).indices  # back to seat order
-        price_A, owner_A = value[kept][order], who[kept][order]
+        price_Z, owner_Z = value[kept][order], who[kept][order]
     else:  # the guard: seat the rest greedily on the free seats of their best experts
-        _seat_rest_greedily(scores, owner_A, seat_expert_A, T)
-    return owner_A, price_A
+        _seat_rest_greedily(scores, owner_Z, seat_expert_Z, T)
+    return owner_Z, price_Z
 
 
-def _seat_rest_greedily(scores_TE: Tensor, owner_A: Tensor, seat_expert_A: Tensor, T: int) -> None:
+def _seat_rest_greedily(scores_TE: Tensor, owner_Z: Tensor, seat_expert_Z: Tensor, T: int) -> None:
     seated = torch.zeros(T, dtype=torch.bool, device=scores_TE.device)
-    seated[owner_A[owner_A >= 0]] = True
+    seated[owner_Z[owner_Z >= 0]] = True
     for t in torch.nonzero(~seated).flatten().tolist():
-        free = owner_A < 0
-        best = int(torch.argmax(torch.where(free, scores_TE[t][seat_expert_A], -math.inf)))
-        owner_A[best] = t
+        free = owner_Z < 0
+        best = int(torch.argmax(torch.where(free, scores_TE[t][seat_expert_Z], -math.inf)))
+        owner_Z[best] = t
 
 
 class BaseLayersRouter(Router):

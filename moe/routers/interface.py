@@ -1,18 +1,30 @@
 """The router seam: ``router(x_TD, context) -> RoutingDecision``, and the base of every router's
 config (``RouterConfig``).
 
-Shape legend of ``moe/routers`` (each letter means one thing in every file of this package):
+Shape legend of ``moe/routers``: a tensor's name ends in one letter per dimension; a digit is a
+literal size (``alpha_T1`` is ``[T, 1]``). Each letter means one thing in every file of this package;
+those it shares with ``moe``'s legend (``moe/__init__.py``) mean the same there, except C, G, H, P.
 
-- B batch, S sequence length, T tokens (B*S flattened, batch-major), D model dim, V vocabulary,
-  F expert hidden width;
-- E experts, K slots per token (COMET's trees, DSelect-k's selectors), C tokens per expert
-  (expert choice's and BASE layers' capacity), G expert groups (DeepSeek-V3 group-limited routing);
-- router-specific: R similarity rank (``router.d_sim``), M binary code length ``ceil(log2 E)``
-  (DSelect-k), N internal tree nodes ``E - 1`` and L tree levels, the root-to-leaf path length
-  ``ceil(log2 E)`` (COMET), P learned permutations (local search: 1, or K per tree), H hash-table
-  entries (``router.table_size``), A auction seats ``E*C``, U tokens bidding in an auction round and
-  W that round's offers, the seats' prices and the new bids, ``A + U`` (BASE layers);
-- a digit is a literal size (``alpha_T1``: one column).
+- ``B`` batch: sequences in one forward.
+- ``S`` sequence: positions in one forward.
+- ``T`` tokens: ``B*S`` flattened, batch-major.
+- ``D`` model dim.
+- ``V`` vocabulary.
+- ``F`` hidden width of an expert.
+- ``E`` experts.
+- ``K`` slots per token: the routing choices one token may use (COMET's trees, DSelect-k's selectors).
+- ``A`` slots of the forward: ``T*K``, flattened token-major.
+- ``C`` tokens per expert: the capacity of expert choice and of BASE layers.
+- ``G`` expert groups (DeepSeek-V3 group-limited routing).
+- ``R`` similarity rank (``router.d_sim``).
+- ``M`` binary code length ``ceil(log2 E)`` (DSelect-k).
+- ``N`` internal tree nodes, ``E - 1`` (COMET).
+- ``L`` tree levels: the root-to-leaf path length, ``ceil(log2 E)`` (COMET).
+- ``P`` learned permutations of the expert axis (local search: 1, or K with ``per_tree``).
+- ``H`` hash-table entries (``router.table_size``).
+- ``Z`` auction seats, ``E*C`` (BASE layers).
+- ``U`` tokens bidding in an auction round (BASE layers).
+- ``W`` a round's offers: the seats' prices and the new bids, ``Z + U`` (BASE layers).
 
 Every router is an ``nn.Module`` whose forward takes the MoE layer's input ``x_TD`` and a
 ``RouterContext`` and returns a ``RoutingDecision``. Routers compute in fp32 and never touch

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.combine import combine
+from kernels.triton.combine import combine
 
 
 @pytest.mark.parametrize("T,K,D", [(5, 1, 16), (9, 3, 24), (4, 8, 40)])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.gather_gmm import gather_gmm_swiglu, swiglu_fwd
-from kernels.gather_plain import gather_gmm
 from kernels.layout import BlockSizes
-from kernels.route_meta import tile_schedule
+from kernels.triton.gather_gmm import gather_gmm
+from kernels.triton.route_meta import tile_schedule
+from kernels.triton.swiglu_gmm import gather_gmm_swiglu, swiglu_fwd
 
 TINY = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.gmm_scatter import gmm_scatter, gmm_scatter_raw
 from kernels.layout import BlockSizes
-from kernels.route_meta import tile_schedule
+from kernels.triton.gmm_scatter import gmm_scatter, gmm_scatter_raw
+from kernels.triton.route_meta import tile_schedule
 
 TINY = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16)
 

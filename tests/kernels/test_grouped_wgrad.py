@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.grouped_wgrad import grouped_wgrad
 from kernels.layout import BlockSizes
+from kernels.triton.grouped_wgrad import grouped_wgrad
 
 TINY = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.moe_experts as moe_experts
+import kernels.triton.moe_experts as moe_experts
 from kernels import reference
 from kernels.layout import BlockSizes
 from moe.expert_backends import swiglu_loop
@@ -49,14 +49,14 @@ def _local_runner(plan, x_TD, weight_R, weights):
 
 
 @pytest.mark.parametrize(
-    "kind,recompute,blocks",
+    "kind,regenerate_preactivations,blocks",
     [("random", False, TINY), ("straddle", True, TINY), ("masked", False, TINY), ("capacity", True, TINY), ("random", False, TINY_GROUPED), ("straddle", True, TINY_GROUPED)],
-    ids=["random", "straddle-recompute", "masked", "capacity-recompute", "random-group3", "straddle-recompute-group3"],
+    ids=["random", "straddle-regenerate", "masked", "capacity-regenerate", "random-group3", "straddle-regenerate-group3"],
 )
-def test_fused_matches_local_runner(kc, gen, kind, recompute, blocks):
+def test_fused_matches_local_runner(kc, gen, kind, regenerate_preactivations, blocks):
     plan, x_TD, weight_R, weights = _problem(kc, gen, kind)
     K = kc.SMALL["K"]
-    y = moe_experts.fused_moe_experts(x_TD, plan.slot_idx_R, weight_R, plan.counts_E, K, *weights, recompute=recompute, blocks=blocks)
+    y = moe_experts.fused_moe_experts(x_TD, plan.slot_idx_R, weight_R, plan.counts_E, K, *weights, regenerate_preactivations=regenerate_preactivations, blocks=blocks)
     y_ref, ref_leaves = _local_runner(plan, x_TD, weight_R, weights)
     kc.assert_close(y, y_ref, what="y")
     dy = torch.randn(y.shape, generator=gen).to(kc.DEVICE)
@@ -117,8 +117,8 @@ def test_falls_back_to_reference_where_triton_cannot_run(kc, gen, monkeypatch):
 
 
 def test_import_fails_without_triton():
-    """``experts.backend=auto`` relies on ``import kernels.moe_experts`` raising ImportError."""
-    code = "import sys; sys.modules['triton'] = None\ntry:\n    import kernels.moe_experts\nexcept ImportError as e:\n    print('ImportError', e)\n"
+    """``experts.backend=auto`` relies on ``import kernels.triton.moe_experts`` raising ImportError."""
+    code = "import sys; sys.modules['triton'] = None\ntry:\n    import kernels.triton.moe_experts\nexcept ImportError as e:\n    print('ImportError', e)\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ImportError") and "triton" in out.stdout

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.route_meta import route_meta, tile_schedule
+from kernels.triton.route_meta import route_meta, tile_schedule
 from moe.dispatch import dispatch
 from moe.routers.interface import RoutingDecision
 

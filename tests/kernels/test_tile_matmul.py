@@ -1,4 +1,4 @@
-"""kernels.tile_matmul.grouped_program: the grouped program order visits every (row block,
+"""kernels.triton.tile_matmul.grouped_program: the grouped program order visits every (row block,
 column block) exactly once, in groups of GROUP_M row blocks.
 
 Shape legend: M row blocks, N column blocks, G rows per group.
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tile_matmul import grouped_program
+from kernels.triton.tile_matmul import grouped_program
 
 
 def _order_kernel(monkeypatch, cuda: bool):

@@ -16,12 +16,13 @@ import torch
 from launch.data import BatchSampler
 from launch.engines import build_engine
 from launch.pretrained import find_checkpoint, load_pretrained
-from launch.train import VAL_SPLIT, evaluate, load_data, manifest_of
+from launch.job import manifest_of
+from launch.train import VAL_SPLIT, evaluate, load_data
 from moe.errors import CheckpointError
 from moe.model import MoETransformer
 from parallel import Runtime
 from tests.launch.test_train import REPO, SMALL
-from tools.hf_checkpoint import compose_job
+from tools.hf.checkpoint import compose_job
 
 RUN = [*SMALL, "train.steps=3", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "train.log_every=1",
        "checkpoint.keep=5", "checkpoint.every=2"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe.dispatch import dispatch
-from moe.errors import ConfigError, EnvironmentError_
+from moe.errors import ConfigError, SetupError
 from moe.experts import Experts
 from moe.layer import local_runner
 from moe.routers import RoutingDecision
@@ -42,10 +42,10 @@ def test_bad_layouts_are_refused_naming_the_values(monkeypatch: pytest.MonkeyPat
     check_experts(ParallelConfig(mode="ep", ep_size=2), 4, 6)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(EnvironmentError_, match="WORLD_SIZE is 2"):
+    with pytest.raises(SetupError, match="WORLD_SIZE is 2"):
         init_mesh(ParallelConfig(mode="none"))
     monkeypatch.setenv("RANK", "3")
-    with pytest.raises(EnvironmentError_, match="RANK=3 WORLD_SIZE=2"):
+    with pytest.raises(SetupError, match="RANK=3 WORLD_SIZE=2"):
         torchrun_env()
 
 
@@ -118,14 +118,14 @@ def test_device_choice_from_moeforge_device(monkeypatch):
     monkeypatch.setenv("MOEFORGE_DEVICE", "cpu")
     assert use_cuda(4) is False
     monkeypatch.setenv("MOEFORGE_DEVICE", "gpu")
-    with pytest.raises(EnvironmentError_, match=r"MOEFORGE_DEVICE \('gpu'\) must be auto, cpu or cuda"):
+    with pytest.raises(SetupError, match=r"MOEFORGE_DEVICE \('gpu'\) must be auto, cpu or cuda"):
         use_cuda(1)
     monkeypatch.setenv("MOEFORGE_DEVICE", "auto")
     if torch.cuda.is_available():
-        with pytest.raises(EnvironmentError_, match="ranks on this node but"):
+        with pytest.raises(SetupError, match="ranks on this node but"):
             use_cuda(torch.cuda.device_count() + 1)
     else:
         assert use_cuda(2) is False
         monkeypatch.setenv("MOEFORGE_DEVICE", "cuda")
-        with pytest.raises(EnvironmentError_, match="sees no CUDA device"):
+        with pytest.raises(SetupError, match="sees no CUDA device"):
             use_cuda(1)

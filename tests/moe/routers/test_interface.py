@@ -1,19 +1,23 @@
 """The router seam: every config derives from RouterConfig, k is checked in one place with one
-message, the registry refuses what is not a router, and the shared gate init draws what each
-router drew inline."""
+message, the registry refuses what is not a router, the shared gate init draws what each router
+drew inline, and every shape suffix in moe/routers uses a letter of its one legend."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from moe.errors import ConfigError
-from moe.routers import ROUTERS, KRouterConfig, RouterConfig, load_routers
+from moe.routers import ROUTERS, KRouterConfig, RouterConfig, interface, load_routers
 from moe.routers.gate import normal_gate
 
 K_ROUTERS = sorted(name for name, cls in ROUTERS.items() if issubclass(cls.Config, KRouterConfig))
 OTHER_ROUTERS = sorted(set(ROUTERS) - set(K_ROUTERS))
+SUFFIX = re.compile(r"\b[a-z][a-z0-9_]*_([A-Z][A-Za-z0-9]*)\b")  # as tests/moe/test_shape_legend.py reads moe's
 
 
 def test_every_config_derives_from_router_config() -> None:
@@ -76,3 +80,22 @@ def test_normal_gate_draws_what_the_routers_drew_inline() -> None:
     assert torch.equal(after, torch.rand(3))  # the same draws consumed: later draws unchanged
     wide = normal_gate(1024, 512).weight
     assert abs(float(wide.detach().std()) - 1024**-0.5) < 0.02 * 1024**-0.5
+
+
+def legend() -> list[str]:
+    """The letters ``moe/routers``'s legend defines (``- ``X`` meaning`` lines of the interface docstring)."""
+    return [m.group(1) for line in (interface.__doc__ or "").splitlines() if (m := re.match(r"- ``([A-Za-z])``", line))]
+
+
+def test_the_routers_legend_defines_each_letter_once() -> None:
+    letters = legend()
+    assert len(letters) == len(set(letters)) and {"B", "S", "T", "E", "K", "Z"} <= set(letters)
+
+
+def test_every_suffix_letter_in_moe_routers_is_in_its_legend() -> None:
+    allowed = set(legend()) | set("0123456789")
+    files = sorted(Path(interface.__file__).parent.glob("*.py"))
+    assert len(files) > 10
+    stray = sorted({f"{p.name}: {m.group(0)}" for p in files for m in SUFFIX.finditer(p.read_text())
+                    if not set(m.group(1)) <= allowed})
+    assert not stray, stray
