@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _plan(T: int, K: int, E: int, gen: torch.Generator, skew: float = 0.0):
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     logits = torch.randn(T, E, generator=gen) - skew * torch.log1p(torch.arange(E, dtype=torch.float32))
     probs = torch.softmax(logits, -1)
