@@ -27,7 +27,8 @@ class Card:
     glue_tbps: float
     """Bytes per second the non-GEMM kernels achieve (counted bytes / their measured time)."""
     launch_us: float
-    """Exposed host time per launched op of an eager step (added to the GPU time)."""
+    """Host time to issue one launched op of an eager step (``tools.bench.step_budget.predict`` queues the
+    ops: the GPU waits only when the host falls behind)."""
     memory_gb: float
     nvlink_gbps: float
     """Per GPU, one direction, achievable (tools.simulate_parallel's default)."""
@@ -37,18 +38,26 @@ class Card:
 
 
 _BENCH = "docs/bench_layer/2026-11-27-h200"
+_LAYER_HOST_US = 4360.0 / 86
+"""The measured layer step's time over its launched ops (``_SHARED_SOURCES['launch_us']``)."""
 _SHARED_SOURCES = {
     "peak_bf16_tflops": "NVIDIA H100/H200 SXM datasheets, dense bf16 (launch/throughput.py PEAK_TFLOPS)",
     "attention_tflops": "Dao 2023, FlashAttention-2, sec. 4.1: up to 335 TFLOP/s fwd+bwd on H100 (the kernel torch's SDPA runs)",
-    "launch_us": f"{_BENCH}: the host-bound layer (1024, 2816, 16, 2, 16384): 4.360 ms per step (results.md, layer:grouped_mm) "
-                 f"against 3.45 ms of kernels (profile.txt) over its 86 launched ops = 10.6 us exposed per op",
+    "launch_us": f"{_BENCH}: the host-bound layer (1024, 2816, 16, 2, 16384) took 4.360 ms per step (results.md, layer:grouped_mm) "
+                 f"while its kernels take 3.21 ms (profile.txt: 3.45 ms, less the 0.24 ms of six gradient-accumulation adds the bench "
+                 f"does not run). The bench runs its steps back to back and reads nothing on the host between them, and the layer had "
+                 f"no host sync (tools.layer_budget at that commit, cedb458: 0 syncs, 86 launched ops), so under the issue-queue model "
+                 f"of tools.bench.step_budget the GPU waited on the host: 4.360 ms / 86 = 50.7 us of host time per launched op. (Until "
+                 f"2026-12-03 this was (4.36 - 3.45) / 86 = 10.6 us, which treats every launch's host time as added to the GPU's: true "
+                 f"only where a sync makes the host wait for the GPU every few ops, which this bench did not.) The layer's ops are "
+                 f"Python-heavy (router, dispatch, autograd Functions): for plain aten ops this is an upper estimate",
     "nvlink_gbps": "tools.simulate_parallel SimConfig.intra_gbps (NVLink 4: 450 GB/s per direction on the datasheet)",
     "ib_gbps": "tools.simulate_parallel SimConfig.inter_gbps (one ConnectX-7 400 Gb/s NIC per GPU)",
 }
 
 CARDS: dict[str, Card] = {
     "h200": Card(
-        "h200", "NVIDIA H200", (9, 0), 989.4, 700.0, 680.0, 335.0, 4.8, 2.9, 10.6, 141.0, 300.0, 50.0,
+        "h200", "NVIDIA H200", (9, 0), 989.4, 700.0, 680.0, 335.0, 4.8, 2.9, _LAYER_HOST_US, 141.0, 300.0, 50.0,
         sources={
             **_SHARED_SOURCES,
             "dense_gemm_tflops": f"{_BENCH}/results.md dense_gemm rows: 685, 700, 737, 688 TFLOP/s at the four reference shapes",
@@ -60,7 +69,7 @@ CARDS: dict[str, Card] = {
         },
     ),
     "h100": Card(
-        "h100", "NVIDIA H100 80GB HBM3", (9, 0), 989.4, 700.0, 680.0, 335.0, 3.35, 2.0, 10.6, 80.0, 300.0, 50.0,
+        "h100", "NVIDIA H100 80GB HBM3", (9, 0), 989.4, 700.0, 680.0, 335.0, 3.35, 2.0, _LAYER_HOST_US, 80.0, 300.0, 50.0,
         sources={
             **_SHARED_SOURCES,
             "dense_gemm_tflops": "assumed equal to the H200's (same GH100 tensor cores and datasheet peak)",

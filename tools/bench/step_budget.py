@@ -17,11 +17,17 @@ launches and host syncs, each labelled with the component it belongs to (by phas
 path, ``component_of``), plus live memory by category.
 
 Time: each GEMM at the card's dense or grouped GEMM rate, attention at FlashAttention-2's rate,
-every other op at the card's measured glue bandwidth, plus the exposed host time per launch
-(``tools.bench.card_rates``; each rate names its source). The step's time is their sum. With
-``train.cuda_graphs=true`` a captured step replays without per-launch host work, so its exposed
-host time is taken as 0; ``train.compile=true`` is counted as the eager step (what inductor would
-fuse is not predicted).
+every other op at the card's measured glue bandwidth (``tools.bench.card_rates``; each rate names its
+source). The step's time comes from an issue-queue simulation (``predict``): the host issues the
+ops in order at ``launch_us`` per launch (``issue_queue``), the GPU runs each as soon as it is
+issued and the GPU is free, and a host sync makes the host wait for the GPU to drain. Without host
+syncs the host runs ahead, into the next step too, and the GPU idles only where the host falls
+behind (a stretch of many small ops); that idle time is the exposed host time, put on the
+component whose op waited. A few steps run back to back and the last one's time is the
+prediction (a steady state; the launch queue's depth, which caps how far ahead the host can get,
+is not modelled). With ``train.cuda_graphs=true`` a captured step replays without per-launch
+host work, so its step is the GPU's time; ``train.compile=true`` is counted as the eager step
+(what inductor would fuse is not predicted).
 MFU = the model FLOPs of ``launch/throughput.py`` (6 N_active + 12 L H Q S per token; attention
 over the full S x S square, as PaLM counts it) / step time / the card's dense bf16 peak.
 Without activation recomputation the counted GEMM + attention FLOPs equal that formula (tests
@@ -314,6 +320,9 @@ class Prediction:
     step_ms: float
     gpu_ms: float
     host_ms: float
+    """The GPU's idle time waiting for the host (``step_ms - gpu_ms``)."""
+    host_issue_ms: float
+    """The host's time to issue every launch of the step (``launches x launch_us``)."""
     tokens_per_s: float
     mfu: float
     per_component: dict[str, dict[str, float]]
@@ -329,24 +338,67 @@ def op_ms(r: OpRecord, card: Card) -> float:
     return r.bytes / (card.glue_tbps * 1e12) * 1e3
 
 
+STEADY_STEPS = 3
+"""Steps ``predict`` queues back to back; the last one's time is the prediction (by the third the
+host's lead over the GPU has settled for the configs measured: the period changes by < 0.1%)."""
+
+
+def issue_queue(ops: list[tuple[float, int, bool]], launch_ms: float, steps: int = 1) -> tuple[float, list[float]]:
+    """Simulate the host issuing ``ops`` (``(gpu_ms, launches, host_sync)`` each, in program order)
+    to a GPU that runs them in order, ``steps`` times back to back: ``(time of the last step, the
+    GPU's idle ms before each of its ops)``.
+
+    Launch ``j`` is issued at ``h_j = h_{j-1} + launch_ms``; the GPU starts it at
+    ``max(end_{j-1}, h_j)`` and ends it ``gpu_ms / launches`` later. After a host sync the host
+    waits for the GPU to drain (``h = max(h, end)``). Host and GPU start idle at 0; a step's time
+    is from the end of the previous step's last launch (0 for the first) to the end of its own.
+    Without host syncs the host can start the next step while the GPU still works on this one, so
+    over a few steps the time settles near ``max(gpu, launches x launch_ms)``.
+    """
+    host = end = 0.0
+    idle: list[float] = []
+    step_start = 0.0
+    for _ in range(steps):
+        step_start, idle = end, []
+        for gpu_ms, launches, sync in ops:
+            waited = 0.0
+            for _ in range(launches):
+                host += launch_ms
+                start = max(end, host)
+                waited += start - end
+                end = start + gpu_ms / launches
+            idle.append(waited)
+            if sync:
+                host = max(host, end)
+    return end - step_start, idle
+
+
 def predict(count: StepCount, card: Card | None = None) -> Prediction:
-    """Step time = the ops' GPU time + the exposed host time of their launches; tokens/s; MFU."""
+    """Step time from the issue-queue simulation of the counted ops (``issue_queue``); tokens/s; MFU.
+
+    Each launch costs the host ``card.launch_us``; the GPU runs each op as soon as it is issued and
+    the previous one is done; a host sync makes the host wait for the GPU. ``STEADY_STEPS`` steps
+    run back to back (the training loop's steps between two logging steps) and the last one's time
+    is the step's. The GPU's idle time before an op is exposed host time and goes to that op's
+    component. With ``train.cuda_graphs=true`` a captured step replays without per-launch host
+    work (no idle time: the step is the GPU's time).
+    """
     card = card or count.card
-    launch_us = 0.0 if count.settings.get("cuda_graphs") else card.launch_us  # a graph replays with no per-launch host work
+    launch_ms = 0.0 if count.settings.get("cuda_graphs") else card.launch_us / 1e3
     per: dict[str, dict[str, float]] = {c: {"gemm_tflop": 0.0, "model_tflop": 0.0, "glue_gb": 0.0, "launches": 0, "host_syncs": 0,
                                             "gpu_ms": 0.0, "host_ms": 0.0} for c in COMPONENTS}
-    for r, c in zip(count.budget.ops, count.components):
+    times = [op_ms(r, card) for r in count.budget.ops]
+    step, idle = issue_queue([(ms, r.launches, r.host_sync) for ms, r in zip(times, count.budget.ops)], launch_ms, STEADY_STEPS)
+    for r, c, ms, waited in zip(count.budget.ops, count.components, times, idle):
         row = per[c]
         row["gemm_tflop"] += r.flops / 1e12 if r.kind != "glue" else 0.0
         row["model_tflop"] += r.model_flops / 1e12
         row["glue_gb"] += r.bytes / 1e9
         row["launches"] += r.launches
         row["host_syncs"] += int(r.host_sync)
-        row["gpu_ms"] += op_ms(r, card)
-        row["host_ms"] += r.launches * launch_us / 1e3
-    gpu = sum(r["gpu_ms"] for r in per.values())
-    host = sum(r["host_ms"] for r in per.values())
-    step = gpu + host
+        row["gpu_ms"] += ms
+        row["host_ms"] += waited
+    gpu = sum(times)
     for row in per.values():
         row["ms"] = row["gpu_ms"] + row["host_ms"]
         row["share"] = row["ms"] / step if step else 0.0
@@ -354,7 +406,7 @@ def predict(count: StepCount, card: Card | None = None) -> Prediction:
     for c, b in count.component_peak.items():
         per[c]["peak_gb"] = b / 1e9
     mfu = count.formula_flops / (step / 1e3) / (card.peak_bf16_tflops * 1e12)
-    return Prediction(step, gpu, host, count.tokens / (step / 1e3), mfu, per)
+    return Prediction(step, gpu, max(0.0, step - gpu), count.budget.launches * launch_ms, count.tokens / (step / 1e3), mfu, per)
 
 
 def report(count: StepCount, pred: Prediction) -> dict[str, Any]:
@@ -369,6 +421,7 @@ def report(count: StepCount, pred: Prediction) -> dict[str, Any]:
         "step_ms": pred.step_ms,
         "gpu_ms": pred.gpu_ms,
         "host_ms": pred.host_ms,
+        "host_issue_ms": pred.host_issue_ms,
         "tokens_per_s": pred.tokens_per_s,
         "mfu": pred.mfu,
         "tflops_per_gpu": count.formula_flops / (pred.step_ms / 1e3) / 1e12,
@@ -400,7 +453,8 @@ def markdown(rep: dict[str, Any]) -> str:
     mem = ", ".join(f"{k} {v:.1f}" for k, v in rep["memory_gb"].items() if k != "peak")
     lines += [
         "",
-        f"predicted step {rep['step_ms']:.1f} ms (GPU {rep['gpu_ms']:.1f} + exposed host {rep['host_ms']:.1f}), "
+        f"predicted step {rep['step_ms']:.1f} ms (GPU {rep['gpu_ms']:.1f} + idle waiting for the host {rep['host_ms']:.1f}; "
+        f"the host issues the step's launches in {rep['host_issue_ms']:.1f}), "
         f"{rep['tokens_per_s']:,.0f} tokens/s, {rep['tflops_per_gpu']:.0f} TFLOP/s per GPU, MFU {rep['mfu']:.1%}",
         f"FLOPs: formula {rep['formula_tflop']:.2f} TFLOP, counted {rep['model_tflop']:.2f} (executed {rep['executed_tflop']:.2f}); "
         f"glue {rep['glue_gb']:.1f} GB; {rep['launches']:,} launches; host syncs {len(rep['host_syncs'])}",

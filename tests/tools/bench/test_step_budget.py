@@ -13,7 +13,7 @@ import torch
 
 from tools.bench.card_rates import CARDS
 from tools.bench.op_counter import MemoryTracker, OpCounter, multi_tensor_launches
-from tools.bench.step_budget import COMPONENTS, count_step, main, predict
+from tools.bench.step_budget import COMPONENTS, STEADY_STEPS, count_step, issue_queue, main, op_ms, predict
 
 PRESETS = ("tiny", "moe_125m", "olmoe_1b_7b", "mixtral_8x7b")
 
@@ -78,8 +78,10 @@ def test_json_report_has_the_keys_gpu_session_reads(capsys: pytest.CaptureFixtur
     assert set(rep["components"]) == set(COMPONENTS)
 
 
-def test_prediction_is_the_sum_of_op_times_at_the_card_rates() -> None:
-    """One GEMM-only check of the time model: the prediction's GEMM part is FLOPs / rate."""
+def test_prediction_queues_the_op_times_at_the_card_rates() -> None:
+    """The GPU part is each op at its card rate (GEMM FLOPs / rate, glue bytes / bandwidth); the
+    step lies between the larger of the GPU's and the host's time and their sum; the idle time
+    put on the components adds up to the step beyond the GPU's time."""
     count = count_step(["model=tiny", "train.batch_size=2", "train.seq_len=64"])
     card = CARDS["h200"]
     pred = predict(count, card)
@@ -88,10 +90,49 @@ def test_prediction_is_the_sum_of_op_times_at_the_card_rates() -> None:
     glue_ms = count.budget.glue_bytes / card.glue_tbps / 1e9
     sdpa_ms = sum(r.flops for r in count.budget.ops if r.kind == "sdpa") / card.attention_tflops / 1e9
     host_ms = count.budget.launches * card.launch_us / 1e3
-    assert pred.step_ms == pytest.approx(gemm_ms + glue_ms + sdpa_ms + host_ms)
+    assert pred.gpu_ms == pytest.approx(gemm_ms + glue_ms + sdpa_ms)
+    assert pred.host_issue_ms == pytest.approx(host_ms)
+    assert max(pred.gpu_ms, host_ms) * (1 - 1e-9) <= pred.step_ms <= (pred.gpu_ms + host_ms) * (1 + 1e-9)
+    assert sum(row["host_ms"] for row in pred.per_component.values()) == pytest.approx(pred.step_ms - pred.gpu_ms)
     assert pred.mfu == pytest.approx(count.formula_flops / (pred.step_ms / 1e3) / 989.4e12)
-    count.settings["cuda_graphs"] = True  # a replayed graph: no exposed host time per launch
+    count.settings["cuda_graphs"] = True  # a replayed graph: no host time per launch
     assert predict(count, card).step_ms == pytest.approx(gemm_ms + glue_ms + sdpa_ms)
+
+
+def test_issue_queue_by_hand() -> None:
+    """launch 0.1 ms. One step from idle: A (1 ms GPU) waits 0.1 for its launch; B and C (0.05 each)
+    queue behind it; D syncs: the host waits until 1.2; E's two launches then start at 1.3 (0.1
+    idle) and 1.4. The next step's A is issued at 1.5 as E ends, so back to back a step takes 1.4.
+    Without D's sync the host stays ahead: 1.4 from idle (A's wait), 1.3 (the GPU's time) back to
+    back. Five tiny ops: the GPU follows the host (0.51 from idle, 0.5 back to back)."""
+    def queue(ops: list[tuple[float, int, bool]], steps: int = 1) -> list[float]:
+        end, idle = issue_queue(ops, 0.1, steps)
+        return [end, *idle]
+
+    ops = [(1.0, 1, False), (0.05, 1, False), (0.05, 1, False), (0.0, 1, True), (0.2, 2, False)]
+    assert queue(ops) == pytest.approx([1.5, 0.1, 0, 0, 0, 0.1])
+    assert queue(ops, steps=3) == pytest.approx([1.4, 0, 0, 0, 0, 0.1])
+    ops[3] = (0.0, 1, False)
+    assert queue(ops) == pytest.approx([1.4, 0.1, 0, 0, 0, 0])
+    assert queue(ops, steps=3) == pytest.approx([1.3, 0, 0, 0, 0, 0])
+    assert queue([(0.01, 1, False)] * 5) == pytest.approx([0.51, 0.1, 0.09, 0.09, 0.09, 0.09])
+    assert queue([(0.01, 1, False)] * 5, steps=3) == pytest.approx([0.5, 0.09, 0.09, 0.09, 0.09, 0.09])
+
+
+def test_queue_model_reproduces_the_measured_host_bound_layer() -> None:
+    """docs/bench_layer/2026-11-27-h200: the (1024, 2816, 16, 2, 16384) layer step took 4.360 ms
+    (results.md, layer:grouped_mm), back to back, no host sync. The count of today's layer, its
+    ops at the H200's rates, queued at launch_us for a few steps back to back: within 5% of the
+    measurement; adding every
+    launch's host time to the GPU's instead (the model before) overshoots by more than 30%."""
+    from tools.bench.layer_budget import count_layer_step
+
+    card = CARDS["h200"]
+    budget = count_layer_step((1024, 2816, 16, 2, 16384))
+    times = [op_ms(r, card) for r in budget.ops]
+    end, _ = issue_queue([(ms, r.launches, r.host_sync) for ms, r in zip(times, budget.ops)], card.launch_us / 1e3, STEADY_STEPS)
+    assert end == pytest.approx(4.360, rel=0.05)
+    assert sum(times) + budget.launches * card.launch_us / 1e3 > 1.3 * 4.360
 
 
 def test_counter_sees_each_kind_of_host_sync_on_meta() -> None:
