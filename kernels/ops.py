@@ -12,7 +12,9 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
   (``kernels.unpermute``);
 - ``moeforge::cross_entropy_rows(z, y, scale, grad_dtype, want_grad)``: per-row cross-entropy of
   fp32 logits and the logit gradient in ``grad_dtype`` (``kernels.cross_entropy``), the chunked
-  loss's one kernel per chunk on a GPU (``moe.head_loss``).
+  loss's one kernel per chunk on a GPU (``moe.head_loss``);
+- ``moeforge::rope(x, cos, sin, inverse)``: rotary embedding of ``[B, H, S, d]`` heads, or its
+  backward with ``inverse`` (``kernels.rope``; ``moe.model.apply_rope`` on a GPU).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -106,6 +108,19 @@ def _cross_entropy_rows(z: Tensor, y: Tensor, scale: float, grad_dtype: torch.dt
     return loss, g if g is not None else z.new_empty(0, dtype=grad_dtype)
 
 
+def _rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    mod = _kernel_module("rope")
+    if x.shape[-1] % 2 or not triton_runs(x, mod, "_rope_kernel"):
+        return reference.rope(x, cos, sin, inverse)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mod.rope_into(_unit_cols(x), cos.contiguous(), sin.contiguous(), inverse, y)
+    return y
+
+
+def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    return x.new_empty(x.shape)
+
+
 def _fake_swiglu_act(g: Tensor, u: Tensor, scale: Tensor | None) -> Tensor:
     return g.new_empty(g.shape)
 
@@ -132,6 +147,7 @@ _OPS = {
     "unpermute": ("unpermute(Tensor y, Tensor? y2, Tensor pos, SymInt K, Tensor? scale) -> Tensor", _unpermute, _fake_unpermute),
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
+    "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
     _LIB.define(_schema)
@@ -151,3 +167,7 @@ cross_entropy_rows = torch.ops.moeforge.cross_entropy_rows.default
 """``(loss_C, g_CV)`` of fp32 logits ``z_CV`` and targets ``y_C``: ``loss_c = lse(z_c) - z_{c y_c}``
 (fp32) and ``g_c = (softmax(z_c) - onehot(y_c)) * scale`` in ``grad_dtype`` (empty unless
 ``want_grad``). One kernel reads the logits and writes the gradient once (``kernels.cross_entropy``)."""
+rope = torch.ops.moeforge.rope.default
+"""``x [B, H, S, d]`` rotated pairwise (first half, second half) by each position's angle
+(``cos``/``sin`` [S, d/2]), or by its negative when ``inverse`` (the backward); fp32 math, x's
+dtype, contiguous. One kernel reads each element once and writes it once (``kernels.rope``)."""

@@ -161,3 +161,11 @@ def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torc
     g_CV = (z_CV if inplace else z_CV.clone()).sub_(lse_C[:, None]).exp_()
     g_CV.scatter_add_(1, y_C[:, None], torch.full_like(lse_C[:, None], -1.0))
     return loss_C, g_CV.mul_(scale).to(grad_dtype)
+
+
+def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tensor:
+    """Rotary embedding of the (first half, second half) pairs by each position's angle, or by its
+    negative when ``inverse`` (the backward), in fp32, returned contiguous in x's dtype (``kernels.rope``)."""
+    x1, x2 = x_BHSd.float().chunk(2, dim=-1)
+    sin = -sin_Sh if inverse else sin_Sh
+    return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype).contiguous()

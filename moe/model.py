@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from kernels import ops
 from moe.errors import check
 from moe.experts import ExpertsConfig, dense_swiglu
 from moe.head_loss import head_cross_entropy
@@ -121,9 +122,26 @@ def apply_rope_reference(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x_BHSd.dtype)
 
 
+class _FusedRope(torch.autograd.Function):
+    """``kernels.ops.rope`` forward; its backward is the rotation by the negative angle (one kernel each way)."""
+
+    @staticmethod
+    def forward(ctx, x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return ops.rope(x_BHSd, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy_BHSd: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return ops.rope(dy_BHSd, cos, sin, True), None, None
+
+
 def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``apply_rope_reference`` without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]`` over the two
-    halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
+    """``apply_rope_reference`` in one kernel each way on a GPU (``kernels.rope``; ``meta`` stands for
+    a GPU in the step budget); elsewhere without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]``
+    over the two halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
+    if x_BHSd.device.type in ("cuda", "meta") and x_BHSd.shape[-1] % 2 == 0:
+        return _FusedRope.apply(x_BHSd, cos, sin)
     x = x_BHSd.float().unflatten(-1, (2, -1))
     cos2, sin2 = torch.stack([cos, cos], dim=-2), torch.stack([-sin, sin], dim=-2)
     return torch.addcmul(x * cos2, x.flip(-2), sin2).flatten(-2).to(x_BHSd.dtype)
