@@ -112,13 +112,13 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     mod = _kernel_module("rope")
     if x.shape[-1] % 2 or not triton_runs(x, mod, "_rope_kernel"):
         return reference.rope(x, cos, sin, inverse)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x)
     mod.rope_into(_unit_cols(x), cos.contiguous(), sin.contiguous(), inverse, y)
     return y
 
 
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 def _fake_swiglu_act(g: Tensor, u: Tensor, scale: Tensor | None) -> Tensor:
@@ -170,4 +170,4 @@ cross_entropy_rows = torch.ops.moeforge.cross_entropy_rows.default
 rope = torch.ops.moeforge.rope.default
 """``x [B, H, S, d]`` rotated pairwise (first half, second half) by each position's angle
 (``cos``/``sin`` [S, d/2]), or by its negative when ``inverse`` (the backward); fp32 math, x's
-dtype, contiguous. One kernel reads each element once and writes it once (``kernels.rope``)."""
+dtype and dimension order (``empty_like``). One kernel reads each element once and writes it once (``kernels.rope``)."""

@@ -165,7 +165,7 @@ def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torc
 
 def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tensor:
     """Rotary embedding of the (first half, second half) pairs by each position's angle, or by its
-    negative when ``inverse`` (the backward), in fp32, returned contiguous in x's dtype (``kernels.rope``)."""
+    negative when ``inverse`` (the backward), in fp32, returned in x's dtype (``kernels.rope``)."""
     x1, x2 = x_BHSd.float().chunk(2, dim=-1)
     sin = -sin_Sh if inverse else sin_Sh
-    return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype).contiguous()
+    return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype)
