@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.errors import CheckpointError
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
-from moe.routers import router_class
+from moe.routers import RouterConfig, router_class
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 
@@ -79,7 +79,7 @@ def checkpoint_config(checkpoint: Path) -> DictConfig:
                           f"pass the run's .hydra/config.yaml explicitly (--config)")
 
 
-def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelConfig, Any, ExpertsConfig]:
+def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelConfig, RouterConfig, ExpertsConfig]:
     """(model, router, experts) configs of a composed run config, each validated by its schema.
 
     Only these groups are read: a checkpoint's tensors and the function they compute depend on them
@@ -97,7 +97,7 @@ def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelCon
 
 
 @torch.no_grad()
-def load_model(checkpoint: Path, model_cfg: ModelConfig, router_cfg: Any, experts_cfg: ExpertsConfig) -> MoETransformer:
+def load_model(checkpoint: Path, model_cfg: ModelConfig, router_cfg: RouterConfig, experts_cfg: ExpertsConfig) -> MoETransformer:
     """The fp32 CPU model of a verified native checkpoint, built from these configs (optimizer state not read)."""
     from launch.checkpoint import check_compatible, load_checkpoint, read_manifest, verify_checkpoint
     from parallel import Runtime, checkpoint_state

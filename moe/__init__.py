@@ -3,7 +3,7 @@
 Shape legend. A tensor's name ends in one letter per dimension, so ``x_TD`` is ``[T, D]``; a digit
 is a literal size (``w_sigmoid_D1`` is ``[D, 1]``) and ``E1`` is E + 1 entries (an offset table).
 Every module of this package uses these letters with these meanings; ``moe/routers/`` keeps its
-own legend (``moe/routers/base.py``), and ``kernels/`` and ``parallel/`` theirs (``kernels/``
+own legend (``moe/routers/interface.py``), and ``kernels/`` and ``parallel/`` theirs (``kernels/``
 writes the slots ``S``).
 
 - ``B`` batch: sequences in one forward.

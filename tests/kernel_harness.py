@@ -100,7 +100,7 @@ def routing_ids(kind: str, T: int, K: int, E: int, generator: torch.Generator) -
 def make_plan(kind: str, T: int, K: int, E: int, generator: torch.Generator):
     """A ``moe.dispatch.DispatchPlan`` for ``kind`` (masked: ~30% slots unused; capacity: cf 0.6)."""
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     ids = routing_ids(kind, T, K, E, generator)
     weights = torch.rand(T, K, generator=generator) + 0.1

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.checkpoint import _write_durably
+from launch.checkpoint import write_durably
 from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from moe.layer import MoELayer
 from parallel import Runtime
@@ -122,7 +122,7 @@ class DeepSpeedExpertParallel:
         weights = {f"{name}.experts.{w}": getattr(layer.experts, w).detach().cpu().clone()
                    for name, layer in self.layers.items() for w in EXPERT_WEIGHT_NAMES}
         ids = {name: list(layer.experts.expert_ids or []) for name, layer in self.layers.items()}
-        _write_durably(folder / experts_file(self.ep_rank), lambda f: torch.save({"expert_ids": ids, "weights": weights}, f))
+        write_durably(folder / experts_file(self.ep_rank), lambda f: torch.save({"expert_ids": ids, "weights": weights}, f))
 
 
 def mark_expert_params(layers: list[MoELayer], group_name: str) -> None:

@@ -16,7 +16,8 @@ import torch
 from launch.data import BatchSampler
 from launch.engines import build_engine
 from launch.pretrained import find_checkpoint, load_pretrained
-from launch.train import VAL_SPLIT, evaluate, load_data, manifest_of
+from launch.job import manifest_of
+from launch.train import VAL_SPLIT, evaluate, load_data
 from moe.errors import CheckpointError
 from moe.model import MoETransformer
 from parallel import Runtime

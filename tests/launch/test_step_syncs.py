@@ -15,13 +15,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from launch.config import conf_dir, register_schemas, to_job_config
+from launch.config import conf_dir
 from launch.engines import build_engine
 from launch.log_window import LogWindow
 from launch.preemption import AgentWatch, StopSignals
 from launch.run_dir import register_resolvers
 from launch.step_guard import StepGuard
-from launch.train import autocast_for, manifest_of, precision_of
+from launch.job import manifest_of, register_schemas, to_job_config
+from launch.train import autocast_for, precision_of
 from launch.train_step import TrainStep
 from moe.model import MoETransformer
 from parallel import setup_runtime

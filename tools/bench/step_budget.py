@@ -7,7 +7,7 @@ Usage (Hydra overrides as ``python -m launch.train`` takes them)::
 
 The job is composed exactly as ``launch.train`` composes it, its model, engine and optimizer are
 built by the trainer's own code on ``meta`` tensors (any preset fits at full size), and one
-optimizer step runs as the training loop runs it: zero_grad, ``launch.train.forward_backward``
+optimizer step runs as the training loop runs it: zero_grad, ``launch.train_step.forward_backward``
 (forward, loss, backward over ``train.grad_accum`` micro-batches), the engine's gradient
 reduction and clipping, the step guard, the optimizer step, and the per-step bookkeeping.
 ``tools.bench.meta_cuda.on_card`` makes that run take the card's code paths (bf16 autocast, the
@@ -138,7 +138,8 @@ def compose_job(overrides: list[str]) -> Any:
     """The ``JobConfig`` ``python -m launch.train <overrides>`` would run (validated)."""
     from hydra import compose, initialize_config_dir
 
-    from launch.config import conf_dir, register_schemas, to_job_config
+    from launch.config import conf_dir
+    from launch.job import register_schemas, to_job_config
     from launch.run_dir import register_resolvers
 
     register_resolvers()
@@ -182,7 +183,9 @@ def _count_step(overrides: list[str], card: str) -> StepCount:
     from launch.preemption import AgentWatch, StopSignals
     from launch.step_guard import StepGuard
     from launch.throughput import count_model
-    from launch.train import doc_ids, forward_backward, manifest_of, precision_of
+    from launch.job import manifest_of
+    from launch.train import precision_of
+    from launch.train_step import doc_ids, forward_backward
     from moe.model import MoETransformer
     from parallel import Runtime
     from tools.bench.meta_cuda import CudaAutocast, on_card
@@ -268,7 +271,7 @@ def _count_step(overrides: list[str], card: str) -> StepCount:
         pre_hook = torch.nn.modules.module.register_module_forward_pre_hook(new_forward)
         with amp, tracker, _GradFnLabels(forward_label), counter:
             engine.zero_grad()
-            ce, aux = forward_backward(model, runtime, x, y, 0, job, autocast, engine)
+            ce, aux = forward_backward(engine, runtime, x, y, 0, job, autocast)
             loss = ce + sum(aux.values(), torch.zeros((), device=meta))
             phase[0] = memory.phase = "clip"
             grad_norm = engine.grad_norm()

@@ -6,7 +6,7 @@
 - A moeforge DCP checkpoint (launch/checkpoint.py, format 2). Reading verifies its SHA-256 manifest
   and loads the model part only. Writing composes the trainer's own Hydra config from the import's
   overrides, builds the model and AdamW exactly as ``python -m launch.train`` does, and saves step 0
-  through ``launch.checkpoint.save_checkpoint`` with ``launch.train.manifest_of``, so the trainer
+  through ``launch.checkpoint.save_checkpoint`` with ``launch.job.manifest_of``, so the trainer
   resumes from it (checkpoint.resume=auto) at any world size and parallel mode: the DCP state names
   every expert by its global index (parallel/checkpoint.py).
 
@@ -126,8 +126,12 @@ def compose_run(overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """
     from hydra import compose, initialize_config_dir
 
-    import launch.train  # noqa: F401  (registers the config schemas and resolvers, as the trainer does)
-    from launch.config import conf_dir, to_job_config
+    from launch.config import conf_dir
+    from launch.job import register_schemas, to_job_config
+    from launch.run_dir import register_resolvers
+
+    register_resolvers()  # what the trainer registers before Hydra composes conf/train.yaml
+    register_schemas()
 
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -148,7 +152,7 @@ def write_moeforge_checkpoint(state_dict: dict[str, Tensor], overrides: list[str
     from launch.checkpoint import save_checkpoint
     from launch.optim import build_optimizer
     from launch.engines.native import training_state
-    from launch.train import manifest_of
+    from launch.job import manifest_of
     from parallel import Runtime
 
     job, run_config = compose_run(overrides)
