@@ -25,6 +25,7 @@ from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
 from moe.recompute import MODES as RECOMPUTE_MODES
+from moe.routers import RouterConfig
 from parallel import ParallelConfig
 
 DATA_NAMES = ("stdlib_bytes", "memmap")
@@ -239,7 +240,7 @@ class JobConfig:
     """The validated, typed form of the whole composed config."""
 
     model: ModelConfig
-    router: Any
+    router: RouterConfig
     experts: ExpertsConfig
     data: DataConfig
     optim: OptimConfig
@@ -258,9 +259,7 @@ def conf_dir() -> str:
 def validate_job(job: JobConfig) -> None:
     """Rules that span the groups defined here and the model's (the chosen engine's own: its ``check_job``)."""
     m, e = job.model, job.experts
-    k = getattr(job.router, "k", None)
-    if k is not None:
-        check(k <= m.num_experts, "router.k", k, f"must be <= model.num_experts ({m.num_experts})")
+    job.router.check_num_experts(m.num_experts)
     expert_backend(e.backend).check_shapes(m.d_model, m.d_ff)
     check(job.train.seq_len <= m.max_seq_len, "train.seq_len", job.train.seq_len, f"must be <= model.max_seq_len ({m.max_seq_len})")
     sep = job.data.doc_separator

@@ -3,7 +3,7 @@
 Shape legend. A tensor's name ends in one letter per dimension, so ``x_TD`` is ``[T, D]``; a digit
 is a literal size (``w_sigmoid_D1`` is ``[D, 1]``) and ``E1`` is E + 1 entries (an offset table).
 Every module of this package uses these letters with these meanings; ``moe/routers/`` keeps its
-own legend (``moe/routers/base.py``), and ``kernels/`` and ``parallel/`` theirs (``kernels/``
+own legend (``moe/routers/interface.py``), and ``kernels/`` and ``parallel/`` theirs (``kernels/``
 writes the slots ``S``).
 
 - ``B`` batch: sequences in one forward.
@@ -11,7 +11,8 @@ writes the slots ``S``).
 - ``P`` cached positions: every position a KV cache holds, earlier ones and the ``S`` new ones.
 - ``T`` tokens: ``B*S`` flattened.
 - ``D`` model dim; ``d`` head dim (``D / H``).
-- ``H`` query heads; ``G`` key/value heads (grouped-query attention; ``G = H`` without it).
+- ``H`` query heads; ``G`` key/value heads (grouped-query attention; ``G = H`` without it). RoPE
+  takes either kind, and names them ``H``.
 - ``V`` vocabulary.
 - ``C`` tokens in one chunk of the output head's chunked loss.
 - ``E`` experts.

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kernels import ops
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 
 @dataclass(frozen=True)

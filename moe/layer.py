@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moe.dispatch import DispatchPlan, dispatch
 from moe.experts import Experts, ExpertsConfig, dense_swiglu
 from moe.recompute import is_recomputing
-from moe.routers import RouterContext, build_router
+from moe.routers import RouterConfig, RouterContext, build_router
 from moe.routers.losses import CountSum
 from moe.stats import RoutingStats
 
@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
         d_model: int,
         d_ff: int,
         num_experts: int,
-        router_cfg: object,
+        router_cfg: RouterConfig,
         experts_cfg: ExpertsConfig,
         num_shared_experts: int = 0,
         shared_expert_gate: bool = False,
@@ -103,6 +103,11 @@ class MoELayer(nn.Module):
             self.previous_probe_top1_T = self.probe_top1_T
             self.probe_top1_T = decision.probs_TE.detach().argmax(dim=-1)
         return y_TD, decision.aux_losses
+
+    @property
+    def experts_per_token(self) -> int:
+        """Routed experts one token uses, nominally: the router config's ``experts_per_token`` (``k``, or 1)."""
+        return self.router.cfg.experts_per_token
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -23,7 +23,7 @@ from moe.head_loss import head_cross_entropy
 from moe.layer import MoELayer
 from moe.recompute import MODES as RECOMPUTE_MODES
 from moe.recompute import run_checkpointed
-from moe.routers import RouterContext
+from moe.routers import RouterConfig, RouterContext
 from moe.stats import RoutingStats, routing_flip_fraction
 
 Reduce = Callable[[list[Tensor]], None]
@@ -265,7 +265,7 @@ class MoETransformer(nn.Module):
     already applied); the trainer adds their total to the cross-entropy.
     """
 
-    def __init__(self, cfg: ModelConfig, router_cfg: object, experts_cfg: ExpertsConfig) -> None:
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, experts_cfg: ExpertsConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -289,6 +289,28 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block."""
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def experts_per_token(self) -> dict[int, int]:
+        """Layer index -> routed experts one token uses there, nominally (``k``; 1 for routers without one)."""
+        return {i: layer.experts_per_token for i, layer in self.moe_layers()}
+
+    def active_params(self) -> int:
+        """Parameters one token's forward multiplies with (``N_active`` of PaLM's model FLOPs, Chowdhery
+        et al. 2022, appendix B): every matrix, but of each MoE layer's routed experts only the share
+        ``experts_per_token / num_experts``. Vectors (norms, biases) and an untied input embedding (a
+        lookup) do no matrix product and are left out; a tied embedding counts once, as the head.
+        Any device, ``meta`` included; count before any parallel rewiring (it sees local shards after).
+        """
+        share: dict[int, float] = {}
+        for _, layer in self.moe_layers():
+            for p in layer.experts.parameters():
+                share[id(p)] = layer.experts_per_token / layer.num_experts
+        active = 0
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or (name == "embed.weight" and not self.cfg.tie_embeddings):
+                continue
+            active += round(p.numel() * share.get(id(p), 1.0))
+        return active
 
     # What a trainer asks of the model. It never reaches into the layers: every per-layer detail
     # (statistics, probes, router hooks, backends) stays behind these methods.

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from moe.dispatch import DispatchPlan
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 
 class RoutingStats:

@@ -24,6 +24,7 @@ import torch
 KERNEL_MODULES = (
     "kernels.layout", "kernels.triton.tile_matmul", "kernels.triton.route_meta", "kernels.triton.combine", "kernels.triton.grouped_wgrad", "kernels.triton.gather_gmm",
     "kernels.triton.gmm_scatter", "kernels.triton.swiglu_gmm", "kernels.triton.moe_experts", "kernels.swiglu_act", "kernels.unpermute",
+    "kernels.cross_entropy",
 )
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -100,7 +101,7 @@ def routing_ids(kind: str, T: int, K: int, E: int, generator: torch.Generator) -
 def make_plan(kind: str, T: int, K: int, E: int, generator: torch.Generator):
     """A ``moe.dispatch.DispatchPlan`` for ``kind`` (masked: ~30% slots unused; capacity: cf 0.6)."""
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     ids = routing_ids(kind, T, K, E, generator)
     weights = torch.rand(T, K, generator=generator) + 0.1

@@ -8,15 +8,15 @@ combine) and takes its inputs straight from ``moe.dispatch.DispatchPlan``. Pipel
 (design: ScatterMoE, Tan et al. 2024, arXiv 2403.08245, with the paper's padded-index tiles):
 
 forward   ``tile_schedule(counts)`` -> ``swiglu_fwd`` (x rows gathered in the A-load; saves the
-          pre-activations g, u unless ``recompute``) -> ``gmm_scatter`` (Wd, router weight in the
-          epilogue, written per slot) -> ``combine`` (fp32 sum of the K slots).
+          pre-activations g, u unless ``regenerate_preactivations``) -> ``gmm_scatter`` (Wd,
+          router weight in the epilogue, written per slot) -> ``combine`` (fp32 sum of the K slots).
 backward  ``swiglu_bwd`` (dy rows gathered, Wd^T strides; SwiGLU backward, h and the router-
           weight gradient ``dw_r = (dy_t Wd^T) . h_r`` in the epilogue) -> ``gmm_scatter`` on
           Wg^T, Wu^T + ``combine`` for dx -> ``grouped_wgrad`` for dWg, dWu (x gathered) and
           dWd (h with dy gathered, scaled by w).
 
-Saved for backward: x, the indices, the weights and (unless ``recompute``) g and u; never a
-gathered copy of x. Grids come from shapes only, so the path has no host synchronisation.
+Saved for backward: x, the indices, the weights and (unless ``regenerate_preactivations``) g
+and u; never a gathered copy of x. Grids come from shapes only, so the path has no host synchronisation.
 
 Importing this module raises ImportError when Triton is missing (``experts.backend=auto``
 relies on it). On a CPU tensor the Triton kernels run only under Triton's interpreter
@@ -45,14 +45,14 @@ def triton_can_run(x: Tensor) -> bool:
 
 class _FusedMoEExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, slot_idx_R, counts_E, K, blocks, recompute):  # type: ignore[override]
+    def forward(ctx, x_TD, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, slot_idx_R, counts_E, K, blocks, regenerate_preactivations):  # type: ignore[override]
         T, R = x_TD.shape[0], slot_idx_R.shape[0]
         schedule = tile_schedule(counts_E, R, blocks.block_m)
-        h_RF, g_RF, u_RF = swiglu_fwd(x_TD, slot_idx_R, schedule, K, w_gate_EDF, w_up_EDF, blocks, store_pre=not recompute)
+        h_RF, g_RF, u_RF = swiglu_fwd(x_TD, slot_idx_R, schedule, K, w_gate_EDF, w_up_EDF, blocks, store_pre=not regenerate_preactivations)
         y_SD = gmm_scatter_raw(h_RF, None, w_down_EFD, None, weight_R, slot_idx_R, schedule, T * K, blocks)
-        pre = () if recompute else (g_RF, u_RF)
+        pre = () if regenerate_preactivations else (g_RF, u_RF)
         ctx.save_for_backward(x_TD, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, slot_idx_R, schedule.expert_offsets_E1, schedule.tile_expert_N, schedule.tile_row_start_N, *pre)
-        ctx.K, ctx.blocks, ctx.recompute, ctx.block_m = K, blocks, recompute, schedule.block_m
+        ctx.K, ctx.blocks, ctx.regenerate_preactivations, ctx.block_m = K, blocks, regenerate_preactivations, schedule.block_m
         return combine_slots(y_SD, K, blocks)
 
     @staticmethod
@@ -60,7 +60,7 @@ class _FusedMoEExperts(torch.autograd.Function):
         x_TD, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, slot_idx_R, offsets, tile_e, tile_r, *pre = ctx.saved_tensors
         K, blocks = ctx.K, ctx.blocks
         schedule = TileSchedule(offsets, tile_e, tile_r, ctx.block_m)
-        if ctx.recompute:
+        if ctx.regenerate_preactivations:
             _, g_RF, u_RF = swiglu_fwd(x_TD, slot_idx_R, schedule, K, w_gate_EDF, w_up_EDF, blocks, store_h=False, store_pre=True)
         else:
             g_RF, u_RF = pre
@@ -81,15 +81,16 @@ class _FusedMoEExperts(torch.autograd.Function):
 def fused_moe_experts(
     x_TD: Tensor, slot_idx_R: Tensor, weight_R: Tensor, counts_E: Tensor, K: int,
     w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor,
-    *, recompute: bool = False, blocks: BlockSizes | None = None,
+    *, regenerate_preactivations: bool = False, blocks: BlockSizes | None = None,
 ) -> Tensor:
     """``y_TD[t] = sum over rows r of token t of weight_R[r] * SwiGLU_{e_r}(x_TD[t])``.
 
     ``slot_idx_R`` (token-major slot ids ``t*K + j``, stably sorted by expert), ``weight_R`` and
     ``counts_E`` come straight from ``moe.dispatch.DispatchPlan``; R may be below T*K (capacity
     drops, masked slots): a token then sums fewer rows. Differentiable w.r.t. ``x_TD``,
-    ``weight_R`` and the three weights. ``recompute`` recomputes the pre-activations in the
-    backward instead of saving them (saves 2*R*F activations). Weights of another dtype than
+    ``weight_R`` and the three weights. ``regenerate_preactivations``: the backward computes the
+    pre-activations again instead of the forward saving them (2*R*F fewer saved values; this is
+    ``experts.regenerate_preactivations``, not activation checkpointing). Weights of another dtype than
     ``x_TD`` are cast to it (differentiably). Falls back to ``kernels.reference.moe_experts`` where
     Triton cannot run (see ``triton_can_run``).
     """
@@ -103,12 +104,12 @@ def fused_moe_experts(
     blocks = blocks or BlockSizes()
     x_TD = x_TD.contiguous()
     return _FusedMoEExperts.apply(
-        x_TD, weight_R.contiguous(), w_gate_EDF, w_up_EDF, w_down_EFD, slot_idx_R.contiguous(), counts_E.contiguous(), K, blocks, recompute,
+        x_TD, weight_R.contiguous(), w_gate_EDF, w_up_EDF, w_down_EFD, slot_idx_R.contiguous(), counts_E.contiguous(), K, blocks, regenerate_preactivations,
     )
 
 
 def swiglu_triton(
-    x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, *, recompute: bool = False, blocks: BlockSizes | None = None,
+    x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, *, regenerate_preactivations: bool = False, blocks: BlockSizes | None = None,
 ) -> Tensor:
     """Drop-in for ``moe.experts.BACKENDS`` (``grouped_swiglu`` signature): rows already expert-sorted.
 
@@ -119,4 +120,4 @@ def swiglu_triton(
     R = x_RD.shape[0]
     slot_idx_R = torch.arange(R, dtype=torch.int32, device=x_RD.device)
     ones_R = torch.ones(R, dtype=torch.float32, device=x_RD.device)
-    return fused_moe_experts(x_RD, slot_idx_R, ones_R, counts_E, 1, w_gate_EDF, w_up_EDF, w_down_EFD, recompute=recompute, blocks=blocks)
+    return fused_moe_experts(x_RD, slot_idx_R, ones_R, counts_E, 1, w_gate_EDF, w_up_EDF, w_down_EFD, regenerate_preactivations=regenerate_preactivations, blocks=blocks)

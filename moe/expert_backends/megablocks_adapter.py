@@ -1,9 +1,9 @@
 """Optional ``experts.backend=megablocks``: MegaBlocks' grouped expert path as a kernel backend.
 
-Shape legend: R expert-sorted rows, D model dim, F expert ffn dim, E experts.
+Shape letters: the ``moe`` package legend (R expert-sorted rows, D model dim, F expert ffn dim, E experts).
 
 MegaBlocks' default ``mlp_impl='grouped'`` runs ``grouped_gemm.ops.gmm(a, b, batch_sizes)``
-(tgale96/grouped_gemm; ``b`` is ``[E, K, N]``, ``batch_sizes`` a CPU int64 tensor) for each
+(tgale96/grouped_gemm; ``b`` is ``[groups, in, out]``, ``batch_sizes`` a CPU int64 tensor) for each
 projection of a GLU MLP (Gale et al. 2022, MegaBlocks, arXiv 2211.15841). This adapter does
 the same with our stacked ``[E, D, F]`` weights, reached through
 ``megablocks.grouped_gemm_util.ops``. Note the host synchronisation (``counts_E.cpu()``): it

@@ -38,12 +38,12 @@ class TritonFusedBackend(ExpertBackend):
     def grouped(self, x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
         from kernels.triton.moe_experts import swiglu_triton
 
-        return swiglu_triton(x_RD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, recompute=options.regenerate_preactivations, blocks=options.blocks)
+        return swiglu_triton(x_RD, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD, regenerate_preactivations=options.regenerate_preactivations, blocks=options.blocks)
 
     def run_plan(self, x_TD: Tensor, plan: object, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
         from kernels.triton.moe_experts import fused_moe_experts
 
         return fused_moe_experts(
             x_TD, plan.slot_idx_R, plan.weight_R, plan.counts_E, plan.slots_per_token, w_gate_EDF, w_up_EDF, w_down_EFD,
-            recompute=options.regenerate_preactivations, blocks=options.blocks,
+            regenerate_preactivations=options.regenerate_preactivations, blocks=options.blocks,
         )

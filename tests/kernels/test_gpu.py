@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _plan(T: int, K: int, E: int, gen: torch.Generator, skew: float = 0.0):
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     logits = torch.randn(T, E, generator=gen) - skew * torch.log1p(torch.arange(E, dtype=torch.float32))
     probs = torch.softmax(logits, -1)
@@ -61,8 +61,8 @@ def test_fp32_without_tf32_is_exact_to_1e4(kc, gen):
     kc.assert_close(y, reference.moe_experts(x, slot, w_R, counts, 2, *weights), what="y fp32")
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_no_host_sync_forward_backward(kc, gen, recompute):
+@pytest.mark.parametrize("regenerate_preactivations", [False, True])
+def test_no_host_sync_forward_backward(kc, gen, regenerate_preactivations):
     ids, plan = _plan(2048, 4, 16, gen, skew=1.0)
     slot, counts = plan.slot_idx_R.cuda(), plan.counts_E.cuda()
     ids = ids.cuda()
@@ -74,7 +74,7 @@ def test_no_host_sync_forward_backward(kc, gen, recompute):
     torch.cuda.set_sync_debug_mode("error")
     try:
         route_meta(ids, 16, 64)
-        y = fused_moe_experts(x, slot, w_R, counts, 4, *weights, recompute=recompute)
+        y = fused_moe_experts(x, slot, w_R, counts, 4, *weights, regenerate_preactivations=regenerate_preactivations)
         torch.autograd.backward(y, dy)
     finally:
         torch.cuda.set_sync_debug_mode("default")

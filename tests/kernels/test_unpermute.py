@@ -49,7 +49,7 @@ def test_unpermute_k1_and_k8_wide_rows(kc, gen, K):
     T, E, D = 9, 8, 1100
     scores = torch.rand(T, E, generator=gen)
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     w, ids = scores.topk(K, -1)
     plan = dispatch(RoutingDecision(expert_ids_TK=ids, weights_TK=w, probs_TE=scores.softmax(-1)), E)

@@ -153,7 +153,7 @@ def recording() -> Iterator[list[Launch]]:
         JITFunction.run = original  # type: ignore[method-assign]
 
 
-def capture_layer_step(shape: Shape, blocks: BlockSizes, *, recompute: bool = False, per_op: bool = True) -> list[Launch]:
+def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[Launch]:
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
     binary, in first-launch order."""
@@ -174,7 +174,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, recompute: bool = Fa
     weight = meta(R, dtype=torch.float32, grad=True)
     slot, counts = meta(R, dtype=torch.int32), meta(E, dtype=torch.int32)
     with recording() as launches:
-        y = moe_experts._FusedMoEExperts.apply(x, weight, wg, wu, wd, slot, counts, K, blocks, recompute)
+        y = moe_experts._FusedMoEExperts.apply(x, weight, wg, wu, wd, slot, counts, K, blocks, regenerate_preactivations)
         y.backward(torch.empty_like(y))
         if per_op:
             route_meta(meta(T, K, dtype=torch.int64), E, blocks.block_m)
@@ -252,9 +252,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
     )
 
 
-def profile(shape: Shape, blocks: BlockSizes, arch: int = 90, *, recompute: bool = False, per_op: bool = True) -> list[KernelReport]:
+def profile(shape: Shape, blocks: BlockSizes, arch: int = 90, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[KernelReport]:
     """Reports for every distinct compiled launch of a layer step at ``shape``."""
-    return [compile_launch(launch, arch) for launch in capture_layer_step(shape, blocks, recompute=recompute, per_op=per_op)]
+    return [compile_launch(launch, arch) for launch in capture_layer_step(shape, blocks, regenerate_preactivations=regenerate_preactivations, per_op=per_op)]
 
 
 def markdown(shape: Shape, blocks: BlockSizes, reports: list[KernelReport]) -> str:
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = H100)")
     parser.add_argument("--shape", type=int, nargs=5, action="append", metavar=("D", "F", "E", "K", "T"), help="repeatable; default: the four reference shapes")
     parser.add_argument("--blocks", type=parse_blocks, action="append", help="bm,bn,bk,warps,stages[,br[,bwd_bn]]; repeatable; default: BlockSizes()")
-    parser.add_argument("--recompute", action="store_true", help="profile the recompute-in-backward path")
+    parser.add_argument("--regenerate-preactivations", action="store_true", help="profile the path whose backward computes the SwiGLU pre-activations again")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table per (shape, blocks)")
     parser.add_argument("--json", type=Path, help="also write every report to this JSON file")
     args = parser.parse_args(argv)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     worst, records = 0, []
     for shape in [tuple(s) for s in args.shape] if args.shape else REFERENCE_SHAPES:
         for blocks in args.blocks or [BlockSizes()]:
-            reports = profile(shape, blocks, args.arch, recompute=args.recompute)  # type: ignore[arg-type]
+            reports = profile(shape, blocks, args.arch, regenerate_preactivations=args.regenerate_preactivations)  # type: ignore[arg-type]
             if args.markdown:
                 print(markdown(shape, blocks, reports))  # type: ignore[arg-type]
             else:

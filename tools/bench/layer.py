@@ -53,7 +53,7 @@ from torch import Tensor
 
 from moe.dispatch import DispatchPlan, capacity, combine, dispatch, gather_rows
 from moe.expert_backends import BACKENDS, ExpertOptions
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 from tools.bench.shapes import QUICK_SHAPES, REFERENCE_SHAPES as SHAPES
 
 ROUTING_BIAS = 8.0

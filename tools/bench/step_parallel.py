@@ -65,7 +65,7 @@ def predict_layout(overrides: list[str], gpus: int, layout: str, card: str = "h1
     rates = CARDS[card]
     expert_p, dense_p = _param_split(job)
     E, L = m.num_experts, len([i for i in range(m.num_layers) if (i + 1) % m.moe_every == 0])
-    k = getattr(job.router, "k", 1)
+    k = job.router.experts_per_token
     loads = zipf_loads(E, zipf, L) if zipf else [normalise([1.0] * E) for _ in range(L)]
     sim = SimConfig(gpus=gpus, gpus_per_node=min(gpus_per_node, gpus), num_experts=E, num_layers=L, k=k, d_model=m.d_model,
                     d_ff=m.d_ff, tokens_per_gpu=tr.batch_size // gpus * tr.seq_len, bytes_per_elem=2,

@@ -1,13 +1,40 @@
-"""The router seam: ``router(x_TD, context) -> RoutingDecision``.
+"""The router seam: ``router(x_TD, context) -> RoutingDecision``, and the base of every router's
+config (``RouterConfig``).
 
-Shape legend (project-wide): T tokens (batch*seq flattened), D model dim, E experts, K slots per
-token, B batch, S sequence length.
+Shape legend of ``moe/routers``: a tensor's name ends in one letter per dimension; a digit is a
+literal size (``alpha_T1`` is ``[T, 1]``). Each letter means one thing in every file of this package;
+those it shares with ``moe``'s legend (``moe/__init__.py``) mean the same there, except C, G, H, P.
+
+- ``B`` batch: sequences in one forward.
+- ``S`` sequence: positions in one forward.
+- ``T`` tokens: ``B*S`` flattened, batch-major.
+- ``D`` model dim.
+- ``V`` vocabulary.
+- ``F`` hidden width of an expert.
+- ``E`` experts.
+- ``K`` slots per token: the routing choices one token may use (COMET's trees, DSelect-k's selectors).
+- ``A`` slots of the forward: ``T*K``, flattened token-major.
+- ``C`` tokens per expert: the capacity of expert choice and of BASE layers.
+- ``G`` expert groups (DeepSeek-V3 group-limited routing).
+- ``R`` similarity rank (``router.d_sim``).
+- ``M`` binary code length ``ceil(log2 E)`` (DSelect-k).
+- ``N`` internal tree nodes, ``E - 1`` (COMET).
+- ``L`` tree levels: the root-to-leaf path length, ``ceil(log2 E)`` (COMET).
+- ``P`` learned permutations of the expert axis (local search: 1, or K with ``per_tree``).
+- ``H`` hash-table entries (``router.table_size``).
+- ``Z`` auction seats, ``E*C`` (BASE layers).
+- ``U`` tokens bidding in an auction round (BASE layers).
+- ``W`` a round's offers: the seats' prices and the new bids, ``Z + U`` (BASE layers).
 
 Every router is an ``nn.Module`` whose forward takes the MoE layer's input ``x_TD`` and a
 ``RouterContext`` and returns a ``RoutingDecision``. Routers compute in fp32 and never touch
 expert weights. A router that gives a variable number of experts per token (DTS, expert choice)
 returns K = the most slots any token may use and marks the used ones in ``mask_TK``; dispatch is
 dropless so every marked slot reaches its expert.
+
+Each router's config derives from ``RouterConfig`` (routers that send a token to ``k`` experts from
+``KRouterConfig``, which holds ``k`` and its checks), so the job and the model read any router's
+config through these two classes and never by name.
 """
 
 from __future__ import annotations
@@ -17,6 +44,53 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from moe.errors import check
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """Base of every router's config (a Hydra structured config: ``conf/router/<name>.yaml``).
+
+    Subclasses add their fields and check them in ``__post_init__`` (calling this one's first);
+    rules that need ``model.num_experts`` go in ``check_num_experts``, which the job runs before
+    anything is built and the router runs again when it is built.
+    """
+
+    name: str
+    """The router's registry name (``moe.routers.ROUTERS``); each subclass sets its own."""
+
+    def __post_init__(self) -> None:
+        """Checks of the config's own fields; none here."""
+
+    @property
+    def experts_per_token(self) -> int:
+        """Routed experts one token uses, nominally (FLOP and active-parameter counts): 1 here."""
+        return 1
+
+    def check_num_experts(self, num_experts: int) -> None:
+        """Rules between this config and ``model.num_experts`` (one ConfigError naming the key); none here."""
+
+
+@dataclass(kw_only=True)
+class KRouterConfig(RouterConfig):
+    """Config of a router that sends each token to ``k`` experts (after any dense phase: DTS)."""
+
+    k: int = 2
+    """Experts per token."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+
+    @property
+    def experts_per_token(self) -> int:
+        """``k``."""
+        return self.k
+
+    def check_num_experts(self, num_experts: int) -> None:
+        super().check_num_experts(num_experts)
+        check(self.k <= num_experts, "router.k", self.k, f"must be <= model.num_experts ({num_experts})")
 
 
 @dataclass(frozen=True)
@@ -77,19 +151,23 @@ class RoutingDecision:
 class Router(nn.Module):
     """Base class of every router.
 
-    Subclasses set ``Config`` (a dataclass with a ``name`` field), implement ``forward`` and may
+    Subclasses set ``Config`` (a ``RouterConfig`` subclass), implement ``forward`` and may
     override ``after_step`` (called by the trainer once per optimizer step, without gradient,
     for updates such as DeepSeek-V3's bias) and ``needs_attention`` (ask the attention sublayer
     for its probabilities).
     """
 
+    Config: type[RouterConfig] = RouterConfig
     needs_attention: bool = False
     per_token: bool = True
     """Each token's decision depends on that token alone (at evaluation), so a KV-cached decode may
     route new tokens by themselves; False for routers that mix across tokens."""
 
-    def __init__(self, d_model: int, num_experts: int) -> None:
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int) -> None:
+        """Keep ``cfg`` and check it against ``num_experts`` (``RouterConfig.check_num_experts``)."""
         super().__init__()
+        cfg.check_num_experts(num_experts)
+        self.cfg = cfg
         self.d_model = d_model
         self.num_experts = num_experts
 

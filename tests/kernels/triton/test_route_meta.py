@@ -11,7 +11,7 @@ import torch
 from kernels import reference
 from kernels.triton.route_meta import route_meta, tile_schedule
 from moe.dispatch import dispatch
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 
 def _assert_schedule_equal(got, want) -> None:
