@@ -100,11 +100,13 @@ def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelCon
 def load_model(checkpoint: Path, model_cfg: ModelConfig, router_cfg: RouterConfig, experts_cfg: ExpertsConfig) -> MoETransformer:
     """The fp32 CPU model of a verified native checkpoint, built from these configs (optimizer state not read)."""
     from launch.checkpoint import check_compatible, load_checkpoint, read_manifest, verify_checkpoint
+    from launch.engines import checkpoint_engine
+    from launch.engines.native import NativeConfig
     from parallel import Runtime, checkpoint_state
 
     manifest = read_manifest(checkpoint)
-    engine = (manifest.get("engine") or {}).get("name", "native")
-    if engine != "native":
+    engine = checkpoint_engine(manifest)
+    if engine != NativeConfig.name:
         raise CheckpointError(f"{checkpoint} was written by engine={engine}; load_pretrained reads native checkpoints "
                               f"(resume it under engine={engine} and save with engine=native to convert)")
     runtime = Runtime()

@@ -122,6 +122,12 @@ def check_job(job: JobConfig) -> None:
     cls.check_job(job)
 
 
+def checkpoint_engine(manifest: dict[str, Any]) -> str:
+    """The engine that wrote a checkpoint, from its manifest: ``engine.name``, else ``native`` (native
+    manifests name no engine, so checkpoints from before engines existed read as native)."""
+    return (manifest.get("engine") or {}).get("name", "native")
+
+
 def build_engine(job: JobConfig, core: MoETransformer, runtime: Runtime, manifest: dict[str, Any]) -> Engine:
     """The engine of ``engine.name`` around the built single-device ``core`` (on ``runtime.device``).
 

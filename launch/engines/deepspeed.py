@@ -80,6 +80,7 @@ from launch.checkpoint import (
 )
 from launch.checksums import problems, share
 from launch.config import EngineConfig, JobConfig
+from launch.engines import checkpoint_engine
 from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
 from moe.errors import CheckpointError, MoeforgeError, SetupError, check
@@ -161,7 +162,7 @@ class DeepSpeedEngine:
         # Experts split over DeepSpeed's expert-parallel groups and marked as its MoE parameters (parallel=ep).
         self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.layout.splits_experts else None
         ep_size = self.ep.ep_size if self.ep else 1
-        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage},
+        self.manifest = {**manifest, "engine": {"name": job.engine.name, "zero_stage": self.stage},
                          "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
         runtime.install_count_sum(core)  # router.balance_scope=global: f counts every rank's tokens
         optimizer, scheduler = build_optimizer(core, job, regroup=self.ep.regroup if self.ep else None)
@@ -287,8 +288,8 @@ def verify_deepspeed_checkpoint(path: Path, runtime: Runtime) -> list[str]:
     found: list[str] = []
     try:
         manifest = read_manifest(path)
-        engine = manifest.get("engine", {}).get("name", "native")
-        if engine != "deepspeed":
+        engine = checkpoint_engine(manifest)
+        if engine != DeepSpeedConfig.name:
             raise CheckpointError(f"it was written by engine={engine}; engine=deepspeed resumes only its own checkpoints")
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             raise CheckpointError(f"its manifest is not format {FORMAT} with a file list")
