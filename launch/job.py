@@ -2,7 +2,7 @@
 and the manifest its checkpoints record.
 
 ``python -m launch.train`` and the tools that compose or check a job as the trainer does
-(tools/hf_checkpoint.py, tools/step_budget.py, tools/model_presets.py) import this module, not the
+(tools/hf/checkpoint.py, tools/bench/step_budget.py, tools/model_presets.py) import this module, not the
 trainer. It sits above the schemas (launch/config.py, the component configs) and the engine
 registry (launch/engines/), which none of them import back: each engine owns its config schema
 (``Config``) and its rules across groups (``check_job``), both reached here through the registry.

@@ -138,7 +138,7 @@ class CudaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if not self.active():
+        if not self.active() or "out" in kwargs:  # autocast has kernels for the functional overloads only, none for out=
             return func(*args, **kwargs)
         name = _op_name(func)
         target = None
