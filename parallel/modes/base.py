@@ -6,8 +6,8 @@ a name: does it need a process group (``distributed``), is every parameter whole
 parameters sharded and gathered where used (``gathers_parameters``), can ``parallel.dense`` name
 it (``places_dense``), which key sizes its expert group (``group_size_key``), why CUDA graphs
 cannot capture its step (``capture_refusal``). ``wrap`` rewires a built single-device model for
-the mode (``parallel.layout.apply_parallel`` calls it); ``SplitExperts`` is the shared shape of the modes that spread experts over ranks and
-leave the dense parameters to ``parallel.dense``.
+the mode (``parallel.layout.apply_parallel`` calls it). ``SplitExperts`` is the shared shape of
+the modes that spread experts over ranks and leave the dense parameters to ``parallel.dense``.
 """
 
 from __future__ import annotations
