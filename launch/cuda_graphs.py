@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parallel.modes import parallel_mode
+
 if TYPE_CHECKING:
     from launch.config import JobConfig
     from moe.expert_backends import ExpertBackend
@@ -27,7 +29,7 @@ def refusal(job: JobConfig, device: torch.device, backend: ExpertBackend) -> str
     ``backend``: the expert backend the model resolved to on ``device``."""
     if device.type != "cuda":
         return f"train.cuda_graphs=true needs a CUDA device; this run is on {device.type}"
-    why = job.parallel.layout.capture_refusal
+    why = parallel_mode(job.parallel.mode).capture_refusal
     if why is not None:
         return f"train.cuda_graphs=true: parallel={job.parallel.mode} {why}"
     if job.experts.capacity_factor is not None:

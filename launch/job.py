@@ -2,7 +2,7 @@
 and the manifest its checkpoints record.
 
 ``python -m launch.train`` and the tools that compose or check a job as the trainer does
-(tools/hf_checkpoint.py, tools/step_budget.py, tools/model_presets.py) import this module, not the
+(tools/hf/checkpoint.py, tools/bench/step_budget.py, tools/model_presets.py) import this module, not the
 trainer. It sits above the schemas (launch/config.py, the component configs) and the engine
 registry (launch/engines/), which none of them import back: each engine owns its config schema
 (``Config``) and its rules across groups (``check_job``), both reached here through the registry.
@@ -31,6 +31,7 @@ from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
 from moe.routers import ROUTERS, router_class
 from parallel import ParallelConfig
+from parallel.modes import check_config as check_parallel
 
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -78,7 +79,7 @@ def _instantiate(group: str, node: DictConfig) -> Any:
     if group == "router":
         router_class(node.get("name"))  # an unknown name fails here, naming router.name
     try:
-        return OmegaConf.to_object(node)
+        value = OmegaConf.to_object(node)
     except ConfigError:
         raise
     except Exception as err:  # OmegaConf wraps errors raised by __post_init__
@@ -86,6 +87,9 @@ def _instantiate(group: str, node: DictConfig) -> Any:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(f"{group}: {err}") from None
+    if group == "parallel":
+        check_parallel(value)  # the mode's rules: a known parallel.mode, parallel.dense, its group-size key
+    return value
 
 
 def manifest_of(job: JobConfig) -> dict[str, Any]:

@@ -61,7 +61,7 @@ from moe.errors import ConfigError, MoeforgeError
 from moe.expert_backends import expert_backend
 from moe.model import MoETransformer
 from parallel import Runtime, setup_runtime
-from parallel.config import check_experts
+from parallel.modes import check_experts
 from parallel.heartbeat import RankFailure, report_failure
 
 log = logging.getLogger("moeforge")

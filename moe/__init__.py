@@ -11,7 +11,8 @@ writes the slots ``S``).
 - ``P`` cached positions: every position a KV cache holds, earlier ones and the ``S`` new ones.
 - ``T`` tokens: ``B*S`` flattened.
 - ``D`` model dim; ``d`` head dim (``D / H``).
-- ``H`` query heads; ``G`` key/value heads (grouped-query attention; ``G = H`` without it).
+- ``H`` query heads; ``G`` key/value heads (grouped-query attention; ``G = H`` without it). RoPE
+  takes either kind, and names them ``H``.
 - ``V`` vocabulary.
 - ``C`` tokens in one chunk of the output head's chunked loss.
 - ``E`` experts.

@@ -1,7 +1,6 @@
 """``parallel.fssdp.*``: the knobs of fully sharded sparse data parallelism (``parallel=fssdp``).
 
-Its own module so that ``parallel.fssdp`` (which reads these knobs) and ``parallel.config`` (whose
-schema nests them) both import it without importing each other.
+Its own module: ``parallel.fssdp`` reads these knobs and ``parallel.config`` nests them in its schema.
 """
 
 from __future__ import annotations

@@ -23,43 +23,16 @@ Layout (the mesh dims, outer to inner; the mode's object in ``parallel.modes`` d
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 
 from moe.errors import SetupError
-from parallel.config import ParallelConfig, check_world
-from parallel.modes import names_where
-
-
-@dataclass
-class MeshInfo:
-    """Where this process sits, and the groups each parallel mode communicates over."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    device: torch.device
-    backend: str
-    mesh: DeviceMesh | None
-    """1-D ``("dp",)`` mesh over every rank (dense data parallelism, FSSDP), None in mode none."""
-    ep_mesh: DeviceMesh | None = None
-    """2-D ``("edp", "ep")`` mesh in mode ep, and in mode fssdp with shard_size below the world."""
-    ep_size: int = 1
-
-    @property
-    def node(self) -> int:
-        """Index of this rank's node (ranks are numbered node-major by torchrun)."""
-        return self.rank // self.local_world_size
-
-    def group(self, dim: str) -> dist.ProcessGroup | None:
-        """The process group of mesh dim ``dim`` (``dp``, ``ep``, ``edp``), or None without a mesh."""
-        mesh = self.ep_mesh if dim in ("ep", "edp") else self.mesh
-        return None if mesh is None else mesh.get_group(dim)
+from parallel.config import ParallelConfig
+from parallel.modes import check_world, names_where, parallel_mode
+from parallel.runtime import MeshInfo
 
 
 def _env_int(name: str, default: int) -> int:
@@ -118,7 +91,7 @@ def init_mesh(cfg: ParallelConfig, device: str = "auto") -> MeshInfo:
     if cuda:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
-    mode = cfg.layout
+    mode = parallel_mode(cfg.mode)
     if not mode.distributed:
         if world > 1:
             raise SetupError(f"parallel.mode ({cfg.mode!r}) runs one process but WORLD_SIZE is {world}; "

@@ -8,5 +8,6 @@ token's slots, ``grouped_wgrad`` computes the weight gradients, and ``tile_matmu
 K-loop and tile order they share. Importing this package needs only torch; each module imports
 triton itself, so ``import kernels.triton.moe_experts`` raises ImportError where Triton is missing
 (``experts.backend=auto`` relies on it). The default ``grouped_mm`` path's kernels stay in
-``kernels/`` (``ops``, ``swiglu_act``, ``unpermute``), beside ``reference`` and ``layout``.
+``kernels/`` (``ops``, ``swiglu_act``, ``unpermute``, and the head loss's ``cross_entropy``),
+beside ``reference`` and ``layout``.
 """

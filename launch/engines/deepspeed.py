@@ -85,7 +85,7 @@ from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
 from moe.errors import CheckpointError, MoeforgeError, SetupError, check
 from parallel import Runtime
-from parallel.modes import ParallelMode, names_where
+from parallel.modes import ParallelMode, names_where, parallel_mode
 
 log = logging.getLogger("moeforge")
 
@@ -160,7 +160,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
         self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
         # Experts split over DeepSpeed's expert-parallel groups and marked as its MoE parameters (parallel=ep).
-        self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.layout.splits_experts else None
+        self.ep = DeepSpeedExpertParallel(core, runtime) if parallel_mode(job.parallel.mode).splits_experts else None
         ep_size = self.ep.ep_size if self.ep else 1
         self.manifest = {**manifest, "engine": {"name": job.engine.name, "zero_stage": self.stage},
                          "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
@@ -178,14 +178,14 @@ class DeepSpeedEngine:
     def check_job(job: JobConfig) -> None:
         """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
         p, tr = job.parallel, job.train
-        mode, runs = p.layout, names_where(runs_under_deepspeed)
+        mode, runs = parallel_mode(p.mode), names_where(runs_under_deepspeed)
         check(runs_under_deepspeed(mode), "parallel.mode", p.mode,
               f"must be {' or '.join(runs)} with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
               "expert parallelism; FSDP and FSSDP shard parameters themselves, which DeepSpeed's ZeRO does instead)")
         check(not mode.splits_experts or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
               "must be 1 or 2 with engine.name=deepspeed and parallel=ep (DeepSpeed's stage-0 clipping averages the ranks' local "
               "gradient norms, which is wrong when ranks hold different experts)")
-        check(not mode.splits_experts or not p.dense_layout.gathers_parameters, "parallel.dense", p.dense,
+        check(not mode.splits_experts or not parallel_mode(p.dense).gathers_parameters, "parallel.dense", p.dense,
               "must be ddp with engine.name=deepspeed (DeepSpeed reduces the dense gradients itself)")
         check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
               "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")

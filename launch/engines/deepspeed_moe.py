@@ -59,6 +59,7 @@ from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from moe.layer import MoELayer
 from parallel import Runtime
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.modes import parallel_mode
 
 
 def experts_file(ep_rank: int) -> str:
@@ -78,7 +79,7 @@ class DeepSpeedExpertParallel:
         from deepspeed.utils import groups
 
         comm.init_distributed(dist_backend=runtime.mesh.backend if runtime.mesh else None, dist_init_required=False, verbose=False)
-        self.ep_size = runtime.cfg.layout.expert_group_size(runtime.cfg, runtime.world_size)
+        self.ep_size = parallel_mode(runtime.cfg.mode).expert_group_size(runtime.cfg, runtime.world_size)
         self.group_name = f"ep_size_{self.ep_size}"
         if self.group_name not in groups._get_expert_parallel_group_dict():
             groups._create_expert_and_data_parallel(self.ep_size)

@@ -6,8 +6,8 @@ a name: does it need a process group (``distributed``), is every parameter whole
 parameters sharded and gathered where used (``gathers_parameters``), can ``parallel.dense`` name
 it (``places_dense``), which key sizes its expert group (``group_size_key``), why CUDA graphs
 cannot capture its step (``capture_refusal``). ``wrap`` rewires a built single-device model for
-the mode; ``SplitExperts`` is the shared shape of the modes that spread experts over ranks and
-leave the dense parameters to ``parallel.dense``.
+the mode (``parallel.layout.apply_parallel`` calls it). ``SplitExperts`` is the shared shape of
+the modes that spread experts over ranks and leave the dense parameters to ``parallel.dense``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class ParallelMode:
     def check_experts(self, cfg: ParallelConfig, world_size: int, num_experts: int) -> None:
         """Refuse a layout that does not fit the model's ``num_experts``."""
 
-    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer]) -> nn.Module:
-        """Rewire ``model`` (its MoE ``layers`` listed) for this mode on ``runtime``'s mesh."""
+    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer], dense: ParallelMode) -> nn.Module:
+        """Rewire ``model`` (its MoE ``layers`` listed) for this mode on ``runtime``'s mesh; ``dense`` is the
+        mode ``parallel.dense`` names, which a mode that splits experts hands its other parameters."""
         raise NotImplementedError(f"parallel.mode={self.name} does not wrap a model")
 
     def wrap_dense(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, experts: set[nn.Parameter]) -> None:
@@ -87,10 +88,10 @@ class SplitExperts(ParallelMode):
         check(size <= world_size, key, size, f"must be <= the world size ({world_size})")
         check(world_size % size == 0, key, size, f"must divide the world size ({world_size})")
 
-    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer]) -> nn.Module:
+    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer], dense: ParallelMode) -> nn.Module:
         group_size = self.split(model, cfg, runtime, layers)
         runtime.expert_replicas = runtime.world_size // group_size
         runtime.expert_group = runtime.mesh.group("edp") if runtime.expert_replicas > 1 else None
         runtime.expert_modules = [layer.experts for layer in layers]
-        cfg.dense_layout.wrap_dense(model, cfg, runtime, set(runtime.expert_params()))
+        dense.wrap_dense(model, cfg, runtime, set(runtime.expert_params()))
         return model

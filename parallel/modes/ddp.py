@@ -25,7 +25,7 @@ class DataParallel(ParallelMode):
     replicates_parameters = True
     places_dense = True
 
-    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer]) -> nn.Module:
+    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer], dense: ParallelMode) -> nn.Module:
         self.wrap_dense(model, cfg, runtime, set())
         return model
 

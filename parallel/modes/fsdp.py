@@ -27,7 +27,7 @@ class FullySharded(ParallelMode):
     capture_refusal = ("is not supported (FSDP2 all-gathers and frees parameters in hooks around each block, outside the "
                        "captured graphs); use parallel=ddp or none")
 
-    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer]) -> nn.Module:
+    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer], dense: ParallelMode) -> nn.Module:
         self.wrap_dense(model, cfg, runtime, set())
         return model
 

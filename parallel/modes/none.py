@@ -21,5 +21,5 @@ class SingleProcess(ParallelMode):
     distributed = False
     replicates_parameters = True
 
-    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer]) -> nn.Module:
+    def wrap(self, model: nn.Module, cfg: ParallelConfig, runtime: Runtime, layers: list[MoELayer], dense: ParallelMode) -> nn.Module:
         return model

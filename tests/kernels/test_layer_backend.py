@@ -11,14 +11,14 @@ import torch
 from moe.expert_backends import BACKENDS, resolve_backend
 from moe.experts import ExpertsConfig
 from moe.layer import MoELayer
-from moe.routers import RouterContext
+from moe.routers import RouterConfig, RouterContext
 from moe.routers.dts import DTSConfig
 from moe.routers.topk import TopKConfig
 
 FAST = ("triton", "grouped_mm")
 
 
-def layer_pair(router_cfg: object, cfg: ExpertsConfig, device: torch.device, d_model: int = 16, d_ff: int = 24, num_experts: int = 4) -> tuple[MoELayer, MoELayer]:
+def layer_pair(router_cfg: RouterConfig, cfg: ExpertsConfig, device: torch.device, d_model: int = 16, d_ff: int = 24, num_experts: int = 4) -> tuple[MoELayer, MoELayer]:
     ref = MoELayer(d_model, d_ff, num_experts, router_cfg, ExpertsConfig(backend="torch", capacity_factor=cfg.capacity_factor)).to(device)
     fast = MoELayer(d_model, d_ff, num_experts, router_cfg, cfg).to(device)
     fast.load_state_dict(ref.state_dict())

@@ -20,6 +20,7 @@ from launch.train import autocast_for
 from launch.train_step import forward_backward
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
+from moe.routers import RouterConfig
 from moe.routers.sigmoid_bias import SigmoidBiasConfig
 from moe.routers.topk import TopKConfig
 from parallel import ParallelConfig, Runtime
@@ -33,7 +34,7 @@ def job(grad_accum: int) -> JobConfig:
                      parallel=ParallelConfig(), engine=NativeConfig())
 
 
-def model_for(router: object) -> MoETransformer:
+def model_for(router: RouterConfig) -> MoETransformer:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_experts=4, d_ff=32, dense_d_ff=64)
     model = MoETransformer(cfg, router, ExpertsConfig())

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from parallel import ParallelConfig
-from parallel.modes import MODES, names_where
+from parallel.modes import MODES, check_config, names_where, parallel_mode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,13 +24,14 @@ FACTS = {
 
 
 def test_each_mode_states_its_facts() -> None:
-    assert list(MODES) == list(FACTS)
-    for name, mode in MODES.items():
+    assert all(mode.name == name for name, mode in MODES.items())
+    for name, want in FACTS.items():
+        mode = MODES[name]
         facts = (mode.distributed, mode.replicates_parameters, mode.splits_experts, mode.gathers_parameters, mode.places_dense,
                  mode.group_size_key, mode.capture_refusal is None)
-        assert (mode.name, facts) == (name, FACTS[name])
-    assert names_where(lambda m: m.distributed) == ["ddp", "fsdp", "ep", "fssdp"]
-    assert names_where(lambda m: m.places_dense) == ["ddp", "fsdp"]
+        assert facts == want, name
+    assert [n for n in names_where(lambda m: m.distributed) if n in FACTS] == ["ddp", "fsdp", "ep", "fssdp"]
+    assert [n for n in names_where(lambda m: m.places_dense) if n in FACTS] == ["ddp", "fsdp"]
 
 
 @pytest.mark.parametrize(("mode", "world", "size", "mesh_2d"), [
@@ -42,13 +43,13 @@ def test_each_mode_states_its_facts() -> None:
     (ParallelConfig(mode="fssdp", fssdp=dict(shard_size=2)), 4, 2, True),
 ])
 def test_expert_group_size_and_mesh(mode: ParallelConfig, world: int, size: int, mesh_2d: bool) -> None:
-    assert mode.layout.expert_group_size(mode, world) == size
-    assert mode.layout.needs_expert_mesh(mode, world) is mesh_2d
+    assert parallel_mode(mode.mode).expert_group_size(mode, world) == size
+    assert parallel_mode(mode.mode).needs_expert_mesh(mode, world) is mesh_2d
 
 
-def test_config_resolves_mode_and_dense_objects() -> None:
-    cfg = ParallelConfig(mode="ep", dense="fsdp")
-    assert cfg.layout is MODES["ep"] and cfg.dense_layout is MODES["fsdp"]
+def test_config_resolves_to_its_registered_mode() -> None:
+    assert check_config(ParallelConfig(mode="ep", dense="fsdp")) is MODES["ep"]
+    assert parallel_mode("fsdp") is MODES["fsdp"]
 
 
 def test_every_mode_has_its_yaml_and_every_yaml_a_mode() -> None:
@@ -79,3 +80,29 @@ def test_no_mode_name_is_compared_outside_the_registry() -> None:
             tree = ast.parse(path.read_text(), str(path))
             found += [f"{path.relative_to(REPO)}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Compare) and _compares_a_name(n)]
     assert found == []
+
+
+def test_parallel_package_has_no_import_cycle() -> None:
+    """Every ``import`` in parallel/ (``TYPE_CHECKING`` ones included) forms no cycle: the schema
+    (``config``) sits below the mode registry, which sits below the runtime's setup (``layout``)."""
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in (REPO / "parallel").rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        edges[name] = {t for t in targets if t in files and t != name}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + [name])}"
+        if name not in done:
+            for target in sorted(edges[name]):
+                visit(target, path + [name])
+            done.add(name)
+
+    for name in sorted(files):
+        visit(name, [])

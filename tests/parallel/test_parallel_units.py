@@ -12,7 +12,8 @@ from moe.layer import local_runner
 from moe.routers import RoutingDecision
 from parallel import ParallelConfig
 from parallel.comm import CommMeter
-from parallel.config import FSSDPConfig, check_experts, check_world
+from parallel.config import FSSDPConfig
+from parallel.modes import check_config, check_experts, check_world
 from parallel.fssdp_plan import heterogeneous_shard, hottest, initial_owners, plan_digest, sparse_materialize
 from parallel.mesh import init_mesh, torchrun_env
 from parallel.token_exchange import exchange_and_run
@@ -20,11 +21,11 @@ from parallel.token_exchange import exchange_and_run
 
 def test_bad_layouts_are_refused_naming_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"parallel.mode \('tp'\) must be one of"):
-        ParallelConfig(mode="tp")
+        check_config(ParallelConfig(mode="tp"))
     with pytest.raises(ConfigError, match=r"parallel.dense \('zero3'\)"):
-        ParallelConfig(mode="ep", dense="zero3")
+        check_config(ParallelConfig(mode="ep", dense="zero3"))
     with pytest.raises(ConfigError, match=r"parallel.ep_size \(2\) is only used by parallel.mode=ep"):
-        ParallelConfig(mode="ddp", ep_size=2)
+        check_config(ParallelConfig(mode="ddp", ep_size=2))
     with pytest.raises(ConfigError, match=r"parallel.ep_size \(3\) must divide the world size \(4\)"):
         check_world(ParallelConfig(mode="ep", ep_size=3), 4)
     with pytest.raises(ConfigError, match=r"parallel.ep_size \(8\) must be <= the world size \(4\)"):
@@ -36,7 +37,7 @@ def test_bad_layouts_are_refused_naming_the_values(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ConfigError, match=r"parallel.fssdp.shard_size \(3\) must divide the world size \(4\)"):
         check_world(ParallelConfig(mode="fssdp", fssdp=dict(shard_size=3)), 4)
     with pytest.raises(ConfigError, match=r"parallel.fssdp.shard_size \(2\) is only used by parallel.mode=fssdp"):
-        ParallelConfig(mode="ep", fssdp=dict(shard_size=2))
+        check_config(ParallelConfig(mode="ep", fssdp=dict(shard_size=2)))
     check_world(ParallelConfig(mode="fssdp", fssdp=dict(shard_size=2)), 4)
     check_world(ParallelConfig(mode="ep", ep_size=2), 4)  # valid layouts pass
     check_experts(ParallelConfig(mode="ep", ep_size=2), 4, 6)

@@ -194,6 +194,7 @@ def _count_step(overrides: list[str], card: str) -> StepCount:
     from launch.train_step import doc_ids, forward_backward
     from moe.model import MoETransformer
     from parallel import Runtime
+    from parallel.modes import parallel_mode
     from tools.bench.meta_cuda import CudaAutocast, on_card
 
     rates = CARDS[card]
@@ -209,7 +210,7 @@ def _count_step(overrides: list[str], card: str) -> StepCount:
         counts = count_model(core, tr.seq_len)
         core.prepare(meta)
         core.set_activation_checkpointing(tr.activation_checkpointing)
-        runtime = Runtime(device=meta, cfg=job.parallel)
+        runtime = Runtime(device=meta, cfg=job.parallel, replicated=parallel_mode(job.parallel.mode).replicates_parameters)
         engine = build_engine(job, core, runtime, manifest_of(job))
         model = engine.model
         guard = StepGuard(runtime, tr.on_nonfinite, tr.max_consecutive_skips, StopSignals([]), AgentWatch())

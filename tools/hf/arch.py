@@ -25,6 +25,7 @@ from typing import Any
 from moe.errors import MoeforgeError
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
+from moe.routers import RouterConfig
 from moe.routers.topk import TopKConfig
 
 
@@ -100,7 +101,7 @@ def renormalizes(router: TopKConfig) -> bool:
 # ------------------------------------------------------------------------------------------ export
 
 
-def hf_config(arch: Arch, model: ModelConfig, router: Any, experts: ExpertsConfig) -> dict[str, Any]:
+def hf_config(arch: Arch, model: ModelConfig, router: RouterConfig, experts: ExpertsConfig) -> dict[str, Any]:
     """Keyword arguments of the transformers config class of ``arch`` for this moeforge model.
 
     Raises ``ConversionError`` naming the moeforge setting the architecture cannot hold.
@@ -108,7 +109,7 @@ def hf_config(arch: Arch, model: ModelConfig, router: Any, experts: ExpertsConfi
     def refuse(key: str, value: object, why: str) -> ConversionError:
         return ConversionError(f"cannot export to {arch.hf_class}: {key}={value!r}: {why}")
 
-    if router.name != "topk":
+    if not isinstance(router, TopKConfig):
         raise refuse("router.name", router.name, "its router is a softmax top-k over a linear gate (router=topk)")
     if router.local_search.enabled:
         raise refuse("router.local_search.enabled", True, "it has no permutation of the expert axis")

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
+from moe.routers import RouterConfig
 from tools.cli import DTYPES
 from tools.hf.arch import ConversionError
 
@@ -107,7 +108,7 @@ def model_configs_of(checkpoint: Path, config_yaml: Path | None = None) -> tuple
     return model_configs(cfg, str(config_yaml))
 
 
-def load_moeforge_model(checkpoint: Path, model: ModelConfig, router: Any, experts: ExpertsConfig) -> MoETransformer:
+def load_moeforge_model(checkpoint: Path, model: ModelConfig, router: RouterConfig, experts: ExpertsConfig) -> MoETransformer:
     """The model of a verified moeforge checkpoint (``launch.pretrained.load_model``)."""
     from launch.pretrained import load_model
 

@@ -22,8 +22,9 @@ SUFFIX = re.compile(r"\b[a-z][a-z0-9_]*_([A-Z][A-Za-z0-9]*)\b")  # as tests/moe/
 
 def test_every_config_derives_from_router_config() -> None:
     assert all(issubclass(cls.Config, RouterConfig) for cls in ROUTERS.values())
-    assert K_ROUTERS == ["act_dts", "attention_aware", "comet", "dselect_k", "dts", "sigmoid_bias", "similarity", "topk"]
-    assert OTHER_ROUTERS == ["base", "expert_choice", "hash"]
+    # Subsets, not the whole registry: adding a router must not need an edit here.
+    assert {"act_dts", "attention_aware", "comet", "dselect_k", "dts", "sigmoid_bias", "similarity", "topk"} <= set(K_ROUTERS)
+    assert {"base", "expert_choice", "hash"} <= set(OTHER_ROUTERS)
     assert all(ROUTERS[name].Config().name == name for name in ROUTERS)
 
 

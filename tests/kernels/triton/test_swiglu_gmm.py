@@ -1,4 +1,5 @@
-"""gather_gmm (up projection, fused SwiGLU) against the pure-torch reference, forward and gradients.
+"""kernels.triton.swiglu_gmm (up projection, fused SwiGLU) and kernels.triton.gather_gmm (the bare gathered GEMM)
+against the pure-torch reference, forward and gradients.
 
 Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots, R routed rows.
 """

@@ -24,7 +24,7 @@ TINY = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16)
 # Program groups of 3 tiles: with 8 schedule tiles and 2 column blocks the last group is ragged
 # (3 + 3 + 2), and the backward kernel runs its own 16-wide column block.
 TINY_GROUPED = BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16, group_m=3, bwd_block_n=16)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _problem(kc, gen, kind, dtype=torch.float32):
