@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from moe.errors import check
+from kernels.errors import check
 
 
 def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
@@ -63,20 +63,20 @@ class TileSchedule:
 
 @dataclass(frozen=True)
 class BlockSizes:
-    """Launch parameters of the grouped-GEMM kernels (``tools/bench_layer.py --autotune`` sweeps them).
+    """Launch parameters of the grouped-GEMM kernels (``tools/bench/layer.py --autotune`` sweeps them).
 
     block_m/block_n/block_k tile the row, output-column and reduction dims of the forward and
     dgrad GEMMs; block_r is the row chunk of ``grouped_wgrad``'s reduction over an expert's rows
     (its output tiles are block_n square); group_m is how many row tiles share an L2-friendly
-    program group (``kernels.tile_matmul.grouped_program``); bwd_block_n narrows the column block
+    program group (``kernels.triton.tile_matmul.grouped_program``); bwd_block_n narrows the column block
     of the fused down-dgrad + SwiGLU-backward kernel, whose epilogue holds five fp32 tiles.
 
     Defaults (128/128/64, 8 warps, 3 stages; backward columns 64): the canonical Hopper tile with
-    two warpgroups per block, chosen by ``python -m tools.compile_check`` for sm_90 on the four
+    two warpgroups per block, chosen by ``python -m tools.bench.compile_check`` for sm_90 on the four
     reference shapes as the configuration with no register spills in any kernel and at least 8
     resident warps per SM in every GEMM. With block_n 128 the backward kernel spills 1.6 KB per
     thread; the previous default (64/128/64, 4 warps) left the forward kernel at one 4-warp block
-    per SM. This is a static choice: no GPU timing has picked it yet (see ``tools/bench_layer.py``).
+    per SM. This is a static choice: no GPU timing has picked it yet (see ``tools/bench/layer.py``).
     ``allow_tf32`` lets fp32 inputs use TF32 tensor cores (opt-in: ScatterMoE issue #5 traced
     logit mismatches to TF32 being on by default).
     """

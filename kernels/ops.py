@@ -9,7 +9,12 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::swiglu_act_bwd_(g, u, a, scale)``: its gradients, ``dg`` and ``du`` written over
   ``g`` and ``u`` in place, ``dscale`` returned;
 - ``moeforge::unpermute(y, y2, pos, K, scale)``: token-order sum of expert-sorted rows
-  (``kernels.unpermute``).
+  (``kernels.unpermute``);
+- ``moeforge::cross_entropy_rows(z, y, scale, grad_dtype, want_grad)``: per-row cross-entropy of
+  fp32 logits and the logit gradient in ``grad_dtype`` (``kernels.cross_entropy``), the chunked
+  loss's one kernel per chunk on a GPU (``moe.head_loss``);
+- ``moeforge::rope(x, cos, sin, inverse)``: rotary embedding of ``[B, H, S, d]`` heads, or its
+  backward with ``inverse`` (``kernels.rope``; ``moe.model.apply_rope`` on a GPU).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -92,6 +97,30 @@ def _unpermute(y: Tensor, y2: Tensor | None, pos: Tensor, K: int, scale: Tensor 
     return out
 
 
+def _cross_entropy_rows(z: Tensor, y: Tensor, scale: float, grad_dtype: torch.dtype, want_grad: bool) -> tuple[Tensor, Tensor]:
+    mod = _kernel_module("cross_entropy")
+    if z.dtype != torch.float32 or not triton_runs(z, mod, "_cross_entropy_kernel"):
+        loss, g = reference.cross_entropy_rows(z, y, scale, grad_dtype, want_grad)
+        return loss, g if g is not None else z.new_empty(0, dtype=grad_dtype)
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    g = torch.empty(z.shape, dtype=grad_dtype, device=z.device) if want_grad else None
+    mod.cross_entropy_rows_into(_unit_cols(z), y, scale, loss, g)
+    return loss, g if g is not None else z.new_empty(0, dtype=grad_dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    mod = _kernel_module("rope")
+    if x.shape[-1] % 2 or not triton_runs(x, mod, "_rope_kernel"):
+        return reference.rope(x, cos, sin, inverse)
+    y = torch.empty_like(x)
+    mod.rope_into(_unit_cols(x), cos.contiguous(), sin.contiguous(), inverse, y)
+    return y
+
+
+def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _fake_swiglu_act(g: Tensor, u: Tensor, scale: Tensor | None) -> Tensor:
     return g.new_empty(g.shape)
 
@@ -104,6 +133,10 @@ def _fake_unpermute(y: Tensor, y2: Tensor | None, pos: Tensor, K: int, scale: Te
     return y.new_empty(pos.shape[0] // K, y.shape[1])
 
 
+def _fake_cross_entropy_rows(z: Tensor, y: Tensor, scale: float, grad_dtype: torch.dtype, want_grad: bool) -> tuple[Tensor, Tensor]:
+    return z.new_empty(z.shape[0], dtype=torch.float32), z.new_empty(z.shape if want_grad else (0,), dtype=grad_dtype)
+
+
 # Registered with the low-level ``torch.library.Library`` API: a call costs the C++ dispatcher plus
 # one Python function (~3 us), where ``torch.library.custom_op``'s wrapper cost ~30 us a call,
 # which a layer step on a fast GPU pays as idle time between kernels.
@@ -112,6 +145,9 @@ _OPS = {
     "swiglu_act": ("swiglu_act(Tensor g, Tensor u, Tensor? scale) -> Tensor", _swiglu_act, _fake_swiglu_act),
     "swiglu_act_bwd_": ("swiglu_act_bwd_(Tensor(a!) g, Tensor(b!) u, Tensor a, Tensor? scale) -> Tensor", _swiglu_act_bwd_, _fake_swiglu_act_bwd_),
     "unpermute": ("unpermute(Tensor y, Tensor? y2, Tensor pos, SymInt K, Tensor? scale) -> Tensor", _unpermute, _fake_unpermute),
+    "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
+                           _cross_entropy_rows, _fake_cross_entropy_rows),
+    "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
     _LIB.define(_schema)
@@ -127,3 +163,11 @@ swiglu_act_bwd_ = torch.ops.moeforge.swiglu_act_bwd_.default
 backward needs no new R x F buffers. Returns ``dscale`` (empty when ``scale`` is None)."""
 unpermute = torch.ops.moeforge.unpermute.default
 """``out[t] = sum_j scale[p] * (y[p] + y2[p])`` over ``p = pos[t*K + j] >= 0`` (fp32 sum, y's dtype)."""
+cross_entropy_rows = torch.ops.moeforge.cross_entropy_rows.default
+"""``(loss_C, g_CV)`` of fp32 logits ``z_CV`` and targets ``y_C``: ``loss_c = lse(z_c) - z_{c y_c}``
+(fp32) and ``g_c = (softmax(z_c) - onehot(y_c)) * scale`` in ``grad_dtype`` (empty unless
+``want_grad``). One kernel reads the logits and writes the gradient once (``kernels.cross_entropy``)."""
+rope = torch.ops.moeforge.rope.default
+"""``x [B, H, S, d]`` rotated pairwise (first half, second half) by each position's angle
+(``cos``/``sin`` [S, d/2]), or by its negative when ``inverse`` (the backward); fp32 math, x's
+dtype and dimension order (``empty_like``). One kernel reads each element once and writes it once (``kernels.rope``)."""

@@ -144,3 +144,28 @@ def unpermute(y_RD: Tensor, y2_RD: Tensor | None, pos_S: Tensor, K: int, s_R: Te
     rows = torch.cat([rows, rows.new_zeros(1, D)])
     idx_S = torch.where(pos_S >= 0, pos_S.long(), rows.shape[0] - 1)
     return rows[idx_S].reshape(S // K, K, D).sum(1).to(y_RD.dtype)
+
+
+def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torch.dtype, want_grad: bool,
+                       inplace: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-row cross-entropy ``lse(z_c) - z_{c y_c}`` of fp32 logits and, when ``want_grad``, the
+    logit gradient ``(softmax(z_c) - onehot(y_c)) * scale`` in ``grad_dtype`` (``kernels.cross_entropy``).
+
+    ``inplace``: the gradient is computed in ``z_CV``'s storage (the chunked loss's CPU path, which
+    needs the logits no more); otherwise ``z_CV`` is left as it was.
+    """
+    lse_C = torch.logsumexp(z_CV, dim=-1)
+    loss_C = lse_C - z_CV.gather(1, y_C[:, None]).squeeze(1)
+    if not want_grad:
+        return loss_C, None
+    g_CV = (z_CV if inplace else z_CV.clone()).sub_(lse_C[:, None]).exp_()
+    g_CV.scatter_add_(1, y_C[:, None], torch.full_like(lse_C[:, None], -1.0))
+    return loss_C, g_CV.mul_(scale).to(grad_dtype)
+
+
+def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tensor:
+    """Rotary embedding of the (first half, second half) pairs by each position's angle, or by its
+    negative when ``inverse`` (the backward), in fp32, returned in x's dtype (``kernels.rope``)."""
+    x1, x2 = x_BHSd.float().chunk(2, dim=-1)
+    sin = -sin_Sh if inverse else sin_Sh
+    return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype)

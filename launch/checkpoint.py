@@ -110,7 +110,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 @dataclass
-class _Pending:
+class PendingWrite:
     step: int
     tmp: Path
     future: Any = None
@@ -128,7 +128,7 @@ class CheckpointWriter:
         self.async_save = async_save
         self.run_config: dict[str, Any] | None = None
         """The run's composed config; when set, every checkpoint carries it as ``config.yaml``."""
-        self._pending: _Pending | None = None
+        self._pending: PendingWrite | None = None
         # DCP's async_save needs a CPU (gloo) group, and its background thread must not share a
         # group with the training collectives of the main thread.
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
@@ -142,35 +142,34 @@ class CheckpointWriter:
         """
         self.finish()
         tensors, objects = split_state(state)
-        self._refuse_nonfinite(step, tensors)
+        self.refuse_nonfinite(step, tensors)
         need = self.check_space(step) or _tensor_bytes(tensors)
-        tmp = self._fresh_tmp(step, need)
+        tmp = self.fresh_tmp(step, need)
 
         def write_local() -> None:
-            _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f))
+            write_rng_state(tmp, self.runtime)
             if self.runtime.is_main:
-                _write_durably(tmp / OBJECTS, lambda f: f.write(objects_to_json(objects).encode()))
+                write_durably(tmp / OBJECTS, lambda f: f.write(objects_to_json(objects).encode()))
 
-        self._agreed(write_local, step, tmp, need)
+        self.run_agreed(write_local, step, tmp, need)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
             try:
                 if self.async_save:
                     future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group, no_dist=not dist.is_initialized())
-                    self._pending = _Pending(step, tmp, future, need, loss_window_of(state))
+                    self._pending = PendingWrite(step, tmp, future, need, loss_window_of(state))
                     return None
                 dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-                raise self._write_failed(err, step, tmp, need) from None
-        self._pending = _Pending(step, tmp, None, need, loss_window_of(state))
-        return self.finish()
+                raise self.write_failed(err, step, tmp, need) from None
+        return self.publish(PendingWrite(step, tmp, None, need, loss_window_of(state)))
 
     def check_space(self, step: int) -> int:
         """Before writing step ``step``: the rank-agreed free-space check (``launch.disk_space``); returns
         the bytes one checkpoint needs (the newest published one's size; 0 when there is none)."""
         return check_space(self.dir, latest_checkpoint(self.dir), step, self.runtime).need
 
-    def _write_failed(self, err: BaseException, step: int, tmp: Path, need: int) -> CheckpointError:
+    def write_failed(self, err: BaseException, step: int, tmp: Path, need: int) -> CheckpointError:
         """The one-line error for a failed write (OS error, path, bytes needed and free); the partial
         ``tmp`` folder is removed (it was never published), older checkpoints stay untouched."""
         line = describe_write_error(err, step, tmp, need)  # free space as the write found it
@@ -180,7 +179,7 @@ class CheckpointWriter:
         kept = f"; the newest checkpoint stays {newest.name}" if newest is not None else "; no checkpoint was published yet"
         return CheckpointError(line + kept)
 
-    def _agreed(self, write: Callable[[], None], step: int, tmp: Path, need: int) -> None:
+    def run_agreed(self, write: Callable[[], None], step: int, tmp: Path, need: int) -> None:
         """Run this rank's part of a write; if it fails on any rank, every rank raises (none is left
         waiting in a collective) and the failing rank names its OS error."""
         failure: BaseException | None = None
@@ -194,7 +193,12 @@ class CheckpointWriter:
             if failure is None and flag.item() > 0:
                 raise CheckpointError(f"could not write checkpoint step {step} into {tmp}: another rank failed (its line names the error)")
         if failure is not None:
-            raise self._write_failed(failure, step, tmp, need) from None
+            raise self.write_failed(failure, step, tmp, need) from None
+
+    def publish(self, pending: PendingWrite) -> Path | None:
+        """Publish ``pending`` now (its files are all in ``pending.tmp``): what ``finish`` does for a staged save."""
+        self._pending = pending
+        return self.finish()
 
     def finish(self) -> Path | None:
         """Publish the pending save (wait for an async write first); returns its path, or None if none."""
@@ -206,16 +210,16 @@ class CheckpointWriter:
             try:
                 future.result()
             except (Exception, CheckpointException) as err:
-                raise self._write_failed(err, pending.step, pending.tmp, pending.need) from None
+                raise self.write_failed(err, pending.step, pending.tmp, pending.need) from None
         rt = self.runtime
         if self.run_config is not None:
             text = OmegaConf.to_yaml(OmegaConf.create(self.run_config))
-            self._agreed(lambda: _write_durably(pending.tmp / CONFIG, lambda f: f.write(text.encode())) if rt.is_main else None,
+            self.run_agreed(lambda: write_durably(pending.tmp / CONFIG, lambda f: f.write(text.encode())) if rt.is_main else None,
                          pending.step, pending.tmp, pending.need)
         rt.barrier()  # every rank's shards and RNG file are on disk
-        names = _broadcast(sorted(p.name for p in pending.tmp.iterdir()) if rt.is_main else None, rt)
+        names = broadcast_object(sorted(p.name for p in pending.tmp.iterdir()) if rt.is_main else None, rt)
         listed: dict[str, Any] = {}
-        for part in _gather(digests(pending.tmp, share(names, rt.rank, rt.world_size)), rt):
+        for part in gather_objects(digests(pending.tmp, share(names, rt.rank, rt.world_size)), rt):
             listed.update(part)
         final = self.dir / f"step_{pending.step:08d}"
         manifest = {"format": FORMAT, "step": pending.step, "world_size": rt.world_size, **self.manifest, "files": listed}
@@ -224,31 +228,31 @@ class CheckpointWriter:
 
         def publish() -> None:
             if rt.is_main:
-                _write_durably(pending.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+                write_durably(pending.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
                 _publish(pending.tmp, final)
 
-        self._agreed(publish, pending.step, pending.tmp, pending.need)
+        self.run_agreed(publish, pending.step, pending.tmp, pending.need)
         if rt.is_main:
             self._prune(pending.step)
         rt.barrier()
         return final
 
-    def _refuse_nonfinite(self, step: int, tensors: dict[str, Any]) -> None:
+    def refuse_nonfinite(self, step: int, tensors: dict[str, Any]) -> None:
         bad = nonfinite_tensors(tensors)
         flag = torch.tensor([float(len(bad))], device=self.runtime.device)
         self.runtime.all_reduce_max_([flag])
         if flag.item() == 0:
             return
-        names = [name for part in _gather(bad, self.runtime) for name in part]
+        names = [name for part in gather_objects(bad, self.runtime) for name in part]
         newest = latest_checkpoint(self.dir)
         raise CheckpointError(
             f"refusing to save step {step}: {names[0]} holds NaN/Inf ({len(names)} tensor(s) in all); "
             f"the newest checkpoint stays {newest if newest is not None else '(none)'}"
         )
 
-    def _fresh_tmp(self, step: int, need: int = 0) -> Path:
+    def fresh_tmp(self, step: int, need: int = 0) -> Path:
         """A new empty ``step_N.tmp-<id>`` (same id on every rank); stale tmp/del folders are removed."""
-        token = _broadcast(uuid.uuid4().hex[:8], self.runtime)
+        token = broadcast_object(uuid.uuid4().hex[:8], self.runtime)
         tmp = self.dir / f"step_{step:08d}.tmp-{token}"
 
         def make() -> None:
@@ -258,7 +262,7 @@ class CheckpointWriter:
                     shutil.rmtree(stale, ignore_errors=True)  # this run holds the lock: nobody else writes them
                 tmp.mkdir()
 
-        self._agreed(make, step, tmp, need)
+        self.run_agreed(make, step, tmp, need)
         self.runtime.barrier()
         return tmp
 
@@ -334,7 +338,7 @@ def _publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _write_durably(path: Path, write: Any) -> None:
+def write_durably(path: Path, write: Any) -> None:
     """Create ``path``, fill it with ``write(file)``, and fsync it before returning."""
     with path.open("wb") as f:
         write(f)
@@ -350,7 +354,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _broadcast(obj: Any, runtime: Runtime) -> Any:
+def broadcast_object(obj: Any, runtime: Runtime) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if runtime.world_size == 1:
         return obj
@@ -359,7 +363,7 @@ def _broadcast(obj: Any, runtime: Runtime) -> Any:
     return box[0]
 
 
-def _gather(obj: Any, runtime: Runtime) -> list[Any]:
+def gather_objects(obj: Any, runtime: Runtime) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if runtime.world_size == 1:
         return [obj]
@@ -409,7 +413,7 @@ def verify_checkpoint(path: Path, runtime: Runtime) -> list[str]:
             read_metadata(path)
     except CheckpointError as err:
         found.append(str(err))
-    merged = sorted({p for part in _gather(found, runtime) for p in part})
+    merged = sorted({p for part in gather_objects(found, runtime) for p in part})
     return merged
 
 
@@ -423,7 +427,7 @@ def select_checkpoint(directory: str | Path, runtime: Runtime,
     naming the newest one's first problem, rather than silently starting over.
     """
     verify = verify or verify_checkpoint
-    candidates = _broadcast(published_checkpoints(directory) if runtime.is_main else None, runtime)
+    candidates = broadcast_object(published_checkpoints(directory) if runtime.is_main else None, runtime)
     newest = ""
     for path in candidates:
         found = verify(path, runtime)
@@ -475,29 +479,50 @@ def load_checkpoint(path: Path, state: dict[str, Any], runtime: Runtime) -> None
     except OSError as err:
         raise CheckpointError(f"checkpoint {path}: cannot read {OBJECTS}: {err}") from None
     merge_objects(state, objects_from_json(text, objects_file))
-    rng_file = path / f"rng_rank{runtime.rank}.pt"
-    if rng_file.is_file():
+    load_rng_state(path, runtime)
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    """Where rank ``rank``'s RNG state lies in checkpoint ``folder`` (every engine writes it there)."""
+    return folder / f"rng_rank{rank}.pt"
+
+
+def write_rng_state(folder: Path, runtime: Runtime) -> None:
+    """Write this rank's RNG state (CPU, and every CUDA device's) into checkpoint ``folder``, fsynced."""
+    write_durably(rng_file(folder, runtime.rank), lambda f: torch.save(rng_state(), f))
+
+
+def load_rng_state(path: Path, runtime: Runtime) -> None:
+    """Restore this rank's RNG state from checkpoint ``path`` (kept as seeded when it holds none for this rank).
+
+    Read with ``torch.load(weights_only=True)``: a file holding anything but tensors and plain
+    containers is refused (``CheckpointError`` naming what it references) without being loaded.
+    """
+    file = rng_file(path, runtime.rank)
+    if file.is_file():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns about pickle protocols it was not written with
-                _set_rng_state(torch.load(rng_file, weights_only=True))
+                set_rng_state(torch.load(file, weights_only=True))
         except Exception as err:  # weights_only refuses anything but tensors and plain containers
             named = re.search(r"GLOBAL ([\w.]+)", str(err))
             opcode = re.search(r"Unsupported operand \d+", str(err))
             what = f"it references {named.group(1)}" if named else opcode.group(0) if opcode else "torch.load(weights_only=True) refused it"
-            raise CheckpointError(f"{rng_file}: not a plain RNG state ({what}); refused without loading it") from None
+            raise CheckpointError(f"{file}: not a plain RNG state ({what}); refused without loading it") from None
     else:
         log.info(f"moeforge: {path} has no RNG state for rank {runtime.rank} (saved by fewer ranks); this rank keeps its seeded RNG")
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's RNG state: the CPU generator's and (when CUDA is there) every device's."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore an ``rng_state()`` (its CUDA part only where CUDA is there)."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

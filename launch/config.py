@@ -1,13 +1,15 @@
-"""Config schemas for every group, their ConfigStore registration, and whole-job validation.
+"""Config schemas of the runtime's groups, the typed job, and the rules across its groups.
 
 Each group is a typed dataclass (the source of truth); YAML under ``conf/`` stays thin and starts
-from ``/schema/<group>@_here_``. Schemas live in the ``schema/`` group so they are not choices.
-Component configs live beside their classes (``moe.model.ModelConfig``,
-``moe.routers.topk.TopKConfig``, ...); the groups that belong to the runtime are defined here.
+from ``/schema/<group>@_here_``. Component configs live beside their classes
+(``moe.model.ModelConfig``, ``moe.routers.topk.TopKConfig``, each engine's ``Config`` in
+launch/engines/, ...); the groups that belong to the runtime are defined here. launch/job.py
+registers every schema with Hydra and turns a composed config into a ``JobConfig``.
 
 A typo'd key or a wrongly typed value fails in Hydra's merge with the full key named; a value that
 breaks a rule fails in the dataclass's ``__post_init__`` (``moe.errors.ConfigError``), and a rule
-across groups in ``validate_job``; all before any process group, model or data exists.
+across groups in ``validate_job`` (the chosen engine's own in its ``check_job``); all before any
+process group, model or data exists.
 """
 
 from __future__ import annotations
@@ -16,18 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
-from launch.engines import ENGINES, check_job as check_engine_job
 from launch.preemption import signal_number
 from launch.routing_health import HealthConfig
-from moe.errors import ConfigError, check
+from moe.errors import check
 from moe.expert_backends import expert_backend
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig
 from moe.recompute import MODES as RECOMPUTE_MODES
-from moe.routers import ROUTERS, router_class
+from moe.routers import RouterConfig
 from parallel import ParallelConfig
 
 DATA_NAMES = ("stdlib_bytes", "memmap")
@@ -229,21 +227,12 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class EngineConfig:
-    name: str = "native"
-    """native (this trainer's own step and DCP checkpoints) | deepspeed (a DeepSpeed engine with ZeRO
-    stage ``zero_stage``; needs the ``[deepspeed]`` extra and ``parallel=ddp``, or ``parallel=ep``
-    with ZeRO 1/2 for DeepSpeed's expert parallelism); launch/engines/."""
-    zero_stage: int = 0
-    """deepspeed: ZeRO stage for every parameter, experts included (over their expert-data-parallel
-    group under ``parallel=ep``): 0 (replicated), 1 (optimizer state sharded), 2 (optimizer state and
-    gradients sharded). Stage 3 is not supported."""
+    """What every engine's config has; each engine's own config derives from it (``NativeEngine.Config``,
+    ``DeepSpeedEngine.Config``, launch/engines/) and holds that engine's knobs and their checks."""
 
-    def __post_init__(self) -> None:
-        check(self.name in ENGINES, "engine.name", self.name, f"must be one of {list(ENGINES)}")
-        check(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage,
-              "must be 0, 1 or 2 (ZeRO-3 is not supported: DeepSpeed refuses it for MoE models)")
-        check(self.zero_stage == 0 or self.name == "deepspeed", "engine.zero_stage", self.zero_stage,
-              f"is only used by engine=deepspeed (engine.name is {self.name!r})")
+    name: str
+    """The engine (launch/engines/ registry): native (this trainer's own step and DCP checkpoints) |
+    deepspeed (a DeepSpeed engine with ZeRO; needs the ``[deepspeed]`` extra). Chosen with ``engine=<name>``."""
 
 
 @dataclass
@@ -251,7 +240,7 @@ class JobConfig:
     """The validated, typed form of the whole composed config."""
 
     model: ModelConfig
-    router: Any
+    router: RouterConfig
     experts: ExpertsConfig
     data: DataConfig
     optim: OptimConfig
@@ -259,29 +248,7 @@ class JobConfig:
     logging: LoggingConfig
     checkpoint: CheckpointConfig
     parallel: ParallelConfig
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-
-GROUP_SCHEMAS: dict[str, type] = {
-    "model": ModelConfig,
-    "experts": ExpertsConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "logging": LoggingConfig,
-    "checkpoint": CheckpointConfig,
-    "parallel": ParallelConfig,
-    "engine": EngineConfig,
-}
-
-
-def register_schemas() -> None:
-    """Store every group schema as ``schema/<group>`` and every router's as ``schema/router/<name>``."""
-    cs = ConfigStore.instance()
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group="schema", name=group, node=schema)
-    for name, router_cls in ROUTERS.items():
-        cs.store(group="schema/router", name=name, node=router_cls.Config)
+    engine: EngineConfig
 
 
 def conf_dir() -> str:
@@ -289,39 +256,10 @@ def conf_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def to_job_config(cfg: DictConfig) -> JobConfig:
-    """Instantiate every group's dataclass (running its checks) and the cross-group checks."""
-    groups = {}
-    for group in ("model", "router", "experts", "data", "optim", "train", "logging", "checkpoint", "parallel", "engine"):
-        node = cfg.get(group)
-        if node is None:
-            raise ConfigError(f"config group '{group}' is missing from the composed config")
-        groups[group] = _instantiate(group, node)
-    job = JobConfig(**groups)
-    validate_job(job)
-    return job
-
-
-def _instantiate(group: str, node: DictConfig) -> Any:
-    if group == "router":
-        router_class(node.get("name"))  # an unknown name fails here, naming router.name
-    try:
-        return OmegaConf.to_object(node)
-    except ConfigError:
-        raise
-    except Exception as err:  # OmegaConf wraps errors raised by __post_init__
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(f"{group}: {err}") from None
-
-
 def validate_job(job: JobConfig) -> None:
-    """Rules that span groups."""
+    """Rules that span the groups defined here and the model's (the chosen engine's own: its ``check_job``)."""
     m, e = job.model, job.experts
-    k = getattr(job.router, "k", None)
-    if k is not None:
-        check(k <= m.num_experts, "router.k", k, f"must be <= model.num_experts ({m.num_experts})")
+    job.router.check_num_experts(m.num_experts)
     expert_backend(e.backend).check_shapes(m.d_model, m.d_ff)
     check(job.train.seq_len <= m.max_seq_len, "train.seq_len", job.train.seq_len, f"must be <= model.max_seq_len ({m.max_seq_len})")
     sep = job.data.doc_separator
@@ -329,4 +267,3 @@ def validate_job(job: JobConfig) -> None:
         check(0 <= sep < m.vocab_size, "data.doc_separator", sep, f"must be a token id in [0, model.vocab_size={m.vocab_size})")
     if job.data.name == "stdlib_bytes":
         check(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, "must be >= 256 for data=stdlib_bytes (bytes)")
-    check_engine_job(job)

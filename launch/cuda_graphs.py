@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parallel.modes import parallel_mode
+
 if TYPE_CHECKING:
     from launch.config import JobConfig
     from moe.expert_backends import ExpertBackend
@@ -27,16 +29,9 @@ def refusal(job: JobConfig, device: torch.device, backend: ExpertBackend) -> str
     ``backend``: the expert backend the model resolved to on ``device``."""
     if device.type != "cuda":
         return f"train.cuda_graphs=true needs a CUDA device; this run is on {device.type}"
-    mode = job.parallel.mode
-    if mode == "ep":
-        return ("train.cuda_graphs=true: parallel=ep cannot be captured (its all-to-all takes per-layer split sizes read on "
-                "the host from the routing, a data-dependent shape)")
-    if mode == "fssdp":
-        return ("train.cuda_graphs=true: parallel=fssdp cannot be captured (routed rows are exchanged between expert holders "
-                "with split sizes read on the host, and each step's placement is planned on the host)")
-    if mode == "fsdp":
-        return ("train.cuda_graphs=true: parallel=fsdp is not supported (FSDP2 all-gathers and frees parameters in hooks "
-                "around each block, outside the captured graphs); use parallel=ddp or none")
+    why = parallel_mode(job.parallel.mode).capture_refusal
+    if why is not None:
+        return f"train.cuda_graphs=true: parallel={job.parallel.mode} {why}"
     if job.experts.capacity_factor is not None:
         return (f"train.cuda_graphs=true: experts.capacity_factor={job.experts.capacity_factor} drops tokens by data-dependent "
                 f"counts; use dropless routing (capacity_factor=null)")

@@ -46,7 +46,7 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig,
 def fused_for(devices: set[torch.device]) -> bool:
     """Fused AdamW (one multi-tensor kernel reading each parameter, gradient and both moments once) when
     every parameter is on CUDA; CPU keeps torch's default implementation (and its numbers). ``meta``
-    parameters stand for CUDA ones (``tools.step_budget`` counts the step the card would run)."""
+    parameters stand for CUDA ones (``tools.bench.step_budget`` counts the step the card would run)."""
     return bool(devices) and all(d.type in ("cuda", "meta") for d in devices)
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.errors import CheckpointError
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
-from moe.routers import router_class
+from moe.routers import RouterConfig, router_class
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 
@@ -79,7 +79,7 @@ def checkpoint_config(checkpoint: Path) -> DictConfig:
                           f"pass the run's .hydra/config.yaml explicitly (--config)")
 
 
-def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelConfig, Any, ExpertsConfig]:
+def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelConfig, RouterConfig, ExpertsConfig]:
     """(model, router, experts) configs of a composed run config, each validated by its schema.
 
     Only these groups are read: a checkpoint's tensors and the function they compute depend on them
@@ -97,14 +97,16 @@ def model_configs(cfg: DictConfig, source: str = "the config") -> tuple[ModelCon
 
 
 @torch.no_grad()
-def load_model(checkpoint: Path, model_cfg: ModelConfig, router_cfg: Any, experts_cfg: ExpertsConfig) -> MoETransformer:
+def load_model(checkpoint: Path, model_cfg: ModelConfig, router_cfg: RouterConfig, experts_cfg: ExpertsConfig) -> MoETransformer:
     """The fp32 CPU model of a verified native checkpoint, built from these configs (optimizer state not read)."""
     from launch.checkpoint import check_compatible, load_checkpoint, read_manifest, verify_checkpoint
+    from launch.engines import checkpoint_engine
+    from launch.engines.native import NativeConfig
     from parallel import Runtime, checkpoint_state
 
     manifest = read_manifest(checkpoint)
-    engine = (manifest.get("engine") or {}).get("name", "native")
-    if engine != "native":
+    engine = checkpoint_engine(manifest)
+    if engine != NativeConfig.name:
         raise CheckpointError(f"{checkpoint} was written by engine={engine}; load_pretrained reads native checkpoints "
                               f"(resume it under engine={engine} and save with engine=native to convert)")
     runtime = Runtime()

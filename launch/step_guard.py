@@ -88,7 +88,7 @@ class StepGuard:
         self.runtime.all_reduce_max_([bad])
         ok = bad[0] == 0
         dev = values.device
-        if dev.type == "meta":  # counted, not run (tools.step_budget): there are no values to read back
+        if dev.type == "meta":  # counted, not run (tools.bench.step_budget): there are no values to read back
             return ok
         buf = torch.empty(3, dtype=torch.float32, pin_memory=dev.type == "cuda")
         buf.copy_(torch.cat([bad, values]), non_blocking=dev.type == "cuda")

@@ -6,9 +6,10 @@ recomputes activations:
 
     flops_per_token = 6 * N_active + 12 * L * H * Q * S
 
-- ``N_active``: the parameters one token's forward multiplies with — attention projections, every
-  dense FFN, each router, the ``k`` routed experts it is sent to (``k`` = the router's experts per
-  token; 1 for routers without one), shared experts, and the output head. The input embedding
+- ``N_active``: the parameters one token's forward multiplies with, as the model counts them
+  (``MoETransformer.active_params``) — attention projections, every dense FFN, each router, the
+  ``k`` routed experts it is sent to (``k`` = the router config's ``experts_per_token``; 1 for
+  routers without one), shared experts, and the output head. The input embedding
   (a lookup) and norm weights (elementwise) do no matrix products and are left out; a tied
   embedding counts once, as the head. 6 = 2 (multiply-add) x 3 (forward, and backward for inputs
   and weights).
@@ -59,25 +60,12 @@ class ModelCounts:
         return f"{self.total_params / 1e6:,.1f}M parameters, {self.active_params / 1e6:,.1f}M active per token"
 
 
-def experts_per_token(router: torch.nn.Module) -> int:
-    """The router's nominal experts per token (``k``), 1 for routers that have none."""
-    return int(getattr(getattr(router, "cfg", None), "k", 1))
-
-
 def count_model(model: MoETransformer, seq_len: int) -> ModelCounts:
-    """Count ``model``'s parameters (any device, ``meta`` included) before any parallel rewiring."""
+    """Count ``model``'s parameters (any device, ``meta`` included) before any parallel rewiring;
+    the active ones are the model's own count (``MoETransformer.active_params``)."""
     cfg = model.cfg
     total = sum(p.numel() for p in model.parameters())
-    active = 0
-    expert_params: dict[int, float] = {}
-    for _, layer in model.moe_layers():
-        share = experts_per_token(layer.router) / layer.num_experts
-        for p in layer.experts.parameters():
-            expert_params[id(p)] = share
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or (name == "embed.weight" and not cfg.tie_embeddings):
-            continue
-        active += round(p.numel() * expert_params.get(id(p), 1.0))
+    active = model.active_params()
     head_dim = cfg.d_model // cfg.num_heads
     attention = 12 * cfg.num_layers * cfg.num_heads * head_dim * seq_len
     return ModelCounts(total, active, 6.0 * active + attention)

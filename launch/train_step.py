@@ -4,7 +4,7 @@
 micro-batches, reduction and the gradient norm, the device-side finiteness verdict
 (``StepGuard.post``), the masked optimizer step, the parallel layout's and routers' per-step
 bookkeeping, and the log window's running sums. In a step that neither logs, evaluates nor saves
-none of it reads a device value on the host (``tools.host_syncs`` counts, tests assert zero for
+none of it reads a device value on the host (``tools.bench.host_syncs`` counts, tests assert zero for
 ``parallel=none|ddp|fsdp|fssdp``; EP's all-to-all needs its split sizes on the host).
 
 ``forward_backward`` (the accumulation over micro-batches) and ``doc_ids`` live here, beside their
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from launch import cuda_graphs
 from launch.config import JobConfig
-from launch.engines import Engine, native
+from launch.engines import Engine
 from launch.log_window import LogWindow
 from launch.step_guard import StepGuard, Verdict
 from moe.model import MoETransformer
@@ -36,26 +36,24 @@ def doc_ids(tokens_BS: torch.Tensor, separator: int | None) -> torch.Tensor | No
     return torch.cumsum(ends, dim=1) - ends
 
 
-def forward_backward(model: torch.nn.Module, runtime: Runtime, x_BS: torch.Tensor, y_BS: torch.Tensor, step: int, job: JobConfig,
-                     autocast: Any, engine: Engine | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Accumulate one optimizer step's gradients over ``train.grad_accum`` micro-batches.
+def forward_backward(engine: Engine, runtime: Runtime, x_BS: torch.Tensor, y_BS: torch.Tensor, step: int, job: JobConfig,
+                     autocast: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate one optimizer step's gradients of ``engine.model`` over ``train.grad_accum`` micro-batches.
 
     Each micro-batch's loss is divided by their number, so the summed gradients are those of the
     mean over the whole batch; gradient communication runs only in the last backward. ``engine``
-    owns both (the native engine's way when None). Returns the step's mean cross-entropy and mean
+    owns both (``micro_batch``, ``backward``). Returns the step's mean cross-entropy and mean
     auxiliary losses (detached).
     """
-    n = job.train.grad_accum
-    sync = engine.micro_batch if engine is not None else lambda last: native.micro_batch(model, runtime, last)
-    backward = engine.backward if engine is not None else native.backward
+    n, model = job.train.grad_accum, engine.model
     ce_total = torch.zeros((), device=runtime.device)
     aux_total: dict[str, torch.Tensor] = {}
     for j, (x, y) in enumerate(zip(x_BS.chunk(n), y_BS.chunk(n))):
-        with sync(j == n - 1):
+        with engine.micro_batch(j == n - 1):
             with autocast:
                 ce, aux = model(x, step=step, doc_ids_BS=doc_ids(x, job.data.doc_separator), targets_BS=y)
             loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-            backward(loss, n)
+            engine.backward(loss, n)
         ce_total += ce.detach()
         for name, value in aux.items():
             aux_total[name] = aux_total.get(name, 0.0) + value.detach()
@@ -87,7 +85,7 @@ class TrainStep:
         if self.job.train.cuda_graphs:
             cuda_graphs.mark_step()
         engine.zero_grad()
-        ce, aux = forward_backward(engine.model, runtime, x_BS, y_BS, step, self.job, self.autocast, engine)
+        ce, aux = forward_backward(engine, runtime, x_BS, y_BS, step, self.job, self.autocast)
         loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
         grad_norm = engine.grad_norm()
         ok = self.guard.post(step, loss, grad_norm)

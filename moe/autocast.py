@@ -3,7 +3,7 @@
 Backends that call library GEMMs or Triton kernels (``torch._grouped_mm``, moeforge's kernels, the
 router's fp32-output GEMM) are outside autocast's op lists, so they cast their inputs themselves,
 to the dtype autocast would use. ``meta`` tensors stand for CUDA ones in the budget tools
-(``tools.step_budget`` counts a step on ``meta``); autocast has no ``meta`` device, so their
+(``tools.bench.step_budget`` counts a step on ``meta``); autocast has no ``meta`` device, so their
 answer comes from the function the innermost ``meta_autocast`` block installed (None outside one).
 """
 

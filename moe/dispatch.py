@@ -1,14 +1,13 @@
 """Dispatch: turn a RoutingDecision into an expert-sorted permutation and per-expert counts.
 
-Shape legend: T tokens, D model dim, E experts, K slots per token, R routed rows (kept slots).
+Shape letters: the ``moe`` package legend (T tokens, K slots per token, A = T*K slots, R rows).
 
-Slots are numbered token-major, ``slot = t*K + j``. The plan lists the kept slots sorted by
+Slots are numbered token-major, ``a = t*K + j``. The plan lists the kept slots sorted by
 expert with a stable sort, so inside one expert rows stay in token order; this is the data
-contract the kernels share (``slot_idx_R`` = kernels' ``sorted_slot_idx``, ``offsets_E1`` =
-``expert_offsets``).
+contract the kernels share (their ``slot_idx_R`` and ``expert_offsets_E1``).
 
 Dropless (default): every used slot is kept, whatever the load. Capacity mode (GShard/Switch):
-expert e keeps at most ``C = ceil(K*T*cf/E)`` slots, filled in priority order (every token's
+expert e keeps at most ``cap = ceil(K*T*cf/E)`` slots, filled in priority order (every token's
 first choice before any token's second choice, tokens in order inside a choice); the overflow
 is dropped, its weight is lost (the residual carries the token), and the count is reported.
 """
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kernels import ops
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,10 @@ class DispatchPlan:
     weight_R:     combine weight of each row (differentiable, fp32).
     counts_E:     int64 rows per expert; rows of expert e are ``offsets_E1[e]:offsets_E1[e+1]``.
     offsets_E1:   int64 exclusive scan of counts, length E+1 (computed on first use).
-    num_slots:    K, slots per token in the decision (slot ids run over T*K).
+    slots_per_token: K, slots per token in the decision (slot ids run over A = T*K).
     num_routed:   int64 scalar, used slots before dropping.
     num_dropped:  int64 scalar, slots dropped by the capacity limit (0 when dropless).
-    row_of_slot_S: int32 [T*K] inverse permutation: the row of each token-major slot, -1 for a
+    row_of_slot_A: int32 [A] inverse permutation: the row of each token-major slot, -1 for a
                   slot without a row (masked or dropped). Combining rows back into tokens is a
                   gather through it (``kernels.ops.unpermute``), never an atomic scatter.
     """
@@ -47,10 +46,10 @@ class DispatchPlan:
     token_idx_R: Tensor
     weight_R: Tensor
     counts_E: Tensor
-    num_slots: int
+    slots_per_token: int
     num_routed: Tensor
     num_dropped: Tensor
-    row_of_slot_S: Tensor
+    row_of_slot_A: Tensor
 
     @property
     def num_rows(self) -> int:
@@ -72,62 +71,62 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     """Build the plan for ``decision``; dropless when ``capacity_factor`` is None."""
     ids_TK = decision.expert_ids_TK
     T, K = ids_TK.shape
-    E, S, dev = num_experts, T * K, ids_TK.device
+    E, A, dev = num_experts, T * K, ids_TK.device
     valid_TK = decision.mask_TK  # None: every slot is used and kept
     if capacity_factor is not None:
         used_TK = decision.valid_mask()
         valid_TK = used_TK & _within_capacity(ids_TK, used_TK, E, capacity(T, K, E, capacity_factor))
     # Unused slots get key E so the stable sort puts them after every real expert; int16 keys
     # (E < 2^15) keep the device radix sort to two 8-bit passes.
-    key_S = (ids_TK if valid_TK is None else torch.where(valid_TK, ids_TK, E)).reshape(-1)
-    order_S = torch.argsort(key_S.to(torch.int16) if E < 2**15 else key_S, stable=True)
-    counts_E = _count(key_S, E + 1)[:E]
-    num_rows = S if valid_TK is None else int(valid_TK.sum())  # the one host sync: a variable row count
-    slot_idx_R = order_S[:num_rows]
-    position_S = torch.empty(S, dtype=torch.int32, device=dev).scatter_(0, order_S, torch.arange(S, dtype=torch.int32, device=dev))
-    row_of_slot_S = position_S if valid_TK is None else torch.where(position_S < num_rows, position_S, -1)
-    num_routed = torch.full((), S, dtype=torch.int64, device=dev) if decision.mask_TK is None else decision.mask_TK.sum()
+    key_A = (ids_TK if valid_TK is None else torch.where(valid_TK, ids_TK, E)).reshape(-1)
+    order_A = torch.argsort(key_A.to(torch.int16) if E < 2**15 else key_A, stable=True)
+    counts_E = _count(key_A, E + 1)[:E]
+    num_rows = A if valid_TK is None else int(valid_TK.sum())  # the one host sync: a variable row count
+    slot_idx_R = order_A[:num_rows]
+    position_A = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order_A, torch.arange(A, dtype=torch.int32, device=dev))
+    row_of_slot_A = position_A if valid_TK is None else torch.where(position_A < num_rows, position_A, -1)
+    num_routed = torch.full((), A, dtype=torch.int64, device=dev) if decision.mask_TK is None else decision.mask_TK.sum()
     return DispatchPlan(
         slot_idx_R=slot_idx_R,
         token_idx_R=torch.div(slot_idx_R, K, rounding_mode="floor"),
         weight_R=_PermuteSlots.apply(decision.weights_TK.reshape(-1), slot_idx_R),
         counts_E=counts_E,
-        num_slots=K,
+        slots_per_token=K,
         num_routed=num_routed,
         num_dropped=torch.zeros((), dtype=torch.int64, device=dev) if valid_TK is None else num_routed - counts_E.sum(),
-        row_of_slot_S=row_of_slot_S,
+        row_of_slot_A=row_of_slot_A,
     )
 
 
 class _PermuteSlots(torch.autograd.Function):
-    """``v_R = v_S[slot_idx_R]`` whose backward scatters into distinct slots (``index_copy``, no
+    """``v_R = v_A[slot_idx_R]`` whose backward scatters into distinct slots (``index_copy``, no
     accumulation: every slot has at most one row), where plain indexing would accumulate."""
 
     @staticmethod
-    def forward(ctx, v_S: Tensor, slot_idx_R: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, v_A: Tensor, slot_idx_R: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(slot_idx_R)
-        ctx.num_slots = v_S.shape[0]
-        return v_S.index_select(0, slot_idx_R)
+        ctx.A = v_A.shape[0]
+        return v_A.index_select(0, slot_idx_R)
 
     @staticmethod
     def backward(ctx, g_R: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (slot_idx_R,) = ctx.saved_tensors
-        return g_R.new_zeros(ctx.num_slots).index_copy_(0, slot_idx_R, g_R), None
+        return g_R.new_zeros(ctx.A).index_copy_(0, slot_idx_R, g_R), None
 
 
 def _within_capacity(ids_TK: Tensor, valid_TK: Tensor, num_experts: int, cap: int) -> Tensor:
     """Bool [T, K]: slot keeps its place under the capacity limit, in priority order."""
     T, K = ids_TK.shape
-    # Priority order is choice-major: slot (t, j) has priority j*T + t.
-    key_P = torch.where(valid_TK, ids_TK, torch.full_like(ids_TK, num_experts)).t().reshape(-1)
-    order_P = torch.argsort(key_P, stable=True)
-    counts = _count(key_P, num_experts + 1)
+    # Slots in priority order, choice-major: slot (t, j) sits at j*T + t.
+    prio_key_A = torch.where(valid_TK, ids_TK, torch.full_like(ids_TK, num_experts)).t().reshape(-1)
+    prio_order_A = torch.argsort(prio_key_A, stable=True)
+    counts = _count(prio_key_A, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
-    sorted_key = key_P[order_P]
-    rank_sorted = torch.arange(key_P.numel(), device=ids_TK.device) - starts[sorted_key]
-    rank_P = torch.empty_like(rank_sorted)
-    rank_P[order_P] = rank_sorted
-    return (rank_P < cap).reshape(K, T).t()
+    sorted_key = prio_key_A[prio_order_A]
+    rank_sorted = torch.arange(prio_key_A.numel(), device=ids_TK.device) - starts[sorted_key]
+    prio_rank_A = torch.empty_like(rank_sorted)
+    prio_rank_A[prio_order_A] = rank_sorted
+    return (prio_rank_A < cap).reshape(K, T).t()
 
 
 def _count(keys: Tensor, size: int) -> Tensor:
@@ -138,39 +137,39 @@ def _count(keys: Tensor, size: int) -> Tensor:
 def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
     """Expert-sorted copy of the routed rows: ``x_RD[r] = x_TD[token_idx_R[r]]``.
 
-    Backward sums each token's row gradients through ``plan.row_of_slot_S`` (fp32, slot order,
+    Backward sums each token's row gradients through ``plan.row_of_slot_A`` (fp32, slot order,
     no atomics) instead of ``index_select``'s ``index_add``.
     """
-    return _GatherRows.apply(x_TD, plan.token_idx_R, plan.row_of_slot_S, plan.num_slots)
+    return _GatherRows.apply(x_TD, plan.token_idx_R, plan.row_of_slot_A, plan.slots_per_token)
 
 
 def combine(y_RD: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """``y_TD[t] = sum over rows r of token t of weight_R[r] * y_RD[r]``, reduced in fp32.
 
-    A gather through ``plan.row_of_slot_S`` (``kernels.ops.unpermute``): deterministic, no atomics.
+    A gather through ``plan.row_of_slot_A`` (``kernels.ops.unpermute``): deterministic, no atomics.
     """
-    assert plan.row_of_slot_S.shape[0] == num_tokens * plan.num_slots, "plan is for another token count"
-    return _Combine.apply(y_RD, plan.weight_R, plan.token_idx_R, plan.row_of_slot_S, plan.num_slots)
+    assert plan.row_of_slot_A.shape[0] == num_tokens * plan.slots_per_token, "plan is for another token count"
+    return _Combine.apply(y_RD, plan.weight_R, plan.token_idx_R, plan.row_of_slot_A, plan.slots_per_token)
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD: Tensor, token_idx_R: Tensor, row_of_slot_S: Tensor, K: int) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(row_of_slot_S)
+    def forward(ctx, x_TD: Tensor, token_idx_R: Tensor, row_of_slot_A: Tensor, K: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(row_of_slot_A)
         ctx.K = K
         return x_TD.index_select(0, token_idx_R)
 
     @staticmethod
     def backward(ctx, dx_RD: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        (row_of_slot_S,) = ctx.saved_tensors
-        return ops.unpermute(dx_RD.contiguous(), None, row_of_slot_S, ctx.K, None), None, None, None
+        (row_of_slot_A,) = ctx.saved_tensors
+        return ops.unpermute(dx_RD.contiguous(), None, row_of_slot_A, ctx.K, None), None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_RD: Tensor, weight_R: Tensor, token_idx_R: Tensor, row_of_slot_S: Tensor, K: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, y_RD: Tensor, weight_R: Tensor, token_idx_R: Tensor, row_of_slot_A: Tensor, K: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(y_RD, weight_R, token_idx_R)
-        return ops.unpermute(y_RD.contiguous(), None, row_of_slot_S, K, weight_R)
+        return ops.unpermute(y_RD.contiguous(), None, row_of_slot_A, K, weight_R)
 
     @staticmethod
     def backward(ctx, dy_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:  # type: ignore[override]

@@ -2,17 +2,13 @@
 
 Every user-facing check raises one of these with a message that names the key, the value and the
 rule (``router.k (0) must be >= 1``). ``assert`` is kept for internal invariants only.
+``MoeforgeError``, ``ConfigError`` and ``check`` are defined in ``kernels.errors`` (the bottom
+package, which raises them too) and are the same objects here.
 """
 
 from __future__ import annotations
 
-
-class MoeforgeError(Exception):
-    """Base of every error moeforge raises on purpose."""
-
-
-class ConfigError(MoeforgeError, ValueError):
-    """A configuration value is invalid; raised before any compute starts."""
+from kernels.errors import ConfigError, MoeforgeError, check  # noqa: F401  (re-exported: moe.errors is their public home)
 
 
 class DataError(MoeforgeError):
@@ -23,14 +19,7 @@ class CheckpointError(MoeforgeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
-class EnvironmentError_(MoeforgeError):
-    """The runtime environment (packages, devices, torchrun variables) is unusable."""
+class SetupError(MoeforgeError):
+    """The machine's setup is unusable: a missing package, a device that is absent or oversubscribed,
+    a malformed torchrun or ``MOEFORGE_*`` environment variable."""
 
-
-def check(ok: bool, key: str, value: object, rule: str) -> None:
-    """Raise ``ConfigError`` naming ``key``, its ``value`` and the ``rule`` unless ``ok``.
-
-    >>> check(3 > 0, "router.k", 3, "must be >= 1")
-    """
-    if not ok:
-        raise ConfigError(f"{key} ({value!r}) {rule}")

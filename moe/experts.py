@@ -1,6 +1,7 @@
 """SwiGLU experts with stacked weights; the backend that runs them comes from one registry.
 
-Shape legend: T tokens, R expert-sorted rows, D model dim, F expert ffn dim, E experts.
+Shape letters: the ``moe`` package legend (T tokens, R expert-sorted rows, D model dim, F expert
+ffn dim, E experts).
 
 Expert e computes ``y = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]`` (Shazeer 2020, SwiGLU).
 Weights are stacked tensors ``w_gate_EDF``, ``w_up_EDF``, ``w_down_EFD`` so a backend sees every
@@ -30,8 +31,13 @@ class ExpertsConfig:
     """torch | grouped_mm | triton | megablocks | auto (auto: the backend measured fastest on this device; torch on CPU)."""
     capacity_factor: float | None = None
     """None = dropless dispatch; a number = GShard capacity ceil(k*T*cf/E), overflow dropped and counted."""
-    recompute: bool = False
-    """backend=triton (or auto when it picks triton): recompute the SwiGLU pre-activations in the backward instead of saving them (2*R*F fewer activations)."""
+    regenerate_preactivations: bool = False
+    """backend=triton (or auto when it picks triton): the forward keeps no SwiGLU pre-activations (gate
+    and up projections, 2*R*F values) and the backward computes them again from the rows. Not
+    activation checkpointing (train.activation_checkpointing), which reruns whole blocks."""
+    recompute: bool | None = None
+    """The name ``regenerate_preactivations`` had before; still read (configs and checkpoints written
+    before the rename carry it), and folded into it."""
     kernel_blocks: str | None = None
     """backend=triton (or auto when it picks triton): Triton launch blocks "bm/bn/bk/warps/stages[/br[/bwd_bn]]" (e.g. the bench's autotune winner); null = defaults."""
 
@@ -39,8 +45,11 @@ class ExpertsConfig:
         honours = expert_backend(self.backend).honours  # an unknown name fails here, naming the key
         if self.capacity_factor is not None:
             check(self.capacity_factor > 0, "experts.capacity_factor", self.capacity_factor, "must be > 0 (or null for dropless)")
-        users = sorted(name for name, b in BACKENDS.items() if "recompute" in b.honours)
-        check(not self.recompute or "recompute" in honours, "experts.recompute", self.recompute, f"only applies to experts.backend={'|'.join(users)}")
+        if self.recompute is not None:
+            self.regenerate_preactivations, self.recompute = self.regenerate_preactivations or self.recompute, None
+        users = sorted(name for name, b in BACKENDS.items() if "regenerate_preactivations" in b.honours)
+        check(not self.regenerate_preactivations or "regenerate_preactivations" in honours, "experts.regenerate_preactivations",
+              self.regenerate_preactivations, f"only applies to experts.backend={'|'.join(users)}")
         if self.kernel_blocks is not None:
             users = sorted(name for name, b in BACKENDS.items() if "kernel_blocks" in b.honours)
             check("kernel_blocks" in honours, "experts.kernel_blocks", self.kernel_blocks, f"only applies to experts.backend={'|'.join(users)}")
@@ -56,7 +65,7 @@ class ExpertsConfig:
             raise ConfigError(f"experts.kernel_blocks ({self.kernel_blocks!r}): {exc}") from exc
 
     def options(self) -> ExpertOptions:
-        return ExpertOptions(recompute=self.recompute, blocks=self.blocks())
+        return ExpertOptions(regenerate_preactivations=self.regenerate_preactivations, blocks=self.blocks())
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -1,6 +1,7 @@
 """The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
 
-Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots, R routed rows.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, F ffn dim, E experts, K slots per
+token, R routed rows).
 
 ``MoELayer.runner`` is the seam ``parallel/`` replaces: a callable ``(experts, x_TD, plan) ->
 y_TD`` that moves routed rows to expert weights and back. The default runs every expert locally.
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from moe.dispatch import DispatchPlan, dispatch
 from moe.experts import Experts, ExpertsConfig, dense_swiglu
 from moe.recompute import is_recomputing
-from moe.routers import RouterContext, build_router
+from moe.routers import RouterConfig, RouterContext, build_router
 from moe.routers.losses import CountSum
 from moe.stats import RoutingStats
 
@@ -62,7 +63,7 @@ class MoELayer(nn.Module):
         d_model: int,
         d_ff: int,
         num_experts: int,
-        router_cfg: object,
+        router_cfg: RouterConfig,
         experts_cfg: ExpertsConfig,
         num_shared_experts: int = 0,
         shared_expert_gate: bool = False,
@@ -91,7 +92,10 @@ class MoELayer(nn.Module):
         y_TD = self.runner(self.experts, x_TD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        if is_recomputing():  # a checkpointed forward run again: its statistics were recorded the first time
+        if is_recomputing():
+            # A checkpointed forward run again records nothing. torch's default early stop ends the
+            # recomputation at the experts' last saved tensor, before this line; with early stop off
+            # (torch.utils.checkpoint.set_checkpoint_early_stop(False)) it runs to the end.
             pass
         elif self.training:
             self.stats.update(decision, plan)
@@ -99,6 +103,11 @@ class MoELayer(nn.Module):
             self.previous_probe_top1_T = self.probe_top1_T
             self.probe_top1_T = decision.probs_TE.detach().argmax(dim=-1)
         return y_TD, decision.aux_losses
+
+    @property
+    def experts_per_token(self) -> int:
+        """Routed experts one token uses, nominally: the router config's ``experts_per_token`` (``k``, or 1)."""
+        return self.router.cfg.experts_per_token
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -1,6 +1,7 @@
 """Decoder-only MoE transformer: embedding, RMSNorm, RoPE, causal SDPA attention, MoE FFNs.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D model dim, H heads, V vocabulary, L layers.
+Shape letters: the ``moe`` package legend (B batch, S sequence, T = B*S tokens, D model dim, H query
+heads, G key/value heads, d head dim, P cached positions, V vocabulary).
 
 Pre-norm blocks ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the FFN is an ``MoELayer`` in
 every ``moe_every``-th layer (layer i is MoE when ``(i + 1) % moe_every == 0``) and a dense SwiGLU
@@ -16,13 +17,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from kernels import ops
 from moe.errors import check
 from moe.experts import ExpertsConfig, dense_swiglu
 from moe.head_loss import head_cross_entropy
 from moe.layer import MoELayer
 from moe.recompute import MODES as RECOMPUTE_MODES
 from moe.recompute import run_checkpointed
-from moe.routers import RouterContext
+from moe.routers import RouterConfig, RouterContext
 from moe.stats import RoutingStats, routing_flip_fraction
 
 Reduce = Callable[[list[Tensor]], None]
@@ -120,9 +122,26 @@ def apply_rope_reference(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x_BHSd.dtype)
 
 
+class _FusedRope(torch.autograd.Function):
+    """``kernels.ops.rope`` forward; its backward is the rotation by the negative angle (one kernel each way)."""
+
+    @staticmethod
+    def forward(ctx, x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return ops.rope(x_BHSd, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy_BHSd: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return ops.rope(dy_BHSd, cos, sin, True), None, None
+
+
 def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``apply_rope_reference`` without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]`` over the two
-    halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
+    """``apply_rope_reference`` in one kernel each way on a GPU (``kernels.rope``; ``meta`` stands for
+    a GPU in the step budget); elsewhere without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]``
+    over the two halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
+    if x_BHSd.device.type in ("cuda", "meta") and x_BHSd.shape[-1] % 2 == 0:
+        return _FusedRope.apply(x_BHSd, cos, sin)
     x = x_BHSd.float().unflatten(-1, (2, -1))
     cos2, sin2 = torch.stack([cos, cos], dim=-2), torch.stack([-sin, sin], dim=-2)
     return torch.addcmul(x * cos2, x.flip(-2), sin2).flatten(-2).to(x_BHSd.dtype)
@@ -264,7 +283,7 @@ class MoETransformer(nn.Module):
     already applied); the trainer adds their total to the cross-entropy.
     """
 
-    def __init__(self, cfg: ModelConfig, router_cfg: object, experts_cfg: ExpertsConfig) -> None:
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, experts_cfg: ExpertsConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -288,6 +307,28 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block."""
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def experts_per_token(self) -> dict[int, int]:
+        """Layer index -> routed experts one token uses there, nominally (``k``; 1 for routers without one)."""
+        return {i: layer.experts_per_token for i, layer in self.moe_layers()}
+
+    def active_params(self) -> int:
+        """Parameters one token's forward multiplies with (``N_active`` of PaLM's model FLOPs, Chowdhery
+        et al. 2022, appendix B): every matrix, but of each MoE layer's routed experts only the share
+        ``experts_per_token / num_experts``. Vectors (norms, biases) and an untied input embedding (a
+        lookup) do no matrix product and are left out; a tied embedding counts once, as the head.
+        Any device, ``meta`` included; count before any parallel rewiring (it sees local shards after).
+        """
+        share: dict[int, float] = {}
+        for _, layer in self.moe_layers():
+            for p in layer.experts.parameters():
+                share[id(p)] = layer.experts_per_token / layer.num_experts
+        active = 0
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or (name == "embed.weight" and not self.cfg.tie_embeddings):
+                continue
+            active += round(p.numel() * share.get(id(p), 1.0))
+        return active
 
     # What a trainer asks of the model. It never reaches into the layers: every per-layer detail
     # (statistics, probes, router hooks, backends) stays behind these methods.

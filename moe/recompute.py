@@ -11,7 +11,9 @@ percent of the FLOPs.
 A forward that runs again must not count twice: routing statistics, routing probes and routers'
 per-step load counts are side effects of an MoE layer's forward. ``is_recomputing()`` is true
 while a checkpointed forward runs again; the code that records side effects skips them then, so a
-checkpointed step records exactly what an uncheckpointed one records.
+checkpointed step records exactly what an uncheckpointed one records. (torch's default early stop
+ends a recomputation at the block's last saved tensor, before the MoE layer records its
+statistics; with early stop off it runs the whole block, and the check is what keeps the count.)
 """
 
 from __future__ import annotations

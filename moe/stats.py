@@ -1,6 +1,6 @@
 """Per-layer routing statistics, accumulated over every training forward between two reads.
 
-Shape legend: T tokens, E experts, K slots.
+Shape letters: the ``moe`` package legend (T tokens, E experts, K slots per token).
 
 Each MoE layer owns one ``RoutingStats``. ``update`` adds raw sums (no host sync); the trainer
 calls ``all_reduce`` hooks once per log step via ``raw()`` (every raw entry is a SUM across ranks
@@ -11,7 +11,7 @@ and forwards) and turns the reduced sums into the logged values with ``summarize
 - ``load_cv``: coefficient of variation of the load, ``std_e(n_e) / mean_e(n_e)`` (population std).
 - ``max_min_load``: ``max_e n_e / max(min_e n_e, 1)`` (an idle expert counts as 1 so it stays finite).
 - ``dead_fraction``: fraction of experts that received no token-slot in the window, ``mean_e [n_e = 0]``.
-- ``entropy``: mean over tokens of ``H(p_t) = -sum_e p_te ln p_te``, nats, of the router's distribution.
+- ``entropy``: mean over tokens of the entropy ``-sum_e p_te ln p_te`` (nats) of the router's distribution.
 - ``experts_per_token_mean`` / ``experts_per_token_max``: used slots per token.
 - ``dropped_frac``: slots dropped by the capacity limit / slots routed (0 when dropless).
 - ``aux_loss``, ``z_loss``, ...: mean over forwards of each auxiliary loss (with its coefficient).
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from moe.dispatch import DispatchPlan
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 
 class RoutingStats:

@@ -12,22 +12,19 @@ The trainer talks to this package through these names only:
 - ``checkpoint_state`` / ``load_checkpoint_state``: model + optimizer state in DCP form, experts
   saved under their global index, so a checkpoint written under one layout loads under another.
 
-Modules: ``config`` (schema, layout rules), ``mesh`` (torchrun env -> process group + mesh),
-``comm`` (differentiable all-to-all, byte meter), ``token_exchange`` (rows to expert holders and
-back), ``expert_parallel``, ``fssdp`` + ``fssdp_plan`` (Hecate), ``dense`` (DDP averaging, FSDP2),
-``checkpoint``, ``runtime``.
+Modules: ``config`` (schema, layout rules), ``modes`` (the registry of parallel modes: one object
+and file per ``parallel.mode``, the only place a mode's name is looked up), ``mesh`` (torchrun
+env -> process group + mesh), ``comm`` (differentiable all-to-all, byte meter), ``token_exchange``
+(rows to expert holders and back), ``expert_parallel``, ``fssdp`` + ``fssdp_plan`` +
+``fssdp_config`` (Hecate), ``dense`` (DDP averaging, FSDP2), ``checkpoint``, ``runtime``
+(``Runtime``, ``MeshInfo``), ``layout`` (``setup_runtime``, ``apply_parallel``).
 """
 
 from __future__ import annotations
 
-from parallel.config import FSSDPConfig
-from parallel.runtime import (
-    ParallelConfig,
-    Runtime,
-    apply_parallel,
-    checkpoint_state,
-    load_checkpoint_state,
-    setup_runtime,
-)
+from parallel.checkpoint import checkpoint_state, load_checkpoint_state
+from parallel.config import FSSDPConfig, ParallelConfig
+from parallel.layout import apply_parallel, setup_runtime
+from parallel.runtime import Runtime
 
 __all__ = ["FSSDPConfig", "ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]

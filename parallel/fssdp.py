@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from moe.dispatch import DispatchPlan, combine, gather_rows
 from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from parallel.comm import CommMeter, all_to_all_raw
-from parallel.config import FSSDPConfig
 from parallel.host_memory import mark_host
+from parallel.fssdp_config import FSSDPConfig
 from parallel.fssdp_plan import heterogeneous_shard, initial_owners, plan_digest, sparse_materialize
 from parallel.token_exchange import exchange_and_run
 

@@ -3,7 +3,7 @@
 The trainer reads a few tensors every step on purpose: a pinned buffer the device copies the
 step's flags into, a CPU tensor of host flags all-reduced over gloo, AdamW's ``step`` counters
 (torch keeps them on the host unless the optimizer is fused or capturable). On CPU ranks every
-tensor is a CPU tensor, so ``tools.host_syncs`` cannot tell these from device reads by their
+tensor is a CPU tensor, so ``tools.bench.host_syncs`` cannot tell these from device reads by their
 device; the code that creates them marks them here instead.
 """
 

@@ -8,7 +8,8 @@ put two ranks on one GPU.
 Without torchrun (no ``WORLD_SIZE``) a parallel mode still gets a one-rank gloo/NCCL group, so
 every code path is the same in one process and in many.
 
-Layout (the mesh dims, outer to inner):
+Layout (the mesh dims, outer to inner; the mode's object in ``parallel.modes`` decides, through
+``needs_expert_mesh`` and ``expert_group_size``):
 
 - ``ep`` mode: ``("edp", "ep")`` of shape ``(W / ep_size, ep_size)``. Expert-parallel groups are
   blocks of consecutive ranks (on one node when ep_size <= GPUs per node); expert-data-parallel
@@ -22,42 +23,16 @@ Layout (the mesh dims, outer to inner):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 
-from moe.errors import EnvironmentError_
-from parallel.config import ParallelConfig, check_world, expert_shard_size
-
-
-@dataclass
-class MeshInfo:
-    """Where this process sits, and the groups each parallel mode communicates over."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    device: torch.device
-    backend: str
-    mesh: DeviceMesh | None
-    """1-D ``("dp",)`` mesh over every rank (dense data parallelism, FSSDP), None in mode none."""
-    ep_mesh: DeviceMesh | None = None
-    """2-D ``("edp", "ep")`` mesh in mode ep, and in mode fssdp with shard_size below the world."""
-    ep_size: int = 1
-
-    @property
-    def node(self) -> int:
-        """Index of this rank's node (ranks are numbered node-major by torchrun)."""
-        return self.rank // self.local_world_size
-
-    def group(self, dim: str) -> dist.ProcessGroup | None:
-        """The process group of mesh dim ``dim`` (``dp``, ``ep``, ``edp``), or None without a mesh."""
-        mesh = self.ep_mesh if dim in ("ep", "edp") else self.mesh
-        return None if mesh is None else mesh.get_group(dim)
+from moe.errors import SetupError
+from parallel.config import ParallelConfig
+from parallel.modes import check_world, names_where, parallel_mode
+from parallel.runtime import MeshInfo
 
 
 def _env_int(name: str, default: int) -> int:
@@ -67,7 +42,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise EnvironmentError_(f"environment variable {name} ({raw!r}) must be an integer") from None
+        raise SetupError(f"environment variable {name} ({raw!r}) must be an integer") from None
 
 
 def torchrun_env() -> tuple[int, int, int, int]:
@@ -77,7 +52,7 @@ def torchrun_env() -> tuple[int, int, int, int]:
     local_rank = _env_int("LOCAL_RANK", rank)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if not (0 <= rank < world) or not (0 <= local_rank < local_world) or world % local_world:
-        raise EnvironmentError_(
+        raise SetupError(
             f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world}"
         )
     return rank, world, local_rank, local_world
@@ -87,20 +62,20 @@ def use_cuda(local_world: int, wanted: str = "auto") -> bool:
     """Whether this process runs on a GPU: CUDA is there and neither ``wanted`` (``train.device``)
     nor the environment variable ``MOEFORGE_DEVICE`` (which wins when set) says ``cpu``.
 
-    Raises ``EnvironmentError_`` when the node runs more ranks than it has GPUs (NCCL would put two
+    Raises ``SetupError`` when the node runs more ranks than it has GPUs (NCCL would put two
     ranks on one GPU and fail with 'Duplicate GPU detected' deep inside the first collective)."""
     choice = os.environ.get("MOEFORGE_DEVICE", wanted)
     if choice not in ("auto", "cpu", "cuda"):
-        raise EnvironmentError_(f"environment variable MOEFORGE_DEVICE ({choice!r}) must be auto, cpu or cuda")
+        raise SetupError(f"environment variable MOEFORGE_DEVICE ({choice!r}) must be auto, cpu or cuda")
     if choice == "cpu":
         return False
     if not torch.cuda.is_available():
         if choice == "cuda":
-            raise EnvironmentError_("MOEFORGE_DEVICE=cuda but torch sees no CUDA device")
+            raise SetupError("MOEFORGE_DEVICE=cuda but torch sees no CUDA device")
         return False
     gpus = torch.cuda.device_count()
     if local_world > gpus:
-        raise EnvironmentError_(
+        raise SetupError(
             f"{local_world} ranks on this node but {gpus} GPU(s): run at most {gpus} per node "
             "(torchrun --nproc-per-node), or MOEFORGE_DEVICE=cpu for CPU ranks (gloo)"
         )
@@ -116,9 +91,11 @@ def init_mesh(cfg: ParallelConfig, device: str = "auto") -> MeshInfo:
     if cuda:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
-    if cfg.mode == "none":
+    mode = parallel_mode(cfg.mode)
+    if not mode.distributed:
         if world > 1:
-            raise EnvironmentError_(f"parallel.mode ('none') runs one process but WORLD_SIZE is {world}; pick parallel=ddp|fsdp|ep|fssdp")
+            raise SetupError(f"parallel.mode ({cfg.mode!r}) runs one process but WORLD_SIZE is {world}; "
+                             f"pick parallel={'|'.join(names_where(lambda m: m.distributed))}")
         return MeshInfo(rank, world, local_rank, local_world, device, backend, None)
     check_world(cfg, world)
     if not dist.is_initialized():
@@ -130,7 +107,7 @@ def init_mesh(cfg: ParallelConfig, device: str = "auto") -> MeshInfo:
     device_type = "cuda" if cuda else "cpu"
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
     ep, ep_mesh = 1, None
-    if cfg.mode == "ep" or (cfg.mode == "fssdp" and expert_shard_size(cfg, world) < world):
-        ep = expert_shard_size(cfg, world)
+    if mode.needs_expert_mesh(cfg, world):
+        ep = mode.expert_group_size(cfg, world)
         ep_mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
     return MeshInfo(rank, world, local_rank, local_world, device, backend, mesh, ep_mesh, ep_size=ep)

@@ -1,14 +1,8 @@
-"""The trainer's entry into the parallel package: ``setup_runtime``, ``apply_parallel``, ``Runtime``.
+"""``Runtime``: where this process sits (``MeshInfo``) and the collectives the trainer uses.
 
-Modes (``parallel=<mode>``):
-
-- ``none``: one process, no process group.
-- ``ddp``: every parameter replicated; gradients averaged over all ranks (``dense.GradAverager``).
-- ``fsdp``: every parameter (experts included, sharded on the expert dim) FSDP2-sharded.
-- ``ep``: experts split over EP groups of ``ep_size`` ranks (``expert_parallel``); dense
-  parameters by ``parallel.dense``; expert grads summed over the expert-data-parallel group.
-- ``fssdp``: experts owned one rank each and sparsely gathered where routing needs them
-  (``fssdp``); dense parameters by ``parallel.dense``.
+``parallel.layout.setup_runtime`` builds it for ``parallel.mode`` and ``apply_parallel`` lets the
+mode's object (``parallel.modes``) wire the model into it (gradient averager, FSDP2 units, expert
+groups, FSSDP state); this module knows no mode by name.
 
 The trainer's sequence per step: forward/backward on its rows of the global batch with the
 per-rank mean loss, ``before_optimizer_step`` (finish gradient reduction and divide expert
@@ -26,19 +20,44 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe.experts import EXPERT_WEIGHT_NAMES
 from moe.layer import MoELayer
-from parallel.checkpoint import checkpoint_state, load_checkpoint_state
 from parallel.comm import CommMeter
-from parallel.config import ParallelConfig, check_experts
-from parallel.dense import FsdpUnit, GradAverager, apply_fsdp, fsdp_step_bytes, is_sharded, local_tensor
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.fssdp import FSSDPRunner, FSSDPState
-from parallel.heartbeat import Heartbeat, RankFailure, start_heartbeat
-from parallel.mesh import MeshInfo, init_mesh
+from parallel.config import ParallelConfig
+from parallel.dense import FsdpUnit, GradAverager, fsdp_step_bytes, is_sharded, local_tensor
+from parallel.fssdp import FSSDPState
+from parallel.heartbeat import Heartbeat, RankFailure
 
-__all__ = ["ParallelConfig", "Runtime", "apply_parallel", "checkpoint_state", "load_checkpoint_state", "setup_runtime"]
+__all__ = ["MeshInfo", "Runtime"]
+
+
+@dataclass
+class MeshInfo:
+    """Where this process sits, and the groups each parallel mode communicates over."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    mesh: DeviceMesh | None
+    """1-D ``("dp",)`` mesh over every rank (dense data parallelism, FSSDP), None in mode none."""
+    ep_mesh: DeviceMesh | None = None
+    """2-D ``("edp", "ep")`` mesh in mode ep, and in mode fssdp with shard_size below the world."""
+    ep_size: int = 1
+
+    @property
+    def node(self) -> int:
+        """Index of this rank's node (ranks are numbered node-major by torchrun)."""
+        return self.rank // self.local_world_size
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group of mesh dim ``dim`` (``dp``, ``ep``, ``edp``), or None without a mesh."""
+        mesh = self.ep_mesh if dim in ("ep", "edp") else self.mesh
+        return None if mesh is None else mesh.get_group(dim)
 
 
 @dataclass
@@ -61,6 +80,9 @@ class Runtime:
     expert_replicas: int = 1
     fssdp: FSSDPState | None = None
     heartbeat: Heartbeat | None = None
+    replicated: bool = True
+    """Every parameter and gradient whole on every rank (the mode's ``replicates_parameters``): in one
+    process, ``clip_grad_norm_`` is then torch's own."""
     """Peer liveness through the rendezvous store (parallel.heartbeat_s; None in one process)."""
     _steps: int = 0
     _host_group: dist.ProcessGroup | None = None
@@ -158,7 +180,7 @@ class Runtime:
     @torch.no_grad()
     def total_grad_norm(self, model: nn.Module) -> Tensor:
         """The global gradient L2 norm (as ``clip_grad_norm_`` returns it) without clipping."""
-        if not self.distributed and self.cfg.mode in ("none", "ddp"):
+        if not self.distributed and self.replicated:
             return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         return self.grad_norm(model)
 
@@ -168,7 +190,7 @@ class Runtime:
 
         Same formula as ``torch.nn.utils.clip_grad_norm_``: grads *= min(1, max_norm / (norm + 1e-6)).
         """
-        if not self.distributed and self.cfg.mode in ("none", "ddp"):
+        if not self.distributed and self.replicated:
             params = [p for p in model.parameters() if p.grad is not None]
             return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         norm = self.grad_norm(model)
@@ -272,68 +294,3 @@ class Runtime:
             self.heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def setup_runtime(cfg: ParallelConfig, device: str = "auto") -> Runtime:
-    """Read the torchrun environment, initialise the process group and mesh for ``cfg.mode`` on
-    ``device`` (auto: CUDA when present; cpu; cuda)."""
-    info = init_mesh(cfg, device)
-    heartbeat = start_heartbeat(cfg.heartbeat_s, info.rank, info.world_size, info.local_rank, info.local_world_size) if info.mesh is not None else None
-    return Runtime(
-        rank=info.rank,
-        world_size=info.world_size,
-        local_rank=info.local_rank,
-        device=info.device,
-        cfg=cfg,
-        mesh=info if info.mesh is not None else None,
-        heartbeat=heartbeat,
-    )
-
-
-def apply_parallel(model: nn.Module, cfg: ParallelConfig, runtime: Runtime) -> nn.Module:
-    """Rewire a built model (already on ``runtime.device``) for ``cfg.mode``; refuses bad layouts."""
-    if cfg.mode == "none" or runtime.mesh is None:
-        return model
-    info = runtime.mesh
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    for layer in layers:
-        check_experts(cfg, runtime.world_size, layer.num_experts)
-    dp_group = info.group("dp")
-    runtime.install_count_sum(model)
-    if cfg.mode == "ddp":
-        runtime.dense_sync = GradAverager(list(model.parameters()), dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce",
-                                          overlap=cfg.overlap_grad_reduce, host_max=runtime.all_reduce_host_max_)
-        return model
-    if cfg.mode == "fsdp":
-        runtime.fsdp_units = apply_fsdp(model, info.mesh, set())
-        return model
-    if cfg.mode == "ep":
-        ep = info.ep_size
-        apply_expert_parallel(layers, info.group("ep"), info.ep_mesh.get_local_rank("ep"), ep, runtime.meter)
-        runtime.expert_replicas = runtime.world_size // ep
-        runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
-    else:  # fssdp: over the world, or inside groups of shard_size ranks replicated across groups
-        hybrid = info.ep_mesh is not None
-        shard_group = info.group("ep") if hybrid else dp_group
-        shard_rank = info.ep_mesh.get_local_rank("ep") if hybrid else runtime.rank
-        state = FSSDPState(cfg.fssdp, shard_group, shard_rank, info.ep_size if hybrid else runtime.world_size, info.local_world_size, runtime.meter, plan_group=dp_group)
-        for layer in layers:
-            runner = FSSDPRunner(state, state.add_layer(layer.experts))
-            layer.experts.expert_group = shard_group  # owner-only: each expert lives once per group
-            layer.runner = runner
-            if cfg.fssdp.prefetch:  # overlap the gather with the attention that precedes the layer
-                for block in model.modules():
-                    if getattr(block, "ffn", None) is layer:
-                        block.register_forward_pre_hook(lambda _m, _a, runner=runner: runner.prefetch())
-        runtime.fssdp = state
-        runtime.expert_replicas = runtime.world_size // state.world
-        runtime.expert_group = info.group("edp") if runtime.expert_replicas > 1 else None
-    runtime.expert_modules = [layer.experts for layer in layers]
-    experts = set(runtime.expert_params())
-    if cfg.dense == "fsdp":
-        runtime.fsdp_units = apply_fsdp(model, info.mesh, experts)
-    else:
-        dense = [p for p in model.parameters() if p not in experts]
-        runtime.dense_sync = GradAverager(dense, dp_group, cfg.bucket_mb, runtime.meter, "dense_allreduce", overlap=cfg.overlap_grad_reduce,
-                                          host_max=runtime.all_reduce_host_max_)
-    return model

@@ -46,7 +46,7 @@ SPLITS = {"training": 0, "validation": 1}
 
 def data_group(run_config: DictConfig, overrides: list[str]) -> Any:
     """The ``DataConfig`` to evaluate on: the run's, or the trainer's composition of ``data`` overrides."""
-    from tools.hf_checkpoint import compose_job
+    from tools.hf.checkpoint import compose_job
 
     other = [o for o in overrides if not o.lstrip("+~").startswith("data")]
     if other:
@@ -89,7 +89,7 @@ class RoutingRecorder:
 def evaluate(path: Path, overrides: list[str], batches: int | None = None, batch_size: int | None = None, seq_len: int | None = None,
              split: str = "validation", device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """The evaluation record (see the module docstring)."""
-    from launch.train import doc_ids
+    from launch.train_step import doc_ids
 
     pre = load_pretrained(path, device, DTYPES[dtype])
     cfg = pre.config

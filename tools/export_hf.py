@@ -10,7 +10,7 @@ import's ``--out``: its newest checkpoint that verifies; launch/pretrained.py). 
 checkpoint carries (``--config`` names another composed config, e.g. a run's ``.hydra/config.yaml``),
 and must match the checkpoint's manifest. What the architecture cannot hold (another router, shared
 experts, q/k norms it lacks, dropping capacity, ...) is refused with the setting named
-(tools/hf_arch.py); nothing is exported approximately.
+(tools/hf/arch.py); nothing is exported approximately.
 
 ``--out`` must be empty or absent: a folder with files in it is refused unless ``--overwrite``, which
 replaces it by exactly the new files (the folder is written beside it and swapped in, so a stale
@@ -29,9 +29,9 @@ from pathlib import Path
 
 from launch.pretrained import find_checkpoint
 from tools.cli import DTYPES, cli_status, parse_with_overrides
-from tools.hf_arch import EXPORT_ARCHS, ConversionError, arch_named, hf_config
-from tools.hf_checkpoint import load_moeforge_model, model_configs_of, need_hf, write_hf_folder
-from tools.hf_mapping import describe, to_hf
+from tools.hf.arch import EXPORT_ARCHS, ConversionError, arch_named, hf_config
+from tools.hf.checkpoint import load_moeforge_model, model_configs_of, need_hf, write_hf_folder
+from tools.hf.mapping import describe, to_hf
 
 
 def refuse_nonempty(out: Path, overwrite: bool) -> None:

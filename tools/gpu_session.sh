@@ -9,9 +9,9 @@
 #
 # PART=step trains moe_125m and `olmoe_1b_7b model.num_layers=4` (bf16, 8 x 2048 = 16,384 tokens per
 # step) three ways each: default, train.compile=true, train.cuda_graphs=true, and prints tokens/s, MFU
-# and peak memory of the last (warm) log window beside `python -m tools.step_budget ... --card h200
+# and peak memory of the last (warm) log window beside `python -m tools.bench.step_budget ... --card h200
 # --json`'s prediction for the same config (computed on the CPU cores meanwhile; "n/a" without
-# tools/step_budget.py). Time limits: 6 x 55 s of training + 10 s of setup = 340 s.
+# tools/bench/step_budget.py). Time limits: 6 x 55 s of training + 10 s of setup = 340 s.
 set -uo pipefail
 out=${OUT:-gpu_out}
 part=${PART:-step}
@@ -32,18 +32,18 @@ verdict=()
 
 if [[ $part == layer || $part == all ]]; then
   stamp tests  # every kernel and model test, compiled on the GPU (tests/parallel and tests/launch: CPU ranks and subprocesses)
-  timeout 70 $py -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests/kernels tests/moe tests/launch/test_throughput.py >> "$log" 2>&1
+  timeout 70 $py -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests/kernels tests/moe tests/tools/bench/test_layer.py tests/tools/bench/test_compile_check.py tests/tools/bench/test_layer_budget.py tests/launch/test_throughput.py >> "$log" 2>&1
   verdict+=("| tests/kernels + tests/moe on the GPU | rc $?: $(grep -E "[0-9]+ (passed|failed)|error" "$log" | tail -1) |")
   stamp compile_check
-  timeout 35 $py -m tools.compile_check --markdown > "$out/compile_check.md" 2>&1
+  timeout 35 $py -m tools.bench.compile_check --markdown > "$out/compile_check.md" 2>&1
   verdict+=("| compile_check (sm_90, spills) | $(tail -1 "$out/compile_check.md") |")
   stamp bench  # grouped_mm, the backend auto picks on Hopper (triton's rows: BACKENDS="grouped_mm triton")
   # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-95}" $py -m tools.bench_layer --out "$out/bench" --backends ${BACKENDS:-grouped_mm} --layers ${BACKENDS:-grouped_mm} ${SHAPES:-} > "$out/bench_log.txt" 2>&1
+  timeout "${BENCH_TIMEOUT:-95}" $py -m tools.bench.layer --out "$out/bench" --backends ${BACKENDS:-grouped_mm} --layers ${BACKENDS:-grouped_mm} ${SHAPES:-} > "$out/bench_log.txt" 2>&1
   verdict+=("| bench_layer | rc $? |")
   stamp profile
   # shellcheck disable=SC2086
-  timeout 40 $py -m tools.profile_layer --out "$out/profile.txt" --backends ${BACKENDS:-grouped_mm} ${SHAPES:-} >> "$log" 2>&1
+  timeout 40 $py -m tools.bench.profile_layer --out "$out/profile.txt" --backends ${BACKENDS:-grouped_mm} ${SHAPES:-} >> "$log" 2>&1
   verdict+=("| profile_layer | rc $? |")
 fi
 
@@ -56,9 +56,9 @@ if [[ $part == step || $part == all ]]; then
   for i in 0 1; do
     for j in 0 1 2; do
       extra=${settings[$j]}; [[ $extra == default ]] && extra=""
-      if [[ -f tools/step_budget.py ]]; then
+      if [[ -f tools/bench/step_budget.py ]]; then
         # shellcheck disable=SC2086
-        (timeout 300 $py -m tools.step_budget model=${presets[$i]} $shape $extra --card h200 --json > "$scratch/pred_${i}_$j.json" 2>>"$scratch/pred_err.txt" &)
+        (timeout 300 $py -m tools.bench.step_budget model=${presets[$i]} $shape $extra --card h200 --json > "$scratch/pred_${i}_$j.json" 2>>"$scratch/pred_err.txt" &)
       fi
     done
   done
@@ -112,7 +112,7 @@ for i, preset in enumerate(presets):
 rows_path.write_text("\n".join(out) + "\n")
 PY
   [[ -f $scratch/pred_err.txt ]] && tail -20 "$scratch/pred_err.txt" >> "$log"
-  verdict+=("| training steps: 2 presets x (default, compile, cuda_graphs) | rc $train_rc (predicted: $([[ -f tools/step_budget.py ]] && echo tools.step_budget --card h200 || echo n/a)) |")
+  verdict+=("| training steps: 2 presets x (default, compile, cuda_graphs) | rc $train_rc (predicted: $([[ -f tools/bench/step_budget.py ]] && echo tools.bench.step_budget --card h200 || echo n/a)) |")
 fi
 stamp done
 

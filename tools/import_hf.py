@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 from moe.model import ModelConfig
-from tools.hf_arch import arch_of_model_type, moeforge_config, overrides
 from tools.cli import cli_status, parse_with_overrides
-from tools.hf_checkpoint import import_overrides, publish_import, read_hf_config, read_hf_tensors, refuse_used_out
-from tools.hf_mapping import describe, from_hf
+from tools.hf.arch import arch_of_model_type, moeforge_config, overrides
+from tools.hf.checkpoint import import_overrides, publish_import, read_hf_config, read_hf_tensors, refuse_used_out
+from tools.hf.mapping import describe, from_hf
 
 
 def import_hf(src: Path, out: Path, extra: list[str] | None = None) -> tuple[Path, list[str]]:

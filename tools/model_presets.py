@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from launch.config import conf_dir, register_schemas, to_job_config
+from launch.config import conf_dir
+from launch.job import register_schemas, to_job_config
 from launch.throughput import count_model
 from moe.model import MoETransformer
 
@@ -53,7 +54,7 @@ def describe(name: str) -> Preset:
         model = MoETransformer(m, job.router, job.experts)
     counts = count_model(model, FLOPS_SEQ_LEN)
     heads = f"{m.num_heads}" if m.kv_heads == m.num_heads else f"{m.num_heads} (kv {m.kv_heads})"
-    k = getattr(job.router, "k", 1)
+    k = job.router.experts_per_token
     experts = f"{m.num_experts} x {m.d_ff}, top-{k}" + (f" + {m.num_shared_experts} shared" if m.num_shared_experts else "")
     return Preset(name, m.num_layers, m.d_model, heads, experts, counts.total_params, counts.active_params,
                   counts.flops_per_token / 1e9)

@@ -78,7 +78,9 @@ class Estimate:
     expert_mem_max: float = 0.0  # busiest GPU: owned experts' params + 2 fp32 Adam moments, plus gathered copies
 
 
-def _link_time(bytes_: float, intra_frac: float, cfg: SimConfig) -> float:
+def link_time(bytes_: float, intra_frac: float, cfg: SimConfig) -> float:
+    """Seconds to move ``bytes_`` when ``intra_frac`` of them stay inside a node and the rest cross
+    nodes, both at once: the slower of the two links bounds it."""
     return max(bytes_ * intra_frac / (cfg.intra_gbps * 1e9), bytes_ * (1 - intra_frac) / (cfg.inter_gbps * 1e9))
 
 
@@ -152,7 +154,7 @@ def simulate_ep(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
         layer_w = 2 * (replicas - 1) / replicas * expert_bytes if replicas > 1 else 0.0
         tok += layer_tok
         weight += layer_w
-        comm += _link_time(layer_tok, intra, cfg) + (_link_time(layer_w, 0.0 if gpn < G else 1.0, cfg) if layer_w else 0.0)
+        comm += link_time(layer_tok, intra, cfg) + (link_time(layer_w, 0.0 if gpn < G else 1.0, cfg) if layer_w else 0.0)
         c_max, c_strag = _compute([ep * slots * s for s in share_G], cfg)
         comp += c_max
         strag += c_strag
@@ -195,7 +197,7 @@ def simulate_fssdp(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
         owned = max(initial_owners(E, S).count(g) for g in range(S))
         grads = 2 * (R - 1) / R * owned * 3 * cfg.d_model * cfg.d_ff * cfg.bytes_per_elem * len(load_LE)
         intra = max(0, min(gpn, cfg.gpus) // S - 1) / (R - 1)  # twins are S apart: some share the node
-        comm = inner.comm_s + _link_time(grads, intra, cfg)
+        comm = inner.comm_s + link_time(grads, intra, cfg)
         return Estimate(inner.token_bytes_max, inner.weight_bytes_max + grads, comm, inner.compute_max_s, inner.straggler_s, inner.expert_mem_max)
     G, E, gpn = cfg.gpus, len(load_LE[0]), cfg.gpus_per_node
     row = cfg.d_model * cfg.bytes_per_elem
@@ -223,7 +225,7 @@ def simulate_fssdp(load_LE: list[list[float]], cfg: SimConfig) -> Estimate:
         layer_w = max(max(gathers * w_sent[g] + w_recv[g], gathers * w_recv[g] + w_sent[g]) for g in range(G))
         tok += layer_tok
         weight += layer_w
-        comm += _link_time(layer_tok, intra, cfg) + _link_time(layer_w, intra, cfg)
+        comm += link_time(layer_tok, intra, cfg) + link_time(layer_w, intra, cfg)
         c_max, c_strag = _compute(work, cfg)
         comp += c_max
         strag += c_strag

@@ -36,10 +36,10 @@ from torch import Tensor
 from moe.errors import MoeforgeError
 from moe.model import ModelConfig
 from moe.routers.topk import RENORMALIZE, TopKConfig
-from tools.hf_arch import arch_of_model_type, dense_base_config, overrides
 from tools.cli import cli_status, parse_with_overrides
-from tools.hf_checkpoint import compose_job, import_overrides, publish_import, read_hf_config, read_hf_tensors, refuse_used_out
-from tools.hf_mapping import HFTensors, backbone_from_hf, dense_from_hf, describe, is_moe_layer
+from tools.hf.arch import arch_of_model_type, dense_base_config, overrides
+from tools.hf.checkpoint import compose_job, import_overrides, publish_import, read_hf_config, read_hf_tensors, refuse_used_out
+from tools.hf.mapping import HFTensors, backbone_from_hf, dense_from_hf, describe, is_moe_layer
 
 
 def upcycle_state(tensors: dict[str, Tensor], cfg: ModelConfig, arch: Any, router_std: float, noise: float,

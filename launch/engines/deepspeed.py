@@ -46,7 +46,7 @@ Decisions, and why:
   files are pickles (``torch.load(weights_only=False)`` inside DeepSpeed): the checksums catch
   corruption, not tampering, so resume only checkpoints you wrote.
 - **Launchers**: torchrun (``launch.torchrun``) as for every mode; the ``deepspeed`` launcher sets
-  ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` too, and ``from_deepspeed_launcher`` drops the
+  ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` too, and ``launch.deepspeed_launcher`` drops the
   ``--local_rank=N`` argument it appends and maps its ``LOCAL_SIZE`` to ``LOCAL_WORLD_SIZE``.
 
 Known differences from ``parallel=ddp``: a parameter with no gradient on any rank (an expert no
@@ -60,6 +60,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,45 +70,26 @@ from torch import Tensor, nn
 from launch.checkpoint import (
     FORMAT,
     CheckpointWriter,
-    _gather,
-    _Pending,
-    _rng_state,
-    _set_rng_state,
-    _write_durably,
+    PendingWrite,
+    gather_objects,
+    load_rng_state,
     loss_window_of,
     read_manifest,
     select_checkpoint,
+    write_rng_state,
 )
 from launch.checksums import problems, share
-from launch.config import JobConfig
+from launch.config import EngineConfig, JobConfig
+from launch.engines import checkpoint_engine
 from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
 from launch.optim import build_optimizer
-from moe.errors import CheckpointError, EnvironmentError_, MoeforgeError, check
+from moe.errors import CheckpointError, MoeforgeError, SetupError, check
 from parallel import Runtime
+from parallel.modes import ParallelMode, names_where, parallel_mode
 
 log = logging.getLogger("moeforge")
 
 INSTALL = "pip install -e '.[deepspeed]' with DS_BUILD_OPS=0 (launch/setup_env.sh does)"
-
-
-def from_deepspeed_launcher(argv: list[str], environ: dict[str, str] | Any = os.environ) -> list[str]:
-    """``argv`` without the ``--local_rank=N`` (or ``--local_rank N``) the ``deepspeed`` launcher appends.
-
-    Hydra would refuse it as an override; the launcher also sets ``LOCAL_RANK``, which
-    ``setup_runtime`` reads. Its ``LOCAL_SIZE`` becomes ``LOCAL_WORLD_SIZE`` (torchrun's name) when
-    that is unset. Anything else passes through unchanged.
-    """
-    if "LOCAL_SIZE" in environ and "LOCAL_WORLD_SIZE" not in environ:
-        environ["LOCAL_WORLD_SIZE"] = environ["LOCAL_SIZE"]
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--local_rank":
-            skip = True
-        elif not arg.startswith("--local_rank="):
-            out.append(arg)
-    return out
 
 
 def _import_deepspeed(device: torch.device) -> Any:
@@ -118,9 +100,9 @@ def _import_deepspeed(device: torch.device) -> Any:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except ImportError as err:
-        raise EnvironmentError_(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
+        raise SetupError(f"engine=deepspeed needs the deepspeed package ({err}): {INSTALL}") from None
     if get_accelerator().device_name() != device.type:
-        raise EnvironmentError_(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
+        raise SetupError(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but this rank runs on {device.type!r}; "
                                 f"set DS_ACCELERATOR={device.type} (MOEFORGE_DEVICE=cpu ranks need DS_ACCELERATOR=cpu)")
     if device.type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes of C++) that only its
@@ -146,17 +128,41 @@ def ds_config(job: JobConfig, world_size: int) -> dict[str, Any]:
     }
 
 
+def runs_under_deepspeed(mode: ParallelMode) -> bool:
+    """Whether DeepSpeed runs ``mode``: it needs a process group (one process included) and shards
+    parameters itself (ZeRO), so a mode that shards and gathers them is not one it can run."""
+    return mode.distributed and not mode.gathers_parameters
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig(EngineConfig):
+    """``engine=deepspeed``: needs the ``[deepspeed]`` extra and ``parallel=ddp``, or ``parallel=ep`` with
+    ZeRO 1/2 for DeepSpeed's expert parallelism (``DeepSpeedEngine.check_job``)."""
+
+    name: str = "deepspeed"
+    zero_stage: int = 0
+    """ZeRO stage for every parameter, experts included (over their expert-data-parallel group under
+    ``parallel=ep``): 0 (replicated), 1 (optimizer state sharded), 2 (optimizer state and gradients
+    sharded). Stage 3 is not supported."""
+
+    def __post_init__(self) -> None:
+        check(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage,
+              "must be 0, 1 or 2 (ZeRO-3 is not supported: DeepSpeed refuses it for MoE models)")
+
+
 class DeepSpeedEngine:
     """``engine=deepspeed``: a ``DeepSpeedEngine`` around the core model (ZeRO stage 0/1/2)."""
+
+    Config = DeepSpeedConfig
 
     def __init__(self, job: JobConfig, core: nn.Module, runtime: Runtime, manifest: dict[str, Any]) -> None:
         deepspeed = _import_deepspeed(runtime.device)
         os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))  # DeepSpeed asserts it is set; one process has none
         self.job, self.runtime, self.stage = job, runtime, job.engine.zero_stage
         # Experts split over DeepSpeed's expert-parallel groups and marked as its MoE parameters (parallel=ep).
-        self.ep = DeepSpeedExpertParallel(core, runtime) if job.parallel.mode == "ep" else None
+        self.ep = DeepSpeedExpertParallel(core, runtime) if parallel_mode(job.parallel.mode).splits_experts else None
         ep_size = self.ep.ep_size if self.ep else 1
-        self.manifest = {**manifest, "engine": {"name": "deepspeed", "zero_stage": self.stage},
+        self.manifest = {**manifest, "engine": {"name": job.engine.name, "zero_stage": self.stage},
                          "parallel": {"mode": job.parallel.mode, "ep_size": ep_size}}
         runtime.install_count_sum(core)  # router.balance_scope=global: f counts every rank's tokens
         optimizer, scheduler = build_optimizer(core, job, regroup=self.ep.regroup if self.ep else None)
@@ -172,13 +178,14 @@ class DeepSpeedEngine:
     def check_job(job: JobConfig) -> None:
         """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
         p, tr = job.parallel, job.train
-        check(p.mode in ("ddp", "ep"), "parallel.mode", p.mode,
-              "must be ddp or ep with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
+        mode, runs = parallel_mode(p.mode), names_where(runs_under_deepspeed)
+        check(runs_under_deepspeed(mode), "parallel.mode", p.mode,
+              f"must be {' or '.join(runs)} with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "
               "expert parallelism; FSDP and FSSDP shard parameters themselves, which DeepSpeed's ZeRO does instead)")
-        check(p.mode != "ep" or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
+        check(not mode.splits_experts or job.engine.zero_stage in (1, 2), "engine.zero_stage", job.engine.zero_stage,
               "must be 1 or 2 with engine.name=deepspeed and parallel=ep (DeepSpeed's stage-0 clipping averages the ranks' local "
               "gradient norms, which is wrong when ranks hold different experts)")
-        check(p.mode != "ep" or p.dense == "ddp", "parallel.dense", p.dense,
+        check(not mode.splits_experts or not parallel_mode(p.dense).gathers_parameters, "parallel.dense", p.dense,
               "must be ddp with engine.name=deepspeed (DeepSpeed reduces the dense gradients itself)")
         check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
               "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")
@@ -241,9 +248,7 @@ class DeepSpeedEngine:
         # The schedule's position is restored; put each group's lr where that position says.
         for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * fn(self.scheduler.last_epoch)
-        rng = path / f"rng_rank{self.runtime.rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
+        load_rng_state(path, self.runtime)
         return client["moeforge"]["trainer"]
 
 
@@ -261,18 +266,17 @@ class DeepSpeedCheckpointWriter(CheckpointWriter):
         ``state``: ``{"trainer": counters}``, stored as DeepSpeed's ``client_state``.
         """
         self.finish()
-        self._refuse_nonfinite(step, {"model": dict(self.ds.module.named_parameters())})
+        self.refuse_nonfinite(step, {"model": dict(self.ds.module.named_parameters())})
         need = self.check_space(step)
-        tmp = self._fresh_tmp(step, need)
-        self._agreed(lambda: _write_durably(tmp / f"rng_rank{self.runtime.rank}.pt", lambda f: torch.save(_rng_state(), f)), step, tmp, need)
+        tmp = self.fresh_tmp(step, need)
+        self.run_agreed(lambda: write_rng_state(tmp, self.runtime), step, tmp, need)
         try:
             self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"moeforge": state}, save_latest=False)
             if self.ep is not None:
                 self.ep.save_expert_weights(tmp)
         except Exception as err:
-            raise self._write_failed(err, step, tmp, need) from None
-        self._pending = _Pending(step, tmp, None, need, loss_window_of(state))
-        return self.finish()
+            raise self.write_failed(err, step, tmp, need) from None
+        return self.publish(PendingWrite(step, tmp, None, need, loss_window_of(state)))
 
 
 def verify_deepspeed_checkpoint(path: Path, runtime: Runtime) -> list[str]:
@@ -284,8 +288,8 @@ def verify_deepspeed_checkpoint(path: Path, runtime: Runtime) -> list[str]:
     found: list[str] = []
     try:
         manifest = read_manifest(path)
-        engine = manifest.get("engine", {}).get("name", "native")
-        if engine != "deepspeed":
+        engine = checkpoint_engine(manifest)
+        if engine != DeepSpeedConfig.name:
             raise CheckpointError(f"it was written by engine={engine}; engine=deepspeed resumes only its own checkpoints")
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             raise CheckpointError(f"its manifest is not format {FORMAT} with a file list")
@@ -293,4 +297,4 @@ def verify_deepspeed_checkpoint(path: Path, runtime: Runtime) -> list[str]:
         found += problems(path, files, share(list(files), runtime.rank, runtime.world_size))
     except CheckpointError as err:
         found.append(str(err))
-    return sorted({p for part in _gather(found, runtime) for p in part})
+    return sorted({p for part in gather_objects(found, runtime) for p in part})

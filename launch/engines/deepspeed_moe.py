@@ -54,12 +54,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.checkpoint import _write_durably
+from launch.checkpoint import write_durably
 from moe.experts import EXPERT_WEIGHT_NAMES, Experts
 from moe.layer import MoELayer
 from parallel import Runtime
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.config import resolved_ep_size
+from parallel.modes import parallel_mode
 
 
 def experts_file(ep_rank: int) -> str:
@@ -79,7 +79,7 @@ class DeepSpeedExpertParallel:
         from deepspeed.utils import groups
 
         comm.init_distributed(dist_backend=runtime.mesh.backend if runtime.mesh else None, dist_init_required=False, verbose=False)
-        self.ep_size = resolved_ep_size(runtime.cfg, runtime.world_size)
+        self.ep_size = parallel_mode(runtime.cfg.mode).expert_group_size(runtime.cfg, runtime.world_size)
         self.group_name = f"ep_size_{self.ep_size}"
         if self.group_name not in groups._get_expert_parallel_group_dict():
             groups._create_expert_and_data_parallel(self.ep_size)
@@ -123,7 +123,7 @@ class DeepSpeedExpertParallel:
         weights = {f"{name}.experts.{w}": getattr(layer.experts, w).detach().cpu().clone()
                    for name, layer in self.layers.items() for w in EXPERT_WEIGHT_NAMES}
         ids = {name: list(layer.experts.expert_ids or []) for name, layer in self.layers.items()}
-        _write_durably(folder / experts_file(self.ep_rank), lambda f: torch.save({"expert_ids": ids, "weights": weights}, f))
+        write_durably(folder / experts_file(self.ep_rank), lambda f: torch.save({"expert_ids": ids, "weights": weights}, f))
 
 
 def mark_expert_params(layers: list[MoELayer], group_name: str) -> None:

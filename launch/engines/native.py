@@ -11,6 +11,7 @@ SHA-256 manifest, atomic publish), resumable under another world size or layout.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint, verify_checkpoint
-from launch.config import JobConfig
+from launch.config import EngineConfig, JobConfig
 from launch.masked_update import clip_scale, masked_step, takes_found_inf
 from launch.optim import build_optimizer
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state
@@ -29,8 +30,17 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     return {**checkpoint_state(model, optimizer, runtime), "scheduler": scheduler.state_dict(), "trainer": trainer}
 
 
+@dataclass(kw_only=True)
+class NativeConfig(EngineConfig):
+    """``engine=native``: no knobs of its own (the layout is ``parallel``, the optimizer ``optim``)."""
+
+    name: str = "native"
+
+
 class NativeEngine:
     """``engine=native``: every parallel mode, the trainer's own optimizer step and DCP checkpoints."""
+
+    Config = NativeConfig
 
     def __init__(self, job: JobConfig, core: nn.Module, runtime: Runtime, manifest: dict[str, Any]) -> None:
         self.job, self.runtime, self.manifest = job, runtime, manifest
@@ -49,10 +59,12 @@ class NativeEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def micro_batch(self, last: bool) -> AbstractContextManager[None]:
-        return micro_batch(self.model, self.runtime, last)
+        """Gradient communication only in the step's last backward (``Runtime.grad_sync``, DDP's ``no_sync``)."""
+        return self.runtime.grad_sync(self.model, enabled=last)
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
-        backward(loss, micro_batches)
+        """Backward of ``loss / micro_batches``: summed over the micro-batches, the gradient of the step's mean loss."""
+        (loss / micro_batches if micro_batches > 1 else loss).backward()
 
     def grad_norm(self) -> Tensor:
         """Reduce (ddp averaging, expert sums and 1/W), then clip to ``optim.grad_clip`` (or hand the clipping
@@ -90,12 +102,3 @@ class NativeEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         return state["trainer"]
 
-
-def micro_batch(model: nn.Module, runtime: Runtime, last: bool) -> AbstractContextManager[None]:
-    """Gradient communication only in the step's last backward (``Runtime.grad_sync``, DDP's ``no_sync``)."""
-    return runtime.grad_sync(model, enabled=last)
-
-
-def backward(loss: Tensor, micro_batches: int) -> None:
-    """Backward of ``loss / micro_batches``: summed over the micro-batches, the gradient of the step's mean loss."""
-    (loss / micro_batches if micro_batches > 1 else loss).backward()

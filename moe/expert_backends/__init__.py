@@ -2,7 +2,8 @@
 
 ``experts.backend=<name>`` picks an object here; ``Experts.resolve`` turns it into the concrete
 backend for the run's device once, and every runner (local, expert-parallel, FSSDP) calls that
-object's ``grouped``/``run_plan``. This module is the only place a backend name is looked up.
+object's ``grouped``/``run_plan``. Backend names are looked up only in this package (here, and in
+``auto``, which hands back one of the registered backends).
 Adding a backend: one file with an ``ExpertBackend`` subclass, one line below.
 """
 

@@ -1,10 +1,11 @@
 """``experts.backend=auto``: the backend measured fastest for this device and shape class.
 
-Shape legend: D model dim, F expert ffn dim, E experts, K top-k, T tokens.
+Shape letters: the ``moe`` package legend (D model dim, F expert ffn dim, E experts, K slots per
+token, T tokens).
 
 ``MEASURED`` is the table of GPU measurements behind the choice: per card (matched against
 ``torch.cuda.get_device_name``) and shape class, the whole-layer times of each backend
-(``python -m tools.bench_layer``: router + dispatch + experts + combine + statistics, forward and
+(``python -m tools.bench.layer``: router + dispatch + experts + combine + statistics, forward and
 backward, bf16) and of the plain ``torch._grouped_mm`` layer, with the date. The row's winner is
 the fastest backend that was never slower than the plain layer on any of its shapes. A card
 without an entry gets ``DEFAULT_CUDA``, the backend that won on every reference shape. On the CPU
@@ -14,7 +15,7 @@ Below sm_90 (A100, L40S) ``torch._grouped_mm`` has no grouped kernel: it loops o
 reads their offsets on the host, a host synchronisation in every MoE layer of every step. There
 ``auto`` picks the Triton backend, whose kernels read the offsets on the device, and says so in
 the trainer's start-up line; without Triton it keeps grouped_mm and says that the step syncs.
-``choice_for`` is the pure function behind all of this (``tools.step_budget --card`` calls it).
+``choice_for`` is the pure function behind all of this (``tools.bench.step_budget --card`` calls it).
 
 Shape classes: ``coarse`` = few large experts (E <= 16, e.g. Mixtral's 8 x 14336), ``fine`` =
 many small experts (E > 16, e.g. OLMoE's 64 x 1024, 128 x 768).
@@ -52,7 +53,7 @@ class Measurement:
 
 _H200 = "NVIDIA H200"
 MEASURED: tuple[Measurement, ...] = (
-    # python -m tools.bench_layer on one H200 (torch 2.11, Triton 3.6), main at cedb458 (bash tools/gpu_session.sh).
+    # python -m tools.bench.layer on one H200 (torch 2.11, Triton 3.6), main at cedb458 (bash tools/gpu_session.sh).
     Measurement(_H200, "coarse", "2026-11-27", ((4096, 14336, 8, 2, 8192), (1024, 2816, 16, 2, 16384)),
                 {"grouped_mm": (27.52, 4.36), "triton": (50.85, 6.06), "plain": (29.80, 4.54)}),
     Measurement(_H200, "fine", "2026-11-27", ((2048, 1024, 64, 8, 16384), (2048, 768, 128, 8, 32768)),
@@ -107,7 +108,7 @@ class AutoBackend(ExpertBackend):
     """Resolves to a concrete backend; it never runs experts itself."""
 
     name = "auto"
-    honours = frozenset({"recompute", "kernel_blocks"})  # used when the choice is a backend that honours them
+    honours = frozenset({"regenerate_preactivations", "kernel_blocks"})  # used when the choice is a backend that honours them
 
     def __init__(self, registry: dict[str, ExpertBackend]) -> None:
         self.registry = registry

@@ -1,11 +1,16 @@
 """The expert-backend seam: one object per way of running the routed SwiGLU experts.
 
-Shape legend: T tokens, D model dim, F expert ffn dim, E experts, R expert-sorted rows.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, F expert ffn dim, E experts,
+R expert-sorted rows).
 
-Every backend answers the same five questions, so the local, expert-parallel and FSSDP runners
-call them all the same way and no code outside ``moe.expert_backends`` compares backend names:
+Every backend answers the same questions, so the local, expert-parallel and FSSDP runners call
+them all the same way and no code outside ``moe.expert_backends`` compares backend names:
 
 - ``unavailable(device)``: why it cannot run there (a missing package, the wrong device), or None;
+- ``reads_counts_on_host(device)``: whether its grouped call reads the per-expert counts on the
+  host there (a synchronisation in every MoE layer);
+- ``choice_note(device, num_experts)``: for the start-up line, what a name that chooses (``auto``)
+  picked and why;
 - ``check_shapes(d_model, d_ff)``: refuse dimensions its kernels cannot take, naming the key;
 - ``grouped(x_RD, counts_E, w_gate, w_up, w_down, options)``: the grouped SwiGLU over rows that
   are already sorted by expert (``counts_E`` rows each) -> ``y_RD``; EP and FSSDP call this after
@@ -34,10 +39,11 @@ from moe.errors import ConfigError
 
 @dataclass(frozen=True)
 class ExpertOptions:
-    """Backend knobs from ``ExpertsConfig``: ``recompute`` (recompute the SwiGLU pre-activations in
-    the backward instead of saving them) and ``blocks`` (Triton launch blocks; None = defaults)."""
+    """Backend knobs from ``ExpertsConfig``: ``regenerate_preactivations`` (the backward computes the
+    SwiGLU pre-activations again instead of the forward keeping them) and ``blocks`` (Triton launch
+    blocks; None = defaults)."""
 
-    recompute: bool = False
+    regenerate_preactivations: bool = False
     blocks: BlockSizes | None = None
 
 
@@ -46,7 +52,7 @@ class ExpertBackend:
 
     name: str = ""
     honours: frozenset[str] = frozenset()
-    """``ExpertsConfig`` fields among ``recompute``/``kernel_blocks`` this backend uses."""
+    """``ExpertsConfig`` fields among ``regenerate_preactivations``/``kernel_blocks`` this backend uses."""
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device`` (one line), or None when it can."""

@@ -1,7 +1,7 @@
 """``experts.backend=grouped_mm``: library grouped GEMMs, and glue written for memory bandwidth.
 
-Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots per token, S slots
-(T*K), R expert-sorted rows.
+Shape letters: the ``moe`` package legend (T tokens, D model dim, F expert ffn dim, E experts,
+K slots per token, A = T*K slots, R expert-sorted rows).
 
 Every GEMM is ``torch._grouped_mm`` (torch >= 2.9; on Hopper a CUTLASS grouped GEMM that ran the
 nine GEMMs of a layer step at 667-707 TFLOP/s on an H200, against 154-252 for our Triton backward
@@ -45,7 +45,7 @@ def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
 
 
 def _t(w: Tensor) -> Tensor:
-    """The per-expert transpose view ``[E, N, K]`` of a stacked weight (no copy)."""
+    """The per-expert transpose of a stacked weight, ``[E, a, b] -> [E, b, a]``, as a view (no copy)."""
     return w.transpose(1, 2)
 
 
@@ -71,20 +71,20 @@ class _RoutedSwiGLU(torch.autograd.Function):
     """The whole expert block over a dispatch plan (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x_TD, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E, K):  # type: ignore[override]
+    def forward(ctx, x_TD, weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_A, offs_E, K):  # type: ignore[override]
         x_RD = x_TD.index_select(0, token_idx_R)
         g_RF = _gmm(x_RD, w_gate_EDF, offs_E)
         u_RF = _gmm(x_RD, w_up_EDF, offs_E)
         h_RF = ops.swiglu_act(g_RF, u_RF, weight_R)
-        y_TD = ops.unpermute(_gmm(h_RF, w_down_EFD, offs_E), None, row_of_slot_S, K, None)
-        ctx.save_for_backward(weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E)
+        y_TD = ops.unpermute(_gmm(h_RF, w_down_EFD, offs_E), None, row_of_slot_A, K, None)
+        ctx.save_for_backward(weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_A, offs_E)
         ctx.act = _Activations(x_RD=x_RD, g_RF=g_RF, u_RF=u_RF, h_RF=h_RF)
         ctx.K = K
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):  # type: ignore[override]
-        weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_S, offs_E = ctx.saved_tensors
+        weight_R, w_gate_EDF, w_up_EDF, w_down_EFD, token_idx_R, row_of_slot_A, offs_E = ctx.saved_tensors
         need, act = ctx.needs_input_grad, ctx.act
         dy_RD = dy_TD.contiguous().index_select(0, token_idx_R)
         a_RF = _gmm(dy_RD, _t(w_down_EFD), offs_E)  # dL/dh (h carries the router weight)
@@ -101,7 +101,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
         dx_up_RD = _gmm(du_RF, _t(w_up_EDF), offs_E) if need[0] else None
         dw_up = _gmm(x_RD.t(), du_RF, offs_E) if need[3] else None
         del du_RF, x_RD
-        dx_TD = ops.unpermute(dx_gate_RD, dx_up_RD, row_of_slot_S, ctx.K, None) if need[0] else None
+        dx_TD = ops.unpermute(dx_gate_RD, dx_up_RD, row_of_slot_A, ctx.K, None) if need[0] else None
         return dx_TD, dweight_R if need[1] else None, dw_gate, dw_up, dw_down, None, None, None, None
 
 
@@ -165,5 +165,5 @@ class GroupedMMBackend(ExpertBackend):
     def run_plan(self, x_TD: Tensor, plan: object, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
         w = [t.to(x_TD.dtype) for t in (w_gate_EDF, w_up_EDF, w_down_EFD)]
         return _RoutedSwiGLU.apply(
-            x_TD.contiguous(), plan.weight_R, *w, plan.token_idx_R, plan.row_of_slot_S, _offsets(plan.counts_E), plan.num_slots,
+            x_TD.contiguous(), plan.weight_R, *w, plan.token_idx_R, plan.row_of_slot_A, _offsets(plan.counts_E), plan.slots_per_token,
         )

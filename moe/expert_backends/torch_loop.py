@@ -1,6 +1,6 @@
 """``experts.backend=torch``: one dense SwiGLU per expert in a Python loop (the reference).
 
-Shape legend: R expert-sorted rows, D model dim, F expert ffn dim, E experts.
+Shape letters: the ``moe`` package legend (R expert-sorted rows, D model dim, F expert ffn dim, E experts).
 
 Slow and obviously correct: every other backend is tested against it. Runs on any device and
 dtype; ``counts_E.tolist()`` reads the counts on the host (a synchronisation on a GPU).
@@ -17,9 +17,9 @@ from moe.expert_backends.base import ExpertBackend, ExpertOptions
 def swiglu_loop(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
     """One dense SwiGLU per expert over its contiguous rows (Shazeer 2020)."""
     outs = []
-    for e, rows_D in enumerate(x_RD.split(counts_E.tolist())):
-        h_F = nn.functional.silu(rows_D @ w_gate_EDF[e]) * (rows_D @ w_up_EDF[e])
-        outs.append(h_F @ w_down_EFD[e])
+    for e, rows_RD in enumerate(x_RD.split(counts_E.tolist())):  # expert e's rows
+        h_RF = nn.functional.silu(rows_RD @ w_gate_EDF[e]) * (rows_RD @ w_up_EDF[e])
+        outs.append(h_RF @ w_down_EFD[e])
     if not outs:
         return x_RD.new_zeros(0, w_down_EFD.shape[-1])
     return torch.cat(outs)

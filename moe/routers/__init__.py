@@ -1,40 +1,44 @@
-"""Router registry: config name -> router class (each class carries its ``Config`` dataclass).
+"""Router registry: config name -> router class (each class carries its ``Config``, a ``RouterConfig``).
 
 ``router=<name>`` on the command line selects ``conf/router/<name>.yaml``, whose ``name`` field
-picks the class here. Adding a router: one file in this folder, one line below, one YAML.
+picks the class here. Adding a router: one file in this folder (a ``Router`` subclass whose
+``Config`` derives from ``RouterConfig``), one line in ``ROUTERS`` below, one YAML.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
 
 from moe.errors import ConfigError
-from moe.routers.act_dts import ActivationDTSRouter
-from moe.routers.attention_aware import AttentionAwareRouter
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.base_layers import BaseLayersRouter
-from moe.routers.comet import CometRouter
-from moe.routers.dselect_k import DSelectKRouter
-from moe.routers.dts import DTSRouter
-from moe.routers.expert_choice import ExpertChoiceRouter
-from moe.routers.hash import HashRouter
-from moe.routers.sigmoid_bias import SigmoidBiasRouter
-from moe.routers.similarity import SimilarityRouter
-from moe.routers.topk import TopKRouter
+from moe.routers.interface import KRouterConfig, Router, RouterConfig, RouterContext, RoutingDecision
 
-ROUTERS: dict[str, type[Router]] = {
-    "topk": TopKRouter,
-    "dts": DTSRouter,
-    "act_dts": ActivationDTSRouter,
-    "sigmoid_bias": SigmoidBiasRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "hash": HashRouter,
-    "comet": CometRouter,
-    "dselect_k": DSelectKRouter,
-    "similarity": SimilarityRouter,
-    "attention_aware": AttentionAwareRouter,
-    "base": BaseLayersRouter,
-}
+
+def load_routers(paths: dict[str, str]) -> dict[str, type[Router]]:
+    """Import each ``module:Class`` and check that it is a ``Router`` whose ``Config`` is a ``RouterConfig``."""
+    routers = {}
+    for name, path in paths.items():
+        module, _, attr = path.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if not (isinstance(cls, type) and issubclass(cls, Router) and issubclass(cls.Config, RouterConfig)):
+            raise TypeError(f"router {name!r} ({path}) must be a Router subclass whose Config derives from RouterConfig")
+        routers[name] = cls
+    return routers
+
+
+ROUTERS: dict[str, type[Router]] = load_routers({
+    "topk": "moe.routers.topk:TopKRouter",
+    "dts": "moe.routers.dts:DTSRouter",
+    "act_dts": "moe.routers.act_dts:ActivationDTSRouter",
+    "sigmoid_bias": "moe.routers.sigmoid_bias:SigmoidBiasRouter",
+    "expert_choice": "moe.routers.expert_choice:ExpertChoiceRouter",
+    "hash": "moe.routers.hash:HashRouter",
+    "comet": "moe.routers.comet:CometRouter",
+    "dselect_k": "moe.routers.dselect_k:DSelectKRouter",
+    "similarity": "moe.routers.similarity:SimilarityRouter",
+    "attention_aware": "moe.routers.attention_aware:AttentionAwareRouter",
+    "base": "moe.routers.base_layers:BaseLayersRouter",
+})
+"""Registry name -> router class, each given as ``"module:Class"`` (one line per router)."""
 
 
 def router_class(name: str) -> type[Router]:
@@ -45,9 +49,9 @@ def router_class(name: str) -> type[Router]:
         raise ConfigError(f"router.name ({name!r}) is not a known router; choose one of {sorted(ROUTERS)}") from None
 
 
-def build_router(cfg: Any, d_model: int, num_experts: int) -> Router:
+def build_router(cfg: RouterConfig, d_model: int, num_experts: int) -> Router:
     """Build the router named by ``cfg.name`` from its own config dataclass."""
     return router_class(cfg.name)(cfg, d_model, num_experts)
 
 
-__all__ = ["ROUTERS", "Router", "RouterContext", "RoutingDecision", "build_router", "router_class"]
+__all__ = ["KRouterConfig", "ROUTERS", "Router", "RouterConfig", "RouterContext", "RoutingDecision", "build_router", "load_routers", "router_class"]

@@ -1,6 +1,6 @@
 """Activation dense-to-sparse gate (Nguyen, Akbarian, Ho, ICML 2024).
 
-Shape legend: T tokens, D model dim, E experts.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts.
 
 *Is Temperature Sample Efficient for Softmax Gaussian Mixture of Experts?* (arXiv 2401.13875,
 PMLR v235 nguyen24a): the temperature gate ``softmax((β₁ᵀx + β₀)/τ)`` is invariant under
@@ -59,6 +59,7 @@ class ActivationDTSRouter(DTSRouter):
     """The DTS router on activated logits ``σ(h)`` (Nguyen et al. 2024)."""
 
     Config = ActDTSConfig
+    cfg: ActDTSConfig
 
     def gate_has_bias(self) -> bool:
         return self.cfg.bias

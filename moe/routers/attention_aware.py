@@ -1,6 +1,7 @@
 """Attention-aware routing (Nguyen, Tran, Nguyen, Baraniuk 2025, arXiv 2505.00792 §3).
 
-Shape legend: T = B*S tokens, E experts, K slots, B batch, S sequence.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T = B*S tokens, E experts, K slots, B
+batch, S sequence.
 
 Similarity-aware routing (``moe.routers.similarity``) with the token graph taken from the model
 instead of learned: ``pi~ = A pi``, where ``A`` is the head-averaged attention probabilities of
@@ -25,17 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
+from moe.routers.gate import gate_logits, normal_gate
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.losses import check_balance_scope, scope_count_sum
 from moe.routers.similarity import MIX_SPACES, graph_mixed_decision, sequence_mask, token_layout
 
 
 @dataclass(kw_only=True)
-class AttentionAwareConfig:
+class AttentionAwareConfig(KRouterConfig):
     name: str = "attention_aware"
-    k: int = 2
-    """Experts per token."""
     mix: str = "probs"
     """What the attention averages: probs (pi~ = A softmax(h), the paper's model) or logits (softmax(A h))."""
     aux_loss_coef: float = 0.01
@@ -47,7 +46,7 @@ class AttentionAwareConfig:
     (this rank's); see router.balance_scope of topk."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(self.mix in MIX_SPACES, "router.mix", self.mix, f"must be one of {list(MIX_SPACES)}")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
@@ -60,13 +59,11 @@ class AttentionAwareRouter(Router):
     Config = AttentionAwareConfig
     needs_attention = True
     per_token = False
+    cfg: AttentionAwareConfig
 
     def __init__(self, cfg: AttentionAwareConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        check(cfg.k <= num_experts, "router.k", cfg.k, f"must be <= model.num_experts ({num_experts})")
-        self.cfg = cfg
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        super().__init__(cfg, d_model, num_experts)
+        self.gate = normal_gate(d_model, num_experts)
 
     def graph(self, num_tokens: int, context: RouterContext) -> Tensor:
         """The masked, row-renormalised attention probabilities ``[B, S, S]`` in fp32."""

@@ -1,6 +1,8 @@
 """BASE layers (Lewis et al., ICML 2021): balanced assignment of tokens to experts. NON-CAUSAL in training.
 
-Shape legend: T tokens, D model dim, E experts, C tokens per expert, U unassigned tokens.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, C
+tokens per expert, Z auction seats (``E*C``), U tokens bidding in a round, W a round's offers (the
+seats' prices and the new bids, ``Z + U``).
 
 *BASE Layers: Simplifying Training of Large, Sparse Models* (arXiv 2103.16716) §2, as in
 ``facebookresearch/fairseq: fairseq/modules/base_layer.py``: each expert e has a centroid
@@ -53,11 +55,11 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.interface import Router, RouterConfig, RouterContext, RoutingDecision
 
 
 @dataclass(kw_only=True)
-class BaseLayersConfig:
+class BaseLayersConfig(RouterConfig):
     name: str = "base"
     eps: float = 1e-3
     """Auction ε relative to the affinity range: the assignment is within T·ε·range of the optimum."""
@@ -70,19 +72,20 @@ class BaseLayersConfig:
     within 0.03% of the full auction's, in 0.55 s instead of 3.7 s."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0 < self.eps < 1, "router.eps", self.eps, "must be in (0, 1)")
         check(self.dual_sweeps >= 0, "router.dual_sweeps", self.dual_sweeps, "must be >= 0")
         check(self.max_rounds >= 1, "router.max_rounds", self.max_rounds, "must be >= 1")
 
 
-def _top_per_group(group_N: Tensor, value_N: Tensor, keep: int, num_groups: int) -> Tensor:
-    """Bool [N]: for each group, its ``keep`` largest values (ties: lower index first)."""
-    by_value = torch.sort(value_N, descending=True, stable=True).indices
-    order = by_value[torch.sort(group_N[by_value], stable=True).indices]  # group-major, value-desc inside
-    counts = torch.bincount(group_N, minlength=num_groups)
+def _top_per_group(group_W: Tensor, value_W: Tensor, keep: int, num_groups: int) -> Tensor:
+    """Bool [W]: for each group, its ``keep`` largest values (ties: lower index first)."""
+    by_value = torch.sort(value_W, descending=True, stable=True).indices
+    order = by_value[torch.sort(group_W[by_value], stable=True).indices]  # group-major, value-desc inside
+    counts = torch.bincount(group_W, minlength=num_groups)
     start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=value_N.device) - start[group_N[order]]
-    kept = torch.zeros_like(group_N, dtype=torch.bool)
+    rank = torch.arange(order.numel(), device=value_W.device) - start[group_W[order]]
+    kept = torch.zeros_like(group_W, dtype=torch.bool)
     kept[order[rank < keep]] = True
     return kept
 
@@ -122,16 +125,16 @@ def balanced_assignment(scores_TE: Tensor, capacity: int, eps: float = 1e-3, dua
     step = (spread if spread > 0 else 1.0) * eps
     dev = scores.device
     # Seats: expert e owns rows e*C .. e*C+C-1; a seat's price is the bid of the token holding it.
-    seat_expert = torch.arange(E, device=dev).repeat_interleave(C)
-    price_S = dual_prices(scores, C, dual_sweeps).repeat_interleave(C)  # any start is valid; a good one is fast
-    owner_S, _ = _auction(scores, C, price_S, seat_expert, step, max_rounds)
+    seat_expert_Z = torch.arange(E, device=dev).repeat_interleave(C)
+    price_Z = dual_prices(scores, C, dual_sweeps).repeat_interleave(C)  # any start is valid; a good one is fast
+    owner_Z, _ = _auction(scores, C, price_Z, seat_expert_Z, step, max_rounds)
     expert_T = torch.empty(T, dtype=torch.int64, device=dev)
-    taken = owner_S >= 0
-    expert_T[owner_S[taken]] = seat_expert[taken]
+    taken = owner_Z >= 0
+    expert_T[owner_Z[taken]] = seat_expert_Z[taken]
     return expert_T
 
 
-def _auction(scores: Tensor, C: int, price_S: Tensor, seat_expert: Tensor, step: float, max_rounds: int) -> tuple[Tensor, Tensor]:
+def _auction(scores: Tensor, C: int, price_Z: Tensor, seat_expert_Z: Tensor, step: float, max_rounds: int) -> tuple[Tensor, Tensor]:
     """Jacobi auction from no one seated at the given seat prices: (owner per seat, price per seat).
 
     One phase at the final ε: measured at T=2048, E=8, warm prices need 72 rounds (20 ms on a CPU
@@ -139,14 +142,14 @@ def _auction(scores: Tensor, C: int, price_S: Tensor, seat_expert: Tensor, step:
     """
     T, E = scores.shape
     dev = scores.device
-    owner_S = torch.full((E * C,), -1, dtype=torch.int64, device=dev)
+    owner_Z = torch.full((E * C,), -1, dtype=torch.int64, device=dev)
     for _ in range(max_rounds):
         seated = torch.zeros(T, dtype=torch.bool, device=dev)
-        seated[owner_S[owner_S >= 0]] = True
+        seated[owner_Z[owner_Z >= 0]] = True
         bidders = torch.nonzero(~seated).flatten()
         if bidders.numel() == 0:
             break
-        sorted_prices = torch.sort(price_S.view(E, C), dim=1).values
+        sorted_prices = torch.sort(price_Z.view(E, C), dim=1).values
         low_E = sorted_prices[:, 0]
         next_E = sorted_prices[:, 1] if C > 1 else torch.full_like(low_E, math.inf)
         value_UE = scores[bidders] - low_E
@@ -158,34 +161,34 @@ def _auction(scores: Tensor, C: int, price_S: Tensor, seat_expert: Tensor, step:
         second_U = torch.where(torch.isfinite(second_U), second_U, v1_U)
         bid_U = low_E[best_U] + (v1_U - second_U) + step
         # Each expert keeps its C highest among current seats and new bids; the rest bid again.
-        group = torch.cat([seat_expert, best_U])
-        value = torch.cat([price_S, bid_U])
-        who = torch.cat([owner_S, bidders])
+        group = torch.cat([seat_expert_Z, best_U])
+        value = torch.cat([price_Z, bid_U])
+        who = torch.cat([owner_Z, bidders])
         kept = _top_per_group(group, value, C, E)
         order = torch.sort(group[kept], stable=True).indices  # back to seat order
-        price_S, owner_S = value[kept][order], who[kept][order]
+        price_Z, owner_Z = value[kept][order], who[kept][order]
     else:  # the guard: seat the rest greedily on the free seats of their best experts
-        _seat_rest_greedily(scores, owner_S, seat_expert, T)
-    return owner_S, price_S
+        _seat_rest_greedily(scores, owner_Z, seat_expert_Z, T)
+    return owner_Z, price_Z
 
 
-def _seat_rest_greedily(scores_TE: Tensor, owner_S: Tensor, seat_expert_S: Tensor, T: int) -> None:
+def _seat_rest_greedily(scores_TE: Tensor, owner_Z: Tensor, seat_expert_Z: Tensor, T: int) -> None:
     seated = torch.zeros(T, dtype=torch.bool, device=scores_TE.device)
-    seated[owner_S[owner_S >= 0]] = True
+    seated[owner_Z[owner_Z >= 0]] = True
     for t in torch.nonzero(~seated).flatten().tolist():
-        free = owner_S < 0
-        best = int(torch.argmax(torch.where(free, scores_TE[t][seat_expert_S], -math.inf)))
-        owner_S[best] = t
+        free = owner_Z < 0
+        best = int(torch.argmax(torch.where(free, scores_TE[t][seat_expert_Z], -math.inf)))
+        owner_Z[best] = t
 
 
 class BaseLayersRouter(Router):
     """Centroid affinities; balanced assignment in training, greedy top-1 at evaluation (Lewis et al. 2021)."""
 
     Config = BaseLayersConfig
+    cfg: BaseLayersConfig
 
     def __init__(self, cfg: BaseLayersConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg
+        super().__init__(cfg, d_model, num_experts)
         self.centroids_ED = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.orthogonal_(self.centroids_ED, gain=0.1)  # fairseq base_layer.py's init
 

@@ -1,11 +1,12 @@
 """COMET tree gate (Ibrahim, Chen, Mazumder et al., KDD 2023, arXiv 2306.02824 §3).
 
-Shape legend: T tokens, D model dim, E experts (= leaves), K trees (= slots, ``router.k``),
-N internal nodes (E - 1), P path length (tree depth ``ceil(log2 E)``).
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts (=
+leaves), K trees (= slots, ``router.k``), N internal nodes (E - 1), L tree levels: the root-to-leaf
+path length, ``ceil(log2 E)``.
 
 k soft binary trees, each with E leaves in heap layout: internal nodes 0..E-2 (children
 ``2i+1`` left, ``2i+2`` right), leaves E-1..2E-2, numbered onto experts 0..E-1 left to right
-(depth-first order). For E not a power of two the leaves sit at depths ``P-1`` and ``P``. Each
+(depth-first order). For E not a power of two the leaves sit at depths ``L-1`` and ``L``. Each
 internal node has one hyperplane per tree, ``s = S_gamma(w^T x + b)`` (smooth step); the
 probability of leaf e in tree t is the product along its root path of ``s`` (left) or
 ``1 - s`` (right), so ``sum_e p_te = 1`` per tree. Each leaf has a logit ``a_te = v^T x + c``.
@@ -44,13 +45,13 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
 from moe.routers.smooth_gates import entropy, gate_decision, smooth_step
 
 
 @dataclass(kw_only=True)
-class CometConfig:
+class CometConfig(KRouterConfig):
     name: str = "comet"
     k: int = 2
     """Number of trees; at most k experts per token once the splits are binary."""
@@ -66,18 +67,23 @@ class CometConfig:
     """Permutation local search of the leaf -> expert map (COMET+)."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(self.gamma > 0, "router.gamma", self.gamma, "must be > 0")
         check(self.entropy_coef >= 0, "router.entropy_coef", self.entropy_coef, "must be >= 0")
         check(0 < self.prob_floor < 1, "router.prob_floor", self.prob_floor, "must be in (0, 1)")
         check(self.leaf_init >= 0, "router.leaf_init", self.leaf_init, "must be >= 0")
 
+    def check_num_experts(self, num_experts: int) -> None:
+        """At least two leaves, and ``k <= E``."""
+        check(num_experts >= 2, "model.num_experts", num_experts, "must be >= 2 for the comet router")
+        super().check_num_experts(num_experts)
+
 
 def leaf_paths(num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Root paths of the E leaves of a heap-layout tree, leaves in left-to-right order.
 
-    Returns ``node_EP`` (internal node index at each depth), ``left_EP`` (the path goes to the
-    left child there) and ``valid_EP`` (False past a shallower leaf's depth), padded to depth P.
+    Returns ``node_EL`` (internal node index at each depth), ``left_EL`` (the path goes to the
+    left child there) and ``valid_EL`` (False past a shallower leaf's depth), padded to depth L.
     """
     E = num_experts
     depth = max(math.ceil(math.log2(E)), 1)
@@ -92,23 +98,23 @@ def leaf_paths(num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
 
     walk(0, [])
     assert len(paths) == E
-    node_EP = torch.zeros(E, depth, dtype=torch.long)
-    left_EP = torch.zeros(E, depth, dtype=torch.bool)
-    valid_EP = torch.zeros(E, depth, dtype=torch.bool)
+    node_EL = torch.zeros(E, depth, dtype=torch.long)
+    left_EL = torch.zeros(E, depth, dtype=torch.bool)
+    valid_EL = torch.zeros(E, depth, dtype=torch.bool)
     for e, path in enumerate(paths):
         for d, (node, left) in enumerate(path):
-            node_EP[e, d], left_EP[e, d], valid_EP[e, d] = node, left, True
-    return node_EP, left_EP, valid_EP
+            node_EL[e, d], left_EL[e, d], valid_EL[e, d] = node, left, True
+    return node_EL, left_EL, valid_EL
 
 
-def leaf_probs(s_TKN: Tensor, node_EP: Tensor, left_EP: Tensor, valid_EP: Tensor) -> Tensor:
+def leaf_probs(s_TKN: Tensor, node_EL: Tensor, left_EL: Tensor, valid_EL: Tensor) -> Tensor:
     """``p_TKE``: product of ``s`` (left) / ``1 - s`` (right) along each leaf's root path."""
-    s_TKEP = s_TKN[..., node_EP]
-    f_TKEP = torch.where(left_EP, s_TKEP, 1.0 - s_TKEP)
-    f_TKEP = torch.where(valid_EP, f_TKEP, torch.ones_like(f_TKEP))
-    p_TKE = f_TKEP[..., 0]
-    for d in range(1, f_TKEP.shape[-1]):
-        p_TKE = p_TKE * f_TKEP[..., d]
+    s_TKEL = s_TKN[..., node_EL]
+    f_TKEL = torch.where(left_EL, s_TKEL, 1.0 - s_TKEL)
+    f_TKEL = torch.where(valid_EL, f_TKEL, torch.ones_like(f_TKEL))
+    p_TKE = f_TKEL[..., 0]
+    for d in range(1, f_TKEL.shape[-1]):
+        p_TKE = p_TKE * f_TKEL[..., d]
     return p_TKE
 
 
@@ -129,11 +135,10 @@ class CometRouter(Router):
     """k smooth-step trees over E leaves; weights ``g`` with exact zeros (``mask_TK`` marks g > 0)."""
 
     Config = CometConfig
+    cfg: CometConfig
 
     def __init__(self, cfg: CometConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        check(num_experts >= 2, "model.num_experts", num_experts, "must be >= 2 for the comet router")
-        self.cfg = cfg
+        super().__init__(cfg, d_model, num_experts)
         E, K = num_experts, cfg.k
         self.split = nn.Linear(d_model, (E - 1) * K)  # one hyperplane per (internal node, tree)
         self.leaf = nn.Linear(d_model, E * K)  # one logit per (leaf, tree)
@@ -141,10 +146,10 @@ class CometRouter(Router):
         nn.init.uniform_(self.split.bias, -cfg.gamma / 100, cfg.gamma / 100)
         nn.init.uniform_(self.leaf.weight, -cfg.leaf_init, cfg.leaf_init)
         nn.init.uniform_(self.leaf.bias, -cfg.leaf_init, cfg.leaf_init)
-        node_EP, left_EP, valid_EP = leaf_paths(E)
-        self.register_buffer("node_EP", node_EP, persistent=False)
-        self.register_buffer("left_EP", left_EP, persistent=False)
-        self.register_buffer("valid_EP", valid_EP, persistent=False)
+        node_EL, left_EL, valid_EL = leaf_paths(E)
+        self.register_buffer("node_EL", node_EL, persistent=False)
+        self.register_buffer("left_EL", left_EL, persistent=False)
+        self.register_buffer("valid_EL", valid_EL, persistent=False)
         self.local_search = PermutationLocalSearch(cfg.local_search, E, K) if cfg.local_search.enabled else None
 
     def split_preactivations(self, x_TD: Tensor) -> Tensor:
@@ -155,7 +160,7 @@ class CometRouter(Router):
     def tree_probs(self, x_TD: Tensor) -> Tensor:
         """``p_TKE``: each tree's leaf distribution (sums to 1 over E)."""
         s_TKN = smooth_step(self.split_preactivations(x_TD), self.cfg.gamma)
-        return leaf_probs(s_TKN, self.node_EP, self.left_EP, self.valid_EP)
+        return leaf_probs(s_TKN, self.node_EL, self.left_EL, self.valid_EL)
 
     def leaf_logits(self, x_TD: Tensor) -> Tensor:
         """``a_TKE``: each tree's leaf logits."""

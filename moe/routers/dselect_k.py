@@ -1,7 +1,7 @@
 """DSelect-k gate (Hazimeh et al., NeurIPS 2021, arXiv 2106.03760 §3).
 
-Shape legend: T tokens, D model dim, E experts, K single-expert selectors (= slots,
-``router.k``), M binary code length ``ceil(log2 E)``.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, K
+single-expert selectors (= slots, ``router.k``), M binary code length ``ceil(log2 E)``.
 
 Expert e has the M-bit binary code of e (most significant bit first). Selector i reads
 per-token code logits ``z_i = W_z x + b in R^M`` and puts weight
@@ -46,13 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
 from moe.routers.smooth_gates import entropy, gate_decision, smooth_step
 
 
 @dataclass(kw_only=True)
-class DSelectKConfig:
+class DSelectKConfig(KRouterConfig):
     name: str = "dselect_k"
     k: int = 2
     """Number of single-expert selectors; at most k experts per token once the codes are binary."""
@@ -68,11 +68,16 @@ class DSelectKConfig:
     """Permutation local search of the code -> expert map (the COMET+ wrapper)."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(self.gamma > 0, "router.gamma", self.gamma, "must be > 0")
         check(self.entropy_coef >= 0, "router.entropy_coef", self.entropy_coef, "must be >= 0")
         check(self.reachability_coef >= 0, "router.reachability_coef", self.reachability_coef, "must be >= 0")
         check(self.alpha_init >= 0, "router.alpha_init", self.alpha_init, "must be >= 0")
+
+    def check_num_experts(self, num_experts: int) -> None:
+        """At least two experts (a code of one bit or more), and ``k <= E``."""
+        check(num_experts >= 2, "model.num_experts", num_experts, "must be >= 2 for the dselect_k router")
+        super().check_num_experts(num_experts)
 
 
 def binary_codes(num_experts: int) -> Tensor:
@@ -96,11 +101,10 @@ class DSelectKRouter(Router):
     """k binary-code selectors mixed by a softmax; weights with exact zeros (``mask_TK`` marks g > 0)."""
 
     Config = DSelectKConfig
+    cfg: DSelectKConfig
 
     def __init__(self, cfg: DSelectKConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        check(num_experts >= 2, "model.num_experts", num_experts, "must be >= 2 for the dselect_k router")
-        self.cfg = cfg
+        super().__init__(cfg, d_model, num_experts)
         codes_EM = binary_codes(num_experts)
         self.code_len = codes_EM.shape[1]
         self.z = nn.Linear(d_model, cfg.k * self.code_len)

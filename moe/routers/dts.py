@@ -1,6 +1,7 @@
 """EvoMoE Dense-To-Sparse gate (DTS-Gate), with the optional expert-diversify phase.
 
-Shape legend: T tokens, D model dim, E experts, K slots.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, K
+slots.
 
 Nie et al., *EvoMoE* (arXiv 2112.14397) §3, as released in codecaution/EvoMoE
 (``fairseq/modules/moe/topkgate.py`` at d1e49d2; research/routers.md §2):
@@ -56,15 +57,15 @@ from torch import Tensor, nn
 
 from moe.dtensor_io import copy_full_
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
 from moe.routers.evolve import EvolveConfig, base_expert_decision, spawn_experts, stream_generator
+from moe.routers.gate import gate_logits
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 
 SCHEDULES = ("linear", "exponential")
 
 
 @dataclass(kw_only=True)
-class DTSConfig:
+class DTSConfig(KRouterConfig):
     name: str = "dts"
     k: int = 1
     """Experts per token after the hard switch (1 = the paper's hard Gumbel phase)."""
@@ -88,7 +89,7 @@ class DTSConfig:
     """EvoMoE expert-diversify phase (single base expert, then masked spawn)."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(self.schedule in SCHEDULES, "router.schedule", self.schedule, f"must be one of {list(SCHEDULES)}")
         check(self.tau_min > 0, "router.tau_min", self.tau_min, "must be > 0")
         check(self.tau_max >= self.tau_min, "router.tau_max", self.tau_max, f"must be >= router.tau_min ({self.tau_min})")
@@ -97,6 +98,17 @@ class DTSConfig:
             check(self.hard_step >= 0, "router.hard_step", self.hard_step, "must be >= 0 (or null for never)")
         check(self.threshold >= 0, "router.threshold", self.threshold, "must be >= 0")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+
+    def check_num_experts(self, num_experts: int) -> None:
+        """``k <= E``, and ``θ < 1/E`` (module docstring)."""
+        super().check_num_experts(num_experts)
+        check(
+            self.threshold < 1.0 / num_experts,
+            "router.threshold",
+            self.threshold,
+            f"must be < 1/model.num_experts (model.num_experts = {num_experts}, 1/E = {1.0 / num_experts:.4g}); "
+            "at high temperature every Gumbel-softmax score is about 1/E",
+        )
 
 
 def temperature(step: int, schedule: str, tau_max: float, tau_min: float, decay_steps: int) -> float:
@@ -164,18 +176,10 @@ class DTSRouter(Router):
     """EvoMoE DTS-Gate: Gumbel-softmax threshold gate annealed from dense to sparse, then hard top-k."""
 
     Config = DTSConfig
+    cfg: DTSConfig
 
     def __init__(self, cfg: DTSConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        check(cfg.k <= num_experts, "router.k", cfg.k, f"must be <= model.num_experts ({num_experts})")
-        check(
-            cfg.threshold < 1.0 / num_experts,
-            "router.threshold",
-            cfg.threshold,
-            f"must be < 1/model.num_experts (model.num_experts = {num_experts}, 1/E = {1.0 / num_experts:.4g}); "
-            "at high temperature every Gumbel-softmax score is about 1/E",
-        )
-        self.cfg = cfg
+        super().__init__(cfg, d_model, num_experts)
         self.gate = nn.Linear(d_model, num_experts, bias=self.gate_has_bias())
         self.reset_gate()
         if cfg.evolve.enabled:

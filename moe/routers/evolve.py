@@ -1,6 +1,7 @@
 """EvoMoE expert-diversify phase: train one base expert, then spawn E masked copies of it.
 
-Shape legend: T tokens, D model dim, F expert ffn dim, E experts, K slots.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, F expert ffn
+dim, E experts, K slots.
 
 Nie et al., *EvoMoE* (arXiv 2112.14397), §3 "expert-diversify": the model first trains a single
 FFN (the base expert) for ``base_steps`` optimizer steps; then every expert e is initialised as
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.experts import EXPERT_WEIGHT_NAMES, Experts
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 # Seeds of the per-expert mask streams are ``seed * _SEED_STRIDE + e``; stream E re-initialises the gate.
 _SEED_STRIDE = 1_000_003

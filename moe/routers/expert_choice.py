@@ -1,6 +1,7 @@
 """Expert-choice routing (Zhou et al., NeurIPS 2022). NON-CAUSAL.
 
-Shape legend: T tokens, D model dim, E experts, K slots, C tokens per expert.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, K
+slots, C tokens per expert.
 
 *Mixture-of-Experts with Expert Choice Routing* (arXiv 2202.09368) §3.1, as in
 ``google/flaxformer: flaxformer/architectures/moe/routing.py`` (``ExpertsChooseMaskedRouter``):
@@ -28,12 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
+from moe.routers.gate import gate_logits, normal_gate
+from moe.routers.interface import Router, RouterConfig, RouterContext, RoutingDecision
 
 
 @dataclass(kw_only=True)
-class ExpertChoiceConfig:
+class ExpertChoiceConfig(RouterConfig):
+    """Counted as one expert per token (``experts_per_token``), though tokens use ``capacity_factor`` on average."""
+
     name: str = "expert_choice"
     capacity_factor: float = 2.0
     """c: each expert takes C = ceil(T * c / E) tokens, i.e. c experts per token on average (paper: 2)."""
@@ -41,6 +44,7 @@ class ExpertChoiceConfig:
     """Expert choice is NON-CAUSAL (a token's routing depends on later tokens); true is refused."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.capacity_factor > 0, "router.capacity_factor", self.capacity_factor, "must be > 0")
         check(
             not self.causal,
@@ -60,12 +64,11 @@ class ExpertChoiceRouter(Router):
 
     Config = ExpertChoiceConfig
     per_token = False  # each expert picks among all tokens of the forward
+    cfg: ExpertChoiceConfig
 
     def __init__(self, cfg: ExpertChoiceConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        super().__init__(cfg, d_model, num_experts)
+        self.gate = normal_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         T, E = x_TD.shape[0], self.num_experts

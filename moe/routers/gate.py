@@ -1,6 +1,8 @@
-"""Router logits in fp32 without an fp32 GEMM: ``h_TE = x_TD W_ED^T (+ b_E)``.
+"""The linear gate of a router: its init (``normal_gate``) and its logits in fp32 without an fp32 GEMM,
+``h_TE = x_TD W_ED^T (+ b_E)`` (``gate_logits``).
 
-Shape legend: T tokens, D model dim, E experts (or any gate width).
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts,
+R similarity rank (``normal_gate`` also builds the similarity router's projections, ``W_RD``).
 
 Routers compute in fp32 (softmax, top-k and the auxiliary losses are sensitive to rounding), but
 the gate GEMM itself need not run on fp32 SIMT units: when ``x`` is bf16/fp16 on a GPU, the
@@ -20,6 +22,18 @@ from torch import Tensor, nn
 from moe.autocast import autocast_dtype
 
 _HALF = (torch.bfloat16, torch.float16)
+
+
+def normal_gate(d_model: int, width: int) -> nn.Linear:
+    """A bias-free ``nn.Linear(d_model, width)`` drawn from ``N(0, 1/D)``: a gate ``W_ED`` (width E), or ``W_RD``.
+
+    Each logit of a unit-variance input then starts with unit variance, whatever D. The
+    ``nn.Linear``'s own default init draws from the global generator first and is then overwritten;
+    skipping that draw would change every later draw of a seeded run.
+    """
+    gate = nn.Linear(d_model, width, bias=False)
+    nn.init.normal_(gate.weight, std=d_model**-0.5)
+    return gate
 
 
 def _mm_fp32_out(a: Tensor, b: Tensor) -> Tensor:

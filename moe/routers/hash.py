@@ -1,6 +1,7 @@
 """Hash routing (Roller et al., NeurIPS 2021): a fixed token-id -> expert table, no parameters.
 
-Shape legend: T tokens, E experts, K slots (K = 1).
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, E experts, K slots (K = 1),
+V vocabulary, H hash-table entries (``router.table_size``).
 
 *Hash Layers For Large Sparse Models* (arXiv 2106.04426) §3: ``e_t = hash(token_id_t)`` with a
 fixed random hash; the expert output is used with weight 1 and nothing is learned by the router
@@ -49,11 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
+from moe.routers.interface import Router, RouterConfig, RouterContext, RoutingDecision
 
 
 @dataclass(kw_only=True)
-class HashConfig:
+class HashConfig(RouterConfig):
     name: str = "hash"
     table_size: int = 65536
     """Entries of the hash table; token id i uses entry i % table_size (>= the vocabulary avoids sharing)."""
@@ -65,6 +66,7 @@ class HashConfig:
     """balance=frequency: how many training tokens (evenly spaced windows over the split) are counted."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.table_size >= 1, "router.table_size", self.table_size, "must be >= 1")
         check(self.seed >= 0, "router.seed", self.seed, "must be >= 0")
         check(self.balance in ("random", "frequency"), "router.balance", self.balance, "must be random or frequency")
@@ -85,10 +87,10 @@ def frequency_table(counts_V: Tensor, table_size: int, num_experts: int) -> Tens
     the lower expert index; entries with no count go to the expert holding the fewest entries.
     Deterministic, so every rank builds the same table.
     """
-    mass_N = torch.zeros(table_size, dtype=torch.float64)
+    mass_H = torch.zeros(table_size, dtype=torch.float64)
     ids = torch.arange(counts_V.shape[0])
-    mass_N.index_add_(0, ids % table_size, counts_V.double())
-    masses = mass_N.tolist()
+    mass_H.index_add_(0, ids % table_size, counts_V.double())
+    masses = mass_H.tolist()
     order = sorted(range(table_size), key=lambda n: (-masses[n], n))
     seen = [n for n in order if masses[n] > 0]
     load = [(0.0, 0, e) for e in range(num_experts)]  # (mass, entries, expert): a min-heap
@@ -114,10 +116,10 @@ class HashRouter(Router):
     """``e_t = table[token_id_t % table_size]``, weight 1, k = 1 (Roller et al. 2021)."""
 
     Config = HashConfig
+    cfg: HashConfig
 
     def __init__(self, cfg: HashConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        self.cfg = cfg
+        super().__init__(cfg, d_model, num_experts)
         self.register_buffer("table", hash_table(cfg.table_size, num_experts, cfg.seed))
 
     @property

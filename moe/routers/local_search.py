@@ -1,7 +1,7 @@
 """Permutation local search ("+" in COMET+, Ibrahim et al. KDD 2023, arXiv 2306.02824 §4).
 
-Shape legend: T tokens, K slots (trees / selectors), E experts, P learned permutations (1, or K
-with ``per_tree``).
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, K slots (trees / selectors),
+E experts, P learned permutations (1, or K with ``per_tree``).
 
 A gate's slots map onto experts through a permutation ``P`` of the expert axis: a slot
 distribution ``q`` (leaf / selector / softmax probabilities) becomes ``q P``, i.e. mass on leaf j

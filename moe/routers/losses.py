@@ -1,6 +1,7 @@
 """Auxiliary router losses shared by the routing families.
 
-Shape legend: T tokens, E experts, K slots.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, E experts, K slots, A the
+T*K slots flattened.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_TK: Tensor
     T, E = probs_TE.shape
     # Slot counts per expert by a scatter of ones over E bins (exact integers in fp32, so any
     # summation order gives the same counts); no [T, K, E] one-hot is materialised.
-    ids_S = expert_ids_TK.reshape(-1)
-    ones_S = torch.ones_like(ids_S, dtype=probs_TE.dtype) if mask_TK is None else mask_TK.reshape(-1).to(probs_TE.dtype)
-    counts_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(0, ids_S, ones_S)
+    ids_A = expert_ids_TK.reshape(-1)
+    ones_A = torch.ones_like(ids_A, dtype=probs_TE.dtype) if mask_TK is None else mask_TK.reshape(-1).to(probs_TE.dtype)
+    counts_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(0, ids_A, ones_A)
     if sum_counts is not None:
         counts_E = sum_counts(counts_E.detach())
     f_E = counts_E / counts_E.sum().clamp_min(1.0)

@@ -1,6 +1,7 @@
 """DeepSeek-V3 sigmoid gate with auxiliary-loss-free bias balancing.
 
-Shape legend: T tokens, D model dim, E experts, K slots, G expert groups, B batch, S sequence.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, K
+slots, G expert groups, B batch, S sequence.
 
 DeepSeek-V3 technical report (arXiv 2412.19437) §2.1.2, and ``deepseek-ai/DeepSeek-V3:
 inference/model.py`` (``Gate``):
@@ -42,15 +43,15 @@ from torch import Tensor, nn
 
 from moe.errors import check
 from moe.recompute import is_recomputing
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
+from moe.routers.gate import gate_logits, normal_gate
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 
 
 @dataclass(kw_only=True)
-class SigmoidBiasConfig:
+class SigmoidBiasConfig(KRouterConfig):
+    """``k``: experts per token (V3: 8 of 256)."""
+
     name: str = "sigmoid_bias"
-    k: int = 2
-    """Experts per token (V3: 8 of 256)."""
     route_scale: float = 1.0
     """Multiplier of the normalised weights (V3: 2.5)."""
     renormalize: bool = True
@@ -65,7 +66,7 @@ class SigmoidBiasConfig:
     """α of the sequence-wise balance loss (V3 eq. 17-20: 1e-4; 0 disables)."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(self.route_scale > 0, "router.route_scale", self.route_scale, "must be > 0")
         check(self.bias_update_rate >= 0, "router.bias_update_rate", self.bias_update_rate, "must be >= 0")
         check(self.n_groups >= 1, "router.n_groups", self.n_groups, "must be >= 1")
@@ -76,6 +77,19 @@ class SigmoidBiasConfig:
             f"must be in [1, router.n_groups ({self.n_groups})]",
         )
         check(self.seq_aux_loss_coef >= 0, "router.seq_aux_loss_coef", self.seq_aux_loss_coef, "must be >= 0")
+
+    def check_num_experts(self, num_experts: int) -> None:
+        """``k <= E``, groups that divide E, and ``k`` within the experts of ``topk_groups`` groups."""
+        super().check_num_experts(num_experts)
+        E = num_experts
+        check(E % self.n_groups == 0, "router.n_groups", self.n_groups, f"must divide model.num_experts ({E})")
+        eligible = self.topk_groups * (E // self.n_groups)
+        check(
+            self.k <= eligible,
+            "router.k",
+            self.k,
+            f"must be <= the experts in router.topk_groups groups ({eligible} of model.num_experts = {E})",
+        )
 
 
 def group_limited_scores(biased_TE: Tensor, n_groups: int, topk_groups: int) -> Tensor:
@@ -110,21 +124,12 @@ class SigmoidBiasRouter(Router):
     """Sigmoid affinities, bias-steered top-k selection, unbiased normalised weights (DeepSeek-V3)."""
 
     Config = SigmoidBiasConfig
+    cfg: SigmoidBiasConfig
 
     def __init__(self, cfg: SigmoidBiasConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
+        super().__init__(cfg, d_model, num_experts)
         E = num_experts
-        check(E % cfg.n_groups == 0, "router.n_groups", cfg.n_groups, f"must divide model.num_experts ({E})")
-        eligible = cfg.topk_groups * (E // cfg.n_groups)
-        check(
-            cfg.k <= eligible,
-            "router.k",
-            cfg.k,
-            f"must be <= the experts in router.topk_groups groups ({eligible} of model.num_experts = {E})",
-        )
-        self.cfg = cfg
-        self.gate = nn.Linear(d_model, E, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = normal_gate(d_model, E)
         self.register_buffer("expert_bias_E", torch.zeros(E))
         self.register_buffer("load_counts_E", torch.zeros(E), persistent=False)
 

@@ -1,7 +1,7 @@
 """Similarity-aware routing (Nguyen, Tran, Nguyen, Baraniuk 2025, arXiv 2505.00792 §2).
 
-Shape legend: T = B*S tokens, D model dim, E experts, K slots, B batch, S sequence, R similarity
-rank (``router.d_sim``).
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T = B*S tokens, D model dim, E
+experts, K slots, B batch, S sequence, R similarity rank (``router.d_sim``).
 
 Each token i picks a latent neighbour ``j ~ Cat(S_i)`` in its own sequence and routes with that
 neighbour's expert distribution, so the routing distribution becomes ``pi~ = S pi`` with
@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
+from moe.routers.gate import gate_logits, normal_gate
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.losses import CountSum, check_balance_scope, scope_count_sum
 from moe.routers.topk import topk_decision
 
@@ -53,10 +53,8 @@ MIX_SPACES = ("probs", "logits")
 
 
 @dataclass(kw_only=True)
-class SimilarityConfig:
+class SimilarityConfig(KRouterConfig):
     name: str = "similarity"
-    k: int = 2
-    """Experts per token."""
     d_sim: int = 64
     """Rank of the similarity bilinear form W_s."""
     tau: float = 1.0
@@ -76,7 +74,7 @@ class SimilarityConfig:
     (this rank's); see router.balance_scope of topk."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(self.d_sim >= 1, "router.d_sim", self.d_sim, "must be >= 1")
         check(self.tau > 0, "router.tau", self.tau, "must be > 0")
         check(self.mix in MIX_SPACES, "router.mix", self.mix, f"must be one of {list(MIX_SPACES)}")
@@ -131,17 +129,13 @@ class SimilarityRouter(Router):
     Config = SimilarityConfig
     per_token = False  # mixes routing over earlier tokens of the document
 
+    cfg: SimilarityConfig
+
     def __init__(self, cfg: SimilarityConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        check(cfg.k <= num_experts, "router.k", cfg.k, f"must be <= model.num_experts ({num_experts})")
-        self.cfg = cfg
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
-        self.sim_a = nn.Linear(d_model, cfg.d_sim, bias=False)
-        nn.init.normal_(self.sim_a.weight, std=d_model**-0.5)
-        self.sim_b = None if cfg.symmetric else nn.Linear(d_model, cfg.d_sim, bias=False)
-        if self.sim_b is not None:
-            nn.init.normal_(self.sim_b.weight, std=d_model**-0.5)
+        super().__init__(cfg, d_model, num_experts)
+        self.gate = normal_gate(d_model, num_experts)
+        self.sim_a = normal_gate(d_model, cfg.d_sim)
+        self.sim_b = None if cfg.symmetric else normal_gate(d_model, cfg.d_sim)
 
     def similarity(self, x_TD: Tensor, context: RouterContext) -> Tensor:
         """Row-stochastic, masked ``S_BSS = softmax_row(X W_s X^T / (tau sqrt(d_sim)))``."""

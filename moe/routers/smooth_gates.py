@@ -1,6 +1,7 @@
 """Parts shared by the smooth-step gates (COMET, DSelect-k): the smooth step, entropy, the decision.
 
-Shape legend: T tokens, E experts, K slots (here K = E: every expert may be used).
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, E experts, K slots (here K =
+E: every expert may be used).
 
 Both gates produce a per-token distribution ``g_TE`` whose zeros are exact (a saturated smooth
 step outputs exactly 0 or 1), so the number of experts a token uses is data dependent: dense
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 
 
 def smooth_step(t: Tensor, gamma: float) -> Tensor:

@@ -1,6 +1,7 @@
 """Softmax top-k routing (Shazeer et al. 2017; GShard; Switch; Mixtral).
 
-Shape legend: T tokens, D model dim, E experts, K slots.
+Shape legend (of ``moe/routers``, ``moe.routers.interface``): T tokens, D model dim, E experts, K
+slots.
 
 ``I_t = TopK(h_t, k)``, ``G_te = softmax(h_t)_e / sum_{j in I_t} softmax(h_t)_j`` for k >= 2
 (identical to a softmax over the selected logits, GShard's top-2 form). For k = 1 the weight is
@@ -22,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import check
-from moe.routers.base import Router, RouterContext, RoutingDecision
-from moe.routers.gate import gate_logits
+from moe.routers.gate import gate_logits, normal_gate
+from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
 from moe.routers.losses import CountSum, check_balance_scope, router_z_loss, scope_count_sum, switch_balance_loss
 
@@ -32,10 +33,10 @@ RENORMALIZE = ("auto", "always", "never")
 
 
 @dataclass(kw_only=True)
-class TopKConfig:
+class TopKConfig(KRouterConfig):
+    """``k`` (default 2): GShard's top-2 and Mixtral's 2 of 8."""
+
     name: str = "topk"
-    k: int = 2
-    """Experts per token (2: GShard's top-2 and Mixtral's 2 of 8)."""
     jitter: float = 0.0
     """Switch multiplicative input jitter: x * U(1-jitter, 1+jitter) in training; 0 disables."""
     aux_loss_coef: float = 0.01
@@ -55,7 +56,7 @@ class TopKConfig:
     full-softmax probabilities: norm_topk_prob=False in Qwen-MoE and OLMoE)."""
 
     def __post_init__(self) -> None:
-        check(self.k >= 1, "router.k", self.k, "must be >= 1")
+        super().__post_init__()
         check(0.0 <= self.jitter < 1.0, "router.jitter", self.jitter, "must be in [0, 1)")
         check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
@@ -67,13 +68,11 @@ class TopKRouter(Router):
     """Linear gate ``h = x W_g`` with fp32 logits, top-k selection, Switch/GShard weights and losses."""
 
     Config = TopKConfig
+    cfg: TopKConfig
 
     def __init__(self, cfg: TopKConfig, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
-        check(cfg.k <= num_experts, "router.k", cfg.k, f"must be <= model.num_experts ({num_experts})")
-        self.cfg = cfg
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        super().__init__(cfg, d_model, num_experts)
+        self.gate = normal_gate(d_model, num_experts)
         self.local_search = PermutationLocalSearch(cfg.local_search, num_experts, 1) if cfg.local_search.enabled else None
 
     def logits(self, x_TD: Tensor) -> Tensor:

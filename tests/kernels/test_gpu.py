@@ -10,15 +10,15 @@ import torch
 
 from kernels import reference
 from kernels.layout import BlockSizes
-from kernels.moe_experts import fused_moe_experts
-from kernels.route_meta import route_meta
+from kernels.triton.moe_experts import fused_moe_experts
+from kernels.triton.route_meta import route_meta
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")]
 
 
 def _plan(T: int, K: int, E: int, gen: torch.Generator, skew: float = 0.0):
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     logits = torch.randn(T, E, generator=gen) - skew * torch.log1p(torch.arange(E, dtype=torch.float32))
     probs = torch.softmax(logits, -1)
@@ -61,8 +61,8 @@ def test_fp32_without_tf32_is_exact_to_1e4(kc, gen):
     kc.assert_close(y, reference.moe_experts(x, slot, w_R, counts, 2, *weights), what="y fp32")
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_no_host_sync_forward_backward(kc, gen, recompute):
+@pytest.mark.parametrize("regenerate_preactivations", [False, True])
+def test_no_host_sync_forward_backward(kc, gen, regenerate_preactivations):
     ids, plan = _plan(2048, 4, 16, gen, skew=1.0)
     slot, counts = plan.slot_idx_R.cuda(), plan.counts_E.cuda()
     ids = ids.cuda()
@@ -74,7 +74,7 @@ def test_no_host_sync_forward_backward(kc, gen, recompute):
     torch.cuda.set_sync_debug_mode("error")
     try:
         route_meta(ids, 16, 64)
-        y = fused_moe_experts(x, slot, w_R, counts, 4, *weights, recompute=recompute)
+        y = fused_moe_experts(x, slot, w_R, counts, 4, *weights, regenerate_preactivations=regenerate_preactivations)
         torch.autograd.backward(y, dy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -183,7 +183,7 @@ def test_grouped_mm_layer_peak_memory_not_above_the_plain_layer():
     backend grouped_mm against the plain torch._grouped_mm layer, at a coarse-expert shape where
     the R x F activations dominate (the case where keeping them all through the backward cost
     1.37x the plain layer's peak at (4096, 14336, 8, 2, 8192) before they were freed as consumed)."""
-    from tools import bench_layer
+    from tools.bench import layer as bench_layer
 
     p = bench_layer.Problem.make((1024, 4096, 8, 2, 4096), "balanced", 1.2, 0, torch.device("cuda"), torch.bfloat16)
     ours = bench_layer.run_layer(p, "grouped_mm", warmup=1, iters=2)["peak_mib"]

@@ -11,14 +11,14 @@ import torch
 from moe.expert_backends import BACKENDS, resolve_backend
 from moe.experts import ExpertsConfig
 from moe.layer import MoELayer
-from moe.routers import RouterContext
+from moe.routers import RouterConfig, RouterContext
 from moe.routers.dts import DTSConfig
 from moe.routers.topk import TopKConfig
 
 FAST = ("triton", "grouped_mm")
 
 
-def layer_pair(router_cfg: object, cfg: ExpertsConfig, device: torch.device, d_model: int = 16, d_ff: int = 24, num_experts: int = 4) -> tuple[MoELayer, MoELayer]:
+def layer_pair(router_cfg: RouterConfig, cfg: ExpertsConfig, device: torch.device, d_model: int = 16, d_ff: int = 24, num_experts: int = 4) -> tuple[MoELayer, MoELayer]:
     ref = MoELayer(d_model, d_ff, num_experts, router_cfg, ExpertsConfig(backend="torch", capacity_factor=cfg.capacity_factor)).to(device)
     fast = MoELayer(d_model, d_ff, num_experts, router_cfg, cfg).to(device)
     fast.load_state_dict(ref.state_dict())
@@ -69,25 +69,33 @@ def test_auto_picks_torch_on_cpu() -> None:
 
 
 def test_triton_options_from_config_reach_the_kernels(device) -> None:
-    """experts.recompute and experts.kernel_blocks (Hydra-style '/' string) steer the fused path;
+    """experts.regenerate_preactivations and experts.kernel_blocks (Hydra-style '/' string) steer the fused path;
     the layer still equals the torch backend, forward and every gradient."""
     from kernels.layout import BlockSizes
 
-    cfg = ExpertsConfig(backend="triton", recompute=True, kernel_blocks="16/16/16/4/2/16/16")
+    cfg = ExpertsConfig(backend="triton", regenerate_preactivations=True, kernel_blocks="16/16/16/4/2/16/16")
     assert cfg.blocks() == BlockSizes(block_m=16, block_n=16, block_k=16, block_r=16, num_warps=4, num_stages=2, bwd_block_n=16)
     ref, fused = layer_pair(TopKConfig(k=2), cfg, device)
-    assert fused.experts.options.recompute and fused.experts.options.blocks == cfg.blocks()
+    assert fused.experts.options.regenerate_preactivations and fused.experts.options.blocks == cfg.blocks()
     compare(ref, fused, torch.randn(19, 16, device=device, requires_grad=True), RouterContext())
     # The gathered-rows seam (ep/fssdp) takes the same options.
     x_RD, counts_E = torch.randn(10, 16, device=device), torch.tensor([3, 0, 5, 2], device=device)
     torch.testing.assert_close(fused.experts.grouped_swiglu(x_RD, counts_E), ref.experts.grouped_swiglu(x_RD, counts_E), atol=1e-5, rtol=1e-5)
 
 
+def test_the_old_name_of_regenerate_preactivations_is_read() -> None:
+    """Configs and checkpoints written before the rename say experts.recompute; it sets the new key."""
+    assert ExpertsConfig(backend="triton", recompute=True).options().regenerate_preactivations is True
+    assert ExpertsConfig(backend="triton", recompute=False).options().regenerate_preactivations is False
+    assert ExpertsConfig(backend="triton").options().regenerate_preactivations is False
+
+
 def test_triton_options_are_refused_elsewhere_and_when_malformed() -> None:
     from moe.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"experts.recompute \(True\) only applies to experts.backend=auto\|triton"):
-        ExpertsConfig(backend="grouped_mm", recompute=True)
+    for key in ("regenerate_preactivations", "recompute"):  # the option's name before the rename is still read
+        with pytest.raises(ConfigError, match=r"experts.regenerate_preactivations \(True\) only applies to experts.backend=auto\|triton"):
+            ExpertsConfig(backend="grouped_mm", **{key: True})
     with pytest.raises(ConfigError, match=r"experts.kernel_blocks \('64/64'\)"):
         ExpertsConfig(backend="triton", kernel_blocks="64/64")
     with pytest.raises(ConfigError, match=r"experts.kernel_blocks \('48/64/64/4/3'\).*power of two"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.megablocks_backend as mb
-from moe.errors import EnvironmentError_
+import moe.expert_backends.megablocks_adapter as mb
+from moe.errors import SetupError
 from moe.expert_backends import swiglu_loop
 
 
@@ -19,7 +19,7 @@ def test_unavailable_reason_is_one_line_and_call_raises():
                          ("0.6.1", "torch 2.4.0"), ("0.5.0", "triton 2.1.0"), ("0.5.1, 0.0.2 and 0.0.1", "pin no torch")]:
         assert f"{release} {pin}" in mb.UNAVAILABLE_REASON, (release, mb.UNAVAILABLE_REASON)
     assert "torch>=2.9" in mb.UNAVAILABLE_REASON and "experts.backend=grouped_mm" in mb.UNAVAILABLE_REASON
-    with pytest.raises(EnvironmentError_, match="experts.backend=megablocks"):
+    with pytest.raises(SetupError, match="experts.backend=megablocks"):
         mb.swiglu_megablocks(torch.ones(2, 16), torch.tensor([2]), torch.ones(1, 16, 16), torch.ones(1, 16, 16), torch.ones(1, 16, 16))
 
 

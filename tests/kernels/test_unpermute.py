@@ -36,7 +36,7 @@ def test_unpermute_matches_naive_loop(kc, gen, kind, second, scaled):
     R = plan.num_rows
     y, y2 = (torch.randn(R, D, generator=gen) for _ in range(2))
     s = torch.rand(R, generator=gen) + 0.1
-    args = (y, y2 if second else None, plan.row_of_slot_S, K, s if scaled else None)
+    args = (y, y2 if second else None, plan.row_of_slot_A, K, s if scaled else None)
     want = _naive(y, y2 if second else None, plan.slot_idx_R, T, K, s if scaled else None)
     on_dev = [None if t is None else t.to(kc.DEVICE) if isinstance(t, torch.Tensor) else t for t in args]
     kc.assert_close(ops.unpermute(*on_dev).cpu(), want, tol=1e-5, what="kernel")
@@ -49,12 +49,12 @@ def test_unpermute_k1_and_k8_wide_rows(kc, gen, K):
     T, E, D = 9, 8, 1100
     scores = torch.rand(T, E, generator=gen)
     from moe.dispatch import dispatch
-    from moe.routers.base import RoutingDecision
+    from moe.routers.interface import RoutingDecision
 
     w, ids = scores.topk(K, -1)
     plan = dispatch(RoutingDecision(expert_ids_TK=ids, weights_TK=w, probs_TE=scores.softmax(-1)), E)
     y = torch.randn(plan.num_rows, D, generator=gen)
-    got = ops.unpermute(y.to(kc.DEVICE), None, plan.row_of_slot_S.to(kc.DEVICE), K, None).cpu()
+    got = ops.unpermute(y.to(kc.DEVICE), None, plan.row_of_slot_A.to(kc.DEVICE), K, None).cpu()
     kc.assert_close(got, _naive(y, None, plan.slot_idx_R, T, K, None), tol=1e-5, what="y")
 
 

@@ -22,9 +22,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from launch.config import JobConfig, conf_dir, register_schemas, to_job_config
+from launch.config import JobConfig, conf_dir
+from launch.deepspeed_launcher import from_deepspeed_launcher
 from launch.engines import ENGINES, engine_class
-from launch.engines.deepspeed import DeepSpeedEngine, ds_config, from_deepspeed_launcher
+from launch.engines.deepspeed import DeepSpeedEngine, ds_config
+from launch.job import register_schemas, to_job_config
 from launch.run_dir import register_resolvers
 from moe.errors import ConfigError
 from tests.parallel import dist_harness
@@ -58,7 +60,7 @@ def job_of(*overrides: str) -> JobConfig:
     (["engine=deepspeed", "parallel=fsdp"], ["parallel.mode ('fsdp')", "engine.name=deepspeed"]),
     (["engine=deepspeed"], ["parallel.mode ('none')", "engine.name=deepspeed"]),
     (["engine=deepspeed", "parallel=ddp", "engine.zero_stage=3"], ["engine.zero_stage (3)", "ZeRO-3"]),
-    (["parallel=ddp", "engine.zero_stage=1"], ["engine.zero_stage (1)", "engine=deepspeed", "'native'"]),
+    (["parallel=ddp", "engine.name=deepspeed"], ["engine.name ('deepspeed')", "NativeConfig", "engine=deepspeed"]),
     (["engine=deepspeed", "parallel=ddp", "train.on_nonfinite=skip"], ["train.on_nonfinite ('skip')", "engine.name=deepspeed"]),
     (["engine=deepspeed", "parallel=ddp", "checkpoint.async_save=true"], ["checkpoint.async_save (True)", "engine.name=deepspeed"]),
     (["engine.name=megatron"], ["engine.name ('megatron')", "native", "deepspeed"]),
@@ -68,6 +70,12 @@ def test_unsupported_combinations_are_refused_naming_the_keys(overrides: list[st
         job_of(*overrides)
     for key in keys:
         assert key in str(err.value), (key, str(err.value))
+
+
+def test_a_knob_of_another_engine_is_refused_when_composing() -> None:
+    """Each engine owns its config: ``zero_stage`` is DeepSpeed's, so the native engine's schema has no such key."""
+    with pytest.raises(Exception, match=r"Could not override 'engine\.zero_stage'"):
+        job_of("parallel=ddp", "engine.zero_stage=1")
 
 
 def test_registry_and_deepspeed_config_from_the_groups() -> None:

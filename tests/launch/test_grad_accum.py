@@ -13,10 +13,14 @@ import copy
 import pytest
 import torch
 
-from launch.config import DataConfig, JobConfig, TrainConfig
-from launch.train import autocast_for, forward_backward
+from launch.config import DataConfig, JobConfig, OptimConfig, TrainConfig
+from launch.engines import build_engine
+from launch.engines.native import NativeConfig
+from launch.train import autocast_for
+from launch.train_step import forward_backward
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
+from moe.routers import RouterConfig
 from moe.routers.sigmoid_bias import SigmoidBiasConfig
 from moe.routers.topk import TopKConfig
 from parallel import ParallelConfig, Runtime
@@ -25,11 +29,12 @@ CPU = torch.device("cpu")
 
 
 def job(grad_accum: int) -> JobConfig:
-    return JobConfig(model=None, router=None, experts=None, data=DataConfig(doc_separator=0), optim=None,  # type: ignore[arg-type]
-                     train=TrainConfig(batch_size=8, grad_accum=grad_accum), logging=None, checkpoint=None, parallel=None)  # type: ignore[arg-type]
+    return JobConfig(model=None, router=None, experts=None, data=DataConfig(doc_separator=0), optim=OptimConfig(),  # type: ignore[arg-type]
+                     train=TrainConfig(batch_size=8, grad_accum=grad_accum), logging=None, checkpoint=None,  # type: ignore[arg-type]
+                     parallel=ParallelConfig(), engine=NativeConfig())
 
 
-def model_for(router: object) -> MoETransformer:
+def model_for(router: RouterConfig) -> MoETransformer:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_experts=4, d_ff=32, dense_d_ff=64)
     model = MoETransformer(cfg, router, ExpertsConfig())
@@ -39,7 +44,8 @@ def model_for(router: object) -> MoETransformer:
 
 def run(model: MoETransformer, grad_accum: int, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     runtime = Runtime(rank=0, world_size=1, local_rank=0, device=CPU, cfg=ParallelConfig(), mesh=None)
-    ce, aux = forward_backward(model, runtime, tokens[:, :-1], tokens[:, 1:], 5, job(grad_accum), autocast_for("fp32", CPU))
+    engine = build_engine(job(grad_accum), model, runtime, manifest={})  # the native engine, as the trainer builds it
+    ce, aux = forward_backward(engine, runtime, tokens[:, :-1], tokens[:, 1:], 5, job(grad_accum), autocast_for("fp32", CPU))
     return ce, aux, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 

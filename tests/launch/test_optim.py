@@ -16,7 +16,7 @@ from moe.errors import ConfigError
 def _job(**optim: float) -> JobConfig:
     """A job whose optim and train groups are set (the only ones the optimizer reads)."""
     return JobConfig(model=None, router=None, experts=None, data=None, optim=OptimConfig(**optim), train=TrainConfig(steps=100),  # type: ignore[arg-type]
-                     logging=None, checkpoint=None, parallel=None)  # type: ignore[arg-type]
+                     logging=None, checkpoint=None, parallel=None, engine=None)  # type: ignore[arg-type]
 
 
 def test_plain_resume_is_untouched_and_a_changed_lr_is_applied() -> None:
@@ -38,7 +38,7 @@ def _lrs(steps: int, **optim: object) -> list[float]:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     opt, sched = build_optimizer(model, JobConfig(model=None, router=None, experts=None, data=None,  # type: ignore[arg-type]
                                                   optim=OptimConfig(lr=2.0, **optim), train=TrainConfig(steps=steps),  # type: ignore[arg-type]
-                                                  logging=None, checkpoint=None, parallel=None))  # type: ignore[arg-type]
+                                                  logging=None, checkpoint=None, parallel=None, engine=None))  # type: ignore[arg-type]
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"])

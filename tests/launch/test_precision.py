@@ -15,7 +15,7 @@ from moe.routers.topk import TopKConfig
 
 def job(precision: str) -> JobConfig:
     return JobConfig(model=None, router=None, experts=None, data=None, optim=None, train=TrainConfig(precision=precision),  # type: ignore[arg-type]
-                     logging=None, checkpoint=None, parallel=None)  # type: ignore[arg-type]
+                     logging=None, checkpoint=None, parallel=None, engine=None)  # type: ignore[arg-type]
 
 
 def test_auto_is_bf16_on_cuda_and_fp32_elsewhere() -> None:

@@ -15,13 +15,14 @@ import torch
 
 from launch.data import BatchSampler
 from launch.engines import build_engine
-from launch.pretrained import find_checkpoint, load_pretrained
-from launch.train import VAL_SPLIT, evaluate, load_data, manifest_of
+from launch.job import manifest_of
+from launch.pretrained import find_checkpoint, load_model, load_pretrained
+from launch.train import VAL_SPLIT, evaluate, load_data
 from moe.errors import CheckpointError
 from moe.model import MoETransformer
 from parallel import Runtime
 from tests.launch.test_train import REPO, SMALL
-from tools.hf_checkpoint import compose_job
+from tools.hf.checkpoint import compose_job
 
 RUN = [*SMALL, "train.steps=3", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "train.log_every=1",
        "checkpoint.keep=5", "checkpoint.every=2"]
@@ -91,3 +92,10 @@ def test_dtype_device_and_what_is_not_a_checkpoint(tmp_path: Path) -> None:
         find_checkpoint(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="holds no published checkpoint"):
         find_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_of_another_engine_is_refused_naming_it(tmp_path: Path) -> None:
+    """load_pretrained reads DCP checkpoints: a manifest naming engine=deepspeed is refused before any file is read."""
+    (tmp_path / "moeforge.json").write_text(json.dumps({"format": 2, "engine": {"name": "deepspeed", "zero_stage": 1}, "files": {}}))
+    with pytest.raises(CheckpointError, match="written by engine=deepspeed; load_pretrained reads native checkpoints"):
+        load_model(tmp_path, None, None, None)  # type: ignore[arg-type]

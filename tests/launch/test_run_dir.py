@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from launch.config import conf_dir, register_schemas
+from launch.config import conf_dir
+from launch.job import register_schemas
 from launch.run_dir import register_resolvers, run_id
 
 UUID = "3f1e2d4c-5b6a-4978-8a9b-0c1d2e3f4a5b"

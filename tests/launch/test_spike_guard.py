@@ -188,8 +188,8 @@ def test_rollback_target_skips_newer_and_spike_window_checkpoints(tmp_path: Path
 
 
 def test_record_reads_nothing_from_the_device_and_settle_reads_once() -> None:
-    """The guard's per-step part adds no host sync (tools.host_syncs); the read waits for settle."""
-    from tools.host_syncs import HostSyncCounter
+    """The guard's per-step part adds no host sync (tools.bench.host_syncs); the read waits for settle."""
+    from tools.bench.host_syncs import HostSyncCounter
 
     guard = SpikeGuard(Runtime(), "rollback", window=4, threshold=6.0, nonfinite_rollback=True, skips=[[2, 5]])
     with HostSyncCounter() as syncs:

@@ -2,7 +2,7 @@
 
 Each rank builds the trainer's pieces exactly as ``launch.train`` does (Hydra compose, runtime,
 model, engine, guard, log window, ``TrainStep``), runs two steps (first-use set-up is allowed to
-read), and counts host reads in the third with ``tools.host_syncs.HostSyncCounter``. The expert
+read), and counts host reads in the third with ``tools.bench.host_syncs.HostSyncCounter``. The expert
 backend is ``grouped_mm`` (torch's grouped GEMM runs on CPU too and takes offsets on the device);
 the ``torch`` reference backend loops over experts and reads their counts on the host.
 """
@@ -15,18 +15,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from launch.config import conf_dir, register_schemas, to_job_config
+from launch.config import conf_dir
 from launch.engines import build_engine
 from launch.log_window import LogWindow
 from launch.preemption import AgentWatch, StopSignals
 from launch.run_dir import register_resolvers
 from launch.step_guard import StepGuard
-from launch.train import autocast_for, manifest_of, precision_of
+from launch.job import manifest_of, register_schemas, to_job_config
+from launch.train import autocast_for, precision_of
 from launch.train_step import TrainStep
 from moe.model import MoETransformer
 from parallel import setup_runtime
 from tests.parallel.dist_harness import run_distributed
-from tools.host_syncs import HostSyncCounter
+from tools.bench.host_syncs import HostSyncCounter
 
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.d_ff=32", "model.dense_d_ff=64", "model.num_experts=4",
          "train.batch_size=4", "train.seq_len=16", "logging=none", "checkpoint.dir=unused", "experts.backend=grouped_mm"]

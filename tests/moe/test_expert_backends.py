@@ -8,7 +8,7 @@ import torch
 from moe.errors import ConfigError
 from moe.expert_backends import BACKENDS, ExpertBackend, expert_backend, resolve_backend
 from moe.expert_backends.auto import DEFAULT_CUDA, MEASURED, Measurement, shape_class
-from tools.bench_shapes import REFERENCE_SHAPES
+from tools.bench.shapes import REFERENCE_SHAPES
 
 
 def test_every_backend_is_one_object_behind_one_interface():

@@ -136,7 +136,7 @@ def test_cpu_model_keeps_the_default_adamw() -> None:
     from launch.optim import build_optimizer
 
     job = JobConfig(model=None, router=None, experts=None, data=None, optim=OptimConfig(), train=TrainConfig(steps=2),  # type: ignore[arg-type]
-                    logging=None, checkpoint=None, parallel=None)  # type: ignore[arg-type]
+                    logging=None, checkpoint=None, parallel=None, engine=None)  # type: ignore[arg-type]
     opt, _ = build_optimizer(torch.nn.Linear(3, 3), job)
     assert all(not g["fused"] for g in opt.param_groups)
     assert all(s["step"].device.type == "cpu" for s in opt.state.values())

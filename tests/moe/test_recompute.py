@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
@@ -103,6 +104,24 @@ def test_checkpointing_keeps_loss_gradients_and_routing_records(router: str) -> 
     assert steps["full"].backward.gemms > ref.backward.gemms
     assert steps["selective"].backward.gemms == ref.backward.gemms
     assert steps["selective"].backward.others > ref.backward.others
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recomputation_run_to_the_end_records_routing_once(mode: str) -> None:
+    """With early stop off, torch's recomputation runs the whole block again, past the statistics
+    update; the layer's ``is_recomputing`` guard keeps that second pass from counting (without it
+    ``full`` counts every forward twice and ``selective`` fails on an in-place add it never saved).
+    With torch's default early stop the recomputation ends at the experts' last saved tensor."""
+    tokens = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(2))
+    want = build("topk", "none")
+    step(want, tokens)
+    model = build("topk", mode)
+    with set_checkpoint_early_stop(False):
+        step(model, tokens)
+    for i, (sums, _) in model.routing_sums().items():
+        assert float(sums["forwards"]) == 1.0
+        for key, value in sums.items():
+            torch.testing.assert_close(value, want.routing_sums()[i][0][key], rtol=0, atol=0, msg=lambda m: f"layer {i} {key}: {m}")
 
 
 def test_unknown_checkpointing_mode_is_refused() -> None:

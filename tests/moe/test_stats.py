@@ -7,7 +7,7 @@ import math
 import torch
 
 from moe.dispatch import dispatch
-from moe.routers.base import RoutingDecision
+from moe.routers.interface import RoutingDecision
 from moe.stats import RoutingStats
 
 

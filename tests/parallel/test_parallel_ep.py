@@ -60,6 +60,22 @@ def check_layer_grads(layer: MoELayer, ref_grads: dict[str, torch.Tensor], exper
         torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{name}: {m}")
 
 
+def rows_leaving_rank(x: torch.Tensor, gate_ED: torch.Tensor, k: int, ep_size: int, num_experts: int, rank: int) -> tuple[int, int]:
+    """Rows ``rank`` sends to the other ranks of its EP group in one forward, from the routing alone:
+    (its own rows going out, results of the rows that came in going back).
+
+    Top-k of the gate logits ``x W_g^T`` gives each slot's expert; expert e lives on EP rank
+    ``e // (E / ep_size)`` and EP groups are blocks of ``ep_size`` consecutive ranks holding rows
+    ``[q*T, (q+1)*T)`` of ``x`` each. The rank sends its slots whose expert lives elsewhere, then
+    the results of the other group members' slots whose expert it holds.
+    """
+    owner_TK = (x @ gate_ED.t()).topk(k, dim=-1).indices // (num_experts // ep_size)
+    first = rank - rank % ep_size
+    out_rows = int((owner_TK[rank * T : (rank + 1) * T] != rank % ep_size).sum())
+    back_rows = sum(int((owner_TK[q * T : (q + 1) * T] == rank % ep_size).sum()) for q in range(first, first + ep_size) if q != rank)
+    return out_rows, back_rows
+
+
 def _ep_layer_worker(ep_size: int, num_experts: int, skew: float) -> None:
     cfg = ParallelConfig(mode="ep", ep_size=ep_size, timeout_s=60)
     rt = setup_runtime(cfg)
@@ -85,7 +101,12 @@ def _ep_layer_worker(ep_size: int, num_experts: int, skew: float) -> None:
     clipped = {n: gr * (ref_norm.item() / 2) / (ref_norm.item() + 1e-6) for n, gr in ref_grads.items()}
     check_layer_grads(layer, clipped, layer.experts.expert_ids)
     metrics = rt.comm_metrics()
-    assert metrics["comm/ep_a2a_tokens_bytes_sent"] >= 0 and "comm/total_bytes_sent" in metrics
+    out_rows, back_rows = rows_leaving_rank(x, layer.router.gate.weight, k=2, ep_size=ep_size, num_experts=num_experts, rank=r)
+    row_bytes = D * 4  # fp32
+    assert out_rows > 0 and back_rows > 0  # the skewed and the random routing both cross EP ranks
+    assert metrics["comm/ep_a2a_tokens_bytes_sent"] == (out_rows + back_rows) * row_bytes
+    # The backward retraces the return exchange only: the input rows (data) want no gradient.
+    assert metrics["comm/ep_a2a_tokens_bwd_bytes_sent"] == out_rows * row_bytes
     if W // ep_size > 1:
         assert metrics["comm/expert_allreduce_bytes_sent"] > 0
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from moe.dispatch import dispatch
-from moe.errors import ConfigError, EnvironmentError_
+from moe.errors import ConfigError, SetupError
 from moe.experts import Experts
 from moe.layer import local_runner
 from moe.routers import RoutingDecision
 from parallel import ParallelConfig
 from parallel.comm import CommMeter
-from parallel.config import FSSDPConfig, check_experts, check_world
+from parallel.config import FSSDPConfig
+from parallel.modes import check_config, check_experts, check_world
 from parallel.fssdp_plan import heterogeneous_shard, hottest, initial_owners, plan_digest, sparse_materialize
 from parallel.mesh import init_mesh, torchrun_env
 from parallel.token_exchange import exchange_and_run
@@ -20,11 +21,11 @@ from parallel.token_exchange import exchange_and_run
 
 def test_bad_layouts_are_refused_naming_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"parallel.mode \('tp'\) must be one of"):
-        ParallelConfig(mode="tp")
+        check_config(ParallelConfig(mode="tp"))
     with pytest.raises(ConfigError, match=r"parallel.dense \('zero3'\)"):
-        ParallelConfig(mode="ep", dense="zero3")
+        check_config(ParallelConfig(mode="ep", dense="zero3"))
     with pytest.raises(ConfigError, match=r"parallel.ep_size \(2\) is only used by parallel.mode=ep"):
-        ParallelConfig(mode="ddp", ep_size=2)
+        check_config(ParallelConfig(mode="ddp", ep_size=2))
     with pytest.raises(ConfigError, match=r"parallel.ep_size \(3\) must divide the world size \(4\)"):
         check_world(ParallelConfig(mode="ep", ep_size=3), 4)
     with pytest.raises(ConfigError, match=r"parallel.ep_size \(8\) must be <= the world size \(4\)"):
@@ -36,16 +37,16 @@ def test_bad_layouts_are_refused_naming_the_values(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ConfigError, match=r"parallel.fssdp.shard_size \(3\) must divide the world size \(4\)"):
         check_world(ParallelConfig(mode="fssdp", fssdp=dict(shard_size=3)), 4)
     with pytest.raises(ConfigError, match=r"parallel.fssdp.shard_size \(2\) is only used by parallel.mode=fssdp"):
-        ParallelConfig(mode="ep", fssdp=dict(shard_size=2))
+        check_config(ParallelConfig(mode="ep", fssdp=dict(shard_size=2)))
     check_world(ParallelConfig(mode="fssdp", fssdp=dict(shard_size=2)), 4)
     check_world(ParallelConfig(mode="ep", ep_size=2), 4)  # valid layouts pass
     check_experts(ParallelConfig(mode="ep", ep_size=2), 4, 6)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(EnvironmentError_, match="WORLD_SIZE is 2"):
+    with pytest.raises(SetupError, match="WORLD_SIZE is 2"):
         init_mesh(ParallelConfig(mode="none"))
     monkeypatch.setenv("RANK", "3")
-    with pytest.raises(EnvironmentError_, match="RANK=3 WORLD_SIZE=2"):
+    with pytest.raises(SetupError, match="RANK=3 WORLD_SIZE=2"):
         torchrun_env()
 
 
@@ -118,14 +119,14 @@ def test_device_choice_from_moeforge_device(monkeypatch):
     monkeypatch.setenv("MOEFORGE_DEVICE", "cpu")
     assert use_cuda(4) is False
     monkeypatch.setenv("MOEFORGE_DEVICE", "gpu")
-    with pytest.raises(EnvironmentError_, match=r"MOEFORGE_DEVICE \('gpu'\) must be auto, cpu or cuda"):
+    with pytest.raises(SetupError, match=r"MOEFORGE_DEVICE \('gpu'\) must be auto, cpu or cuda"):
         use_cuda(1)
     monkeypatch.setenv("MOEFORGE_DEVICE", "auto")
     if torch.cuda.is_available():
-        with pytest.raises(EnvironmentError_, match="ranks on this node but"):
+        with pytest.raises(SetupError, match="ranks on this node but"):
             use_cuda(torch.cuda.device_count() + 1)
     else:
         assert use_cuda(2) is False
         monkeypatch.setenv("MOEFORGE_DEVICE", "cuda")
-        with pytest.raises(EnvironmentError_, match="sees no CUDA device"):
+        with pytest.raises(SetupError, match="sees no CUDA device"):
             use_cuda(1)

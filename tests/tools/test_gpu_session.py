@@ -27,9 +27,9 @@ def test_script_parses_and_the_step_part_fits_six_minutes() -> None:
 
 def test_python_entry_points_import() -> None:
     modules = set(re.findall(r"\$py -m ([\w.]+)", SCRIPT.read_text())) - {"pytest"}
-    assert {"launch.train", "tools.bench_layer", "tools.profile_layer", "tools.compile_check", "tools.step_budget"} <= modules
+    assert {"launch.train", "tools.bench.layer", "tools.bench.profile_layer", "tools.bench.compile_check", "tools.bench.step_budget"} <= modules
     for name in sorted(modules):
-        if name == "tools.step_budget" and not (REPO / "tools" / "step_budget.py").exists():
+        if name == "tools.bench.step_budget" and not (REPO / "tools" / "bench" / "step_budget.py").exists():
             continue  # optional: the script prints "predicted: n/a" without it
         assert importlib.util.find_spec(name) is not None, name
     code = "import " + ", ".join(sorted(m for m in modules if importlib.util.find_spec(m) is not None))

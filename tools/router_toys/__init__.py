@@ -1,1 +1,1 @@
-"""Parts of ``python -m tools.compare_routers``: toy tasks, router specs, training, NMI, LM runs, report."""
+"""Parts of ``python -m tools.router_toys.compare``: toy tasks, router specs, training, NMI, LM runs, report."""

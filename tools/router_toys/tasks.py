@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from moe.experts import ExpertsConfig
 from moe.layer import MoELayer
 from moe.model import Block, ModelConfig, RMSNorm, rope_tables
-from moe.routers import RouterContext
+from moe.routers import RouterConfig, RouterContext
 
 NUM_CLUSTERS = 8
 LSH_BITS = 8
@@ -90,7 +90,7 @@ class RegressionTask:
         """The probe as is (the regression task does not drift)."""
         return batch
 
-    def build_model(self, router_cfg: object, num_experts: int, d_ff: int) -> "RegressionModel":
+    def build_model(self, router_cfg: RouterConfig, num_experts: int, d_ff: int) -> "RegressionModel":
         return RegressionModel(self.dim, d_ff, num_experts, router_cfg, self.planes_XL)
 
 
@@ -99,7 +99,7 @@ class RegressionModel(nn.Module):
 
     seq_len = 32
 
-    def __init__(self, dim: int, d_ff: int, num_experts: int, router_cfg: object, planes_XL: Tensor) -> None:
+    def __init__(self, dim: int, d_ff: int, num_experts: int, router_cfg: RouterConfig, planes_XL: Tensor) -> None:
         super().__init__()
         self.moe = MoELayer(dim, d_ff, num_experts, router_cfg, ExpertsConfig(backend="torch"))
         self.register_buffer("planes_XL", planes_XL.clone())
@@ -165,7 +165,7 @@ class FluctuationTask:
         c_B = batch.cluster.view(batch.z.shape[0], -1)[:, 0]
         return replace(batch, x=self.mu_CX[c_B].unsqueeze(1) + self.noise * batch.z)
 
-    def build_model(self, router_cfg: object, num_experts: int, d_ff: int) -> "FluctuationModel":
+    def build_model(self, router_cfg: RouterConfig, num_experts: int, d_ff: int) -> "FluctuationModel":
         return FluctuationModel(self.dim, self.num_classes, d_ff, num_experts, router_cfg, self.planes_XL)
 
 
@@ -173,7 +173,7 @@ class FluctuationModel(nn.Module):
     """Embedding -> one pre-norm block (causal attention + MoE, ``moe.model.Block``) -> classifier."""
 
     def __init__(
-        self, in_dim: int, num_classes: int, d_ff: int, num_experts: int, router_cfg: object, planes_XL: Tensor,
+        self, in_dim: int, num_classes: int, d_ff: int, num_experts: int, router_cfg: RouterConfig, planes_XL: Tensor,
         d_model: int = 32, num_heads: int = 2,
     ) -> None:
         super().__init__()

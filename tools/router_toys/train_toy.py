@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moe.routers import RoutingDecision
+from moe.routers import RouterConfig, RoutingDecision
 from tools.router_toys.nmi import normalized_mutual_information
 from tools.router_toys.tasks import TASKS, Batch, accuracy
 
@@ -157,7 +157,7 @@ def evaluate(
     return float(loss), top1_experts(decision, num_experts), per_token, accuracy(out, probe)
 
 
-def train_one(label: str, router_cfg: object, seed: int, settings: ToySettings) -> RunResult:
+def train_one(label: str, router_cfg: RouterConfig, seed: int, settings: ToySettings) -> RunResult:
     """Train ``router_cfg`` on ``settings.task`` with ``seed`` (data and init); see module docstring."""
     t0 = time.perf_counter()
     task = TASKS[settings.task](seed if settings.task_seed is None else settings.task_seed, **settings.task_options)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moe.experts import ExpertsConfig
 from moe.layer import MoELayer
-from moe.routers import RouterContext, RoutingDecision
+from moe.routers import RouterConfig, RouterContext, RoutingDecision
 
 
 def naive_moe(x_TD: Tensor, decision: RoutingDecision, layer: MoELayer) -> Tensor:
@@ -36,7 +36,7 @@ def naive_moe(x_TD: Tensor, decision: RoutingDecision, layer: MoELayer) -> Tenso
 
 
 def check_layer_matches_naive(
-    router_cfg: object,
+    router_cfg: RouterConfig,
     context: RouterContext,
     num_experts: int = 4,
     d_model: int = 8,

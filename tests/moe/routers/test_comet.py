@@ -49,11 +49,11 @@ def test_smooth_step_values_and_derivatives(gamma: float) -> None:
 
 
 def test_leaf_layout_non_power_of_two() -> None:
-    node_EP, left_EP, valid_EP = leaf_paths(6)
+    node_EL, left_EL, valid_EL = leaf_paths(6)
     # Heap with 5 internal nodes: leaves 7,8,9,10 (depth 3) then 5,6 (depth 2), left to right.
-    assert valid_EP.sum(dim=1).tolist() == [3, 3, 3, 3, 2, 2]
-    assert node_EP[0].tolist() == [0, 1, 3] and left_EP[0].tolist() == [True, True, True]
-    assert node_EP[5, :2].tolist() == [0, 2] and left_EP[5, :2].tolist() == [False, False]
+    assert valid_EL.sum(dim=1).tolist() == [3, 3, 3, 3, 2, 2]
+    assert node_EL[0].tolist() == [0, 1, 3] and left_EL[0].tolist() == [True, True, True]
+    assert node_EL[5, :2].tolist() == [0, 2] and left_EL[5, :2].tolist() == [False, False]
 
 
 def _reference_leaf_probs(s_N: list[float], E: int) -> list[float]:
