@@ -1,5 +1,5 @@
-"""The shape of launch/, read from its source: short functions, no import cycle, no borrowed private names,
-an engine registry that is the only place an engine name is looked up, and tools that compose a job
+"""The shape of launch/, read from its source (the repository-wide import graph, private names and
+function length are tests/test_house.py's): an engine registry that is the only place an engine name is looked up, and tools that compose a job
 without the trainer.
 
 Imports are read with ``ast`` wherever they sit: module level, inside functions and under
@@ -20,8 +20,6 @@ from launch.config import EngineConfig
 from launch.engines import ENGINES, engine_class
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("launch", "moe", "parallel", "kernels", "tools")
-MAX_LINES = 60
 
 
 def module_name(path: Path) -> str:
@@ -45,44 +43,6 @@ def imported_modules(tree: ast.Module, known: set[str]) -> set[str]:
                 sub = f"{node.module}.{alias.name}"
                 found |= {sub} if sub in known else {node.module} & known
     return found
-
-
-def test_no_function_in_launch_is_over_60_lines() -> None:
-    long = [f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)" for name, tree in sources("launch").items()
-            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_LINES]
-    assert not long, long
-
-
-def test_no_module_imports_another_modules_private_names() -> None:
-    borrowed = [f"{name}: from {node.module} import {alias.name}" for name, tree in sources(*PACKAGES).items()
-                for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
-                and node.module.split(".")[0] in PACKAGES
-                for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
-    assert not borrowed, borrowed
-
-
-def test_launch_has_no_import_cycle() -> None:
-    """Depth-first search over launch/'s import graph (a package's ``__init__`` runs before its modules)."""
-    trees = sources("launch")
-    graph = {name: imported_modules(tree, set(trees)) for name, tree in trees.items()}
-    for name, targets in graph.items():
-        targets |= {t.rsplit(".", 1)[0] for t in set(targets) if "." in t.removeprefix("launch.") and not name.startswith(t.rsplit(".", 1)[0])}
-        targets.discard(name)
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                pytest.fail(f"import cycle: {' -> '.join([*path[path.index(nxt):], nxt])}")
-            if nxt not in state:
-                visit(nxt, [*path, nxt])
-        state[node] = 2
-
-    for name in sorted(graph):
-        if name not in state:
-            visit(name, [name])
 
 
 def test_the_config_schemas_import_no_engine_and_the_engines_no_trainer() -> None:
