@@ -4,7 +4,8 @@
 backend for the run's device once, and every runner (local, expert-parallel, FSSDP) calls that
 object's ``grouped``/``run_plan``. Backend names are looked up only in this package (here, and in
 ``auto``, which hands back one of the registered backends).
-Adding a backend: one file with an ``ExpertBackend`` subclass, one line below.
+Adding a backend: one file with an ``ExpertBackend`` subclass, one line in ``BACKENDS`` below
+(``experts.backend=<name>`` picks it; there is no per-backend YAML).
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import torch
 from moe.errors import ConfigError
 from moe.expert_backends.auto import AutoBackend
 from moe.expert_backends.base import ExpertBackend, ExpertOptions
-from moe.expert_backends.grouped_mm import GroupedMMBackend
-from moe.expert_backends.megablocks import MegaBlocksBackend
-from moe.expert_backends.torch_loop import TorchLoopBackend, swiglu_loop
-from moe.expert_backends.triton_fused import TritonFusedBackend
+from moe.expert_backends.torch_loop import swiglu_loop
+from moe.registry import load_classes
 
-BACKENDS: dict[str, ExpertBackend] = {
-    "torch": TorchLoopBackend(),
-    "grouped_mm": GroupedMMBackend(),
-    "triton": TritonFusedBackend(),
-    "megablocks": MegaBlocksBackend(),
-}
+BACKENDS: dict[str, ExpertBackend] = {name: cls() for name, cls in load_classes({
+    "torch": "moe.expert_backends.torch_loop:TorchLoopBackend",
+    "grouped_mm": "moe.expert_backends.grouped_mm:GroupedMMBackend",
+    "triton": "moe.expert_backends.triton_fused:TritonFusedBackend",
+    "megablocks": "moe.expert_backends.megablocks:MegaBlocksBackend",
+}, ExpertBackend, "expert backend").items()}
+"""Registry name -> backend object, each class given as ``"module:Class"`` (one line per backend)."""
 BACKENDS["auto"] = AutoBackend(BACKENDS)
 
 

@@ -7,22 +7,14 @@ picks the class here. Adding a router: one file in this folder (a ``Router`` sub
 
 from __future__ import annotations
 
-import importlib
-
 from moe.errors import ConfigError
+from moe.registry import load_classes
 from moe.routers.interface import KRouterConfig, Router, RouterConfig, RouterContext, RoutingDecision
 
 
 def load_routers(paths: dict[str, str]) -> dict[str, type[Router]]:
     """Import each ``module:Class`` and check that it is a ``Router`` whose ``Config`` is a ``RouterConfig``."""
-    routers = {}
-    for name, path in paths.items():
-        module, _, attr = path.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-        if not (isinstance(cls, type) and issubclass(cls, Router) and issubclass(cls.Config, RouterConfig)):
-            raise TypeError(f"router {name!r} ({path}) must be a Router subclass whose Config derives from RouterConfig")
-        routers[name] = cls
-    return routers
+    return load_classes(paths, Router, "router", lambda cls: issubclass(cls.Config, RouterConfig), " whose Config derives from RouterConfig")
 
 
 ROUTERS: dict[str, type[Router]] = load_routers({

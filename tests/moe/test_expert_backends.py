@@ -75,3 +75,11 @@ def test_auto_names_its_choice_for_the_start_up_line_and_concrete_backends_do_no
 
     assert expert_backend("auto").choice_note(torch.device("cpu"), 8) == "experts.backend=auto: torch (the CPU runs the pure-torch reference)"
     assert expert_backend("grouped_mm").choice_note(torch.device("cpu"), 8) is None
+
+
+def test_the_registry_refuses_an_entry_that_is_not_a_backend() -> None:
+    from moe.registry import load_classes
+
+    with pytest.raises(TypeError, match=r"^expert backend 'gate' \(moe\.routers\.gate:normal_gate\) must be a ExpertBackend subclass$"):
+        load_classes({"gate": "moe.routers.gate:normal_gate"}, ExpertBackend, "expert backend")
+    assert load_classes({"torch": "moe.expert_backends.torch_loop:TorchLoopBackend"}, ExpertBackend, "expert backend") == {"torch": type(BACKENDS["torch"])}
