@@ -13,20 +13,20 @@ from collections.abc import Callable
 
 from moe.errors import check
 from parallel.config import ParallelConfig
+from moe.registry import load_classes
 from parallel.modes.base import ParallelMode, SplitExperts
-from parallel.modes.ddp import DataParallel
-from parallel.modes.ep import ExpertParallel
-from parallel.modes.fsdp import FullySharded
-from parallel.modes.fssdp import FullyShardedSparse
-from parallel.modes.none import SingleProcess
 
-MODES: dict[str, ParallelMode] = {mode.name: mode for mode in (
-    SingleProcess(),
-    DataParallel(),
-    FullySharded(),
-    ExpertParallel(),
-    FullyShardedSparse(),
-)}
+MODES: dict[str, ParallelMode] = {name: cls() for name, cls in load_classes({
+    "none": "parallel.modes.none:SingleProcess",
+    "ddp": "parallel.modes.ddp:DataParallel",
+    "fsdp": "parallel.modes.fsdp:FullySharded",
+    "ep": "parallel.modes.ep:ExpertParallel",
+    "fssdp": "parallel.modes.fssdp:FullyShardedSparse",
+}, ParallelMode, "parallel mode").items()}
+"""Registry name -> mode object, each class given as ``"module:Class"`` (one line per mode)."""
+for _name, _mode in MODES.items():
+    if _mode.name != _name:
+        raise TypeError(f"parallel mode {_name!r} is registered under a name its class does not carry ({_mode.name!r})")
 
 
 def names_where(fact: Callable[[ParallelMode], bool]) -> list[str]:
