@@ -1,4 +1,4 @@
-"""Compile every kernel a layer step launches, for a real shape, and report its GPU resources - without a GPU.
+"""Compile every Triton kernel of a layer step (and the step's loss and RoPE kernels) for a real shape; report its GPU resources, without a GPU.
 
 Usage::
 
@@ -153,16 +153,25 @@ def recording() -> Iterator[list[Launch]]:
         JITFunction.run = original  # type: ignore[method-assign]
 
 
+STEP_VOCAB = 50304
+"""Vocabulary of the loss kernel's captured launch (OLMoE's and GPT-NeoX's, padded to 64)."""
+STEP_HEAD_DIM = 128
+"""Head width of the RoPE kernel's captured launch."""
+
+
 def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[Launch]:
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
-    binary, in first-launch order."""
+    binary, in first-launch order; then the training step's loss and RoPE kernels (at the layer's T
+    tokens and D width)."""
     from kernels.triton import moe_experts
     from kernels.triton.swiglu_gmm import gather_gmm_swiglu
     from kernels.triton.gmm_scatter import gmm_scatter
     from kernels.layout import TileSchedule, max_tiles
     from kernels.triton.route_meta import route_meta
     from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
+    from kernels.cross_entropy import cross_entropy_rows_into
+    from kernels.rope import rope_into
     from kernels.unpermute import unpermute_into
 
     if triton.knobs.runtime.interpret:
@@ -189,6 +198,13 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         swiglu_act_fwd_into(g, g, weight, g)
         swiglu_act_bwd_into(g, g, g, weight, g, g, weight)
         unpermute_into(meta(R, D), meta(R, D), slot, K, None, meta(T, D))
+        # The step's other Triton kernels on a GPU: the chunked loss over a chunk of T rows of a
+        # 50,304-word vocabulary (bf16 gradient written, and loss only), and RoPE over 128-wide heads.
+        z, y, loss = meta(T, STEP_VOCAB, dtype=torch.float32), meta(T, dtype=torch.int64), meta(T, dtype=torch.float32)
+        cross_entropy_rows_into(z, y, 1.0, loss, meta(T, STEP_VOCAB))
+        cross_entropy_rows_into(z, y, 1.0, loss, None)
+        q, angles = meta(1, D // STEP_HEAD_DIM, T, STEP_HEAD_DIM), meta(T, STEP_HEAD_DIM // 2, dtype=torch.float32)
+        rope_into(q, angles, angles, False, torch.empty_like(q))
     unique: dict[tuple, Launch] = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)

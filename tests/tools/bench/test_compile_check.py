@@ -1,4 +1,4 @@
-"""tools.bench.compile_check: every kernel a layer step launches compiles for sm_90 (H100), GPU or not,
+"""tools.bench.compile_check: every kernel a layer step launches (and the step's loss and RoPE kernels) compiles for sm_90 (H100), GPU or not,
 and the default block sizes keep every kernel free of register spills at the reference shapes.
 
 Shape legend: D model dim, F expert ffn dim, E experts, K top-k, T tokens.
