@@ -11,14 +11,19 @@ import importlib
 from collections.abc import Callable
 
 
+def import_class(path: str) -> type:
+    """The object ``"module:Class"`` names, its module imported."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def load_classes(paths: dict[str, str], kind: type, family: str, check: Callable[[type], bool] = lambda cls: True,
                  need: str = "") -> dict[str, type]:
     """``{name: class}`` from ``{name: "module:Class"}``; a TypeError names an entry that is not a ``kind`` subclass
     (or fails ``check``, described by ``need``)."""
     classes = {}
     for name, path in paths.items():
-        module, _, attr = path.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        cls = import_class(path)
         if not (isinstance(cls, type) and issubclass(cls, kind) and check(cls)):
             raise TypeError(f"{family} {name!r} ({path}) must be a {kind.__name__} subclass{need}")
         classes[name] = cls

@@ -24,7 +24,6 @@ and ``check_job`` work without it).
 
 from __future__ import annotations
 
-import importlib
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from moe.errors import ConfigError
+from moe.registry import import_class
 
 if TYPE_CHECKING:
     from launch.checkpoint import CheckpointWriter
@@ -105,8 +105,7 @@ def engine_class(name: str) -> type[Engine]:
     """The class registered as ``name`` (``ENGINES``); a ``ConfigError`` naming ``engine.name`` for an unknown one."""
     if name not in ENGINES:
         raise ConfigError(f"engine.name ({name!r}) is not a known engine; choose one of {sorted(ENGINES)} (engine=<name>)")
-    module, _, cls = ENGINES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return import_class(ENGINES[name])
 
 
 def check_job(job: JobConfig) -> None:
