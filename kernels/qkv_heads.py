@@ -102,14 +102,14 @@ def _qkv_heads_fwd_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_pt
     s = t % S
     row = qkv_ptr + (t // S) * stride_b + s * stride_s
     if part == 2:
-        cols = tl.arange(0, VP)
-        ok = cols < G * 2 * HALF
-        v = tl.load(row + (H + G) * 2 * HALF + cols, mask=ok)
-        tl.store(v_ptr + t * (G * 2 * HALF) + cols, v, mask=ok)
+        vcols = tl.arange(0, VP)
+        ok = vcols < G * 2 * HALF
+        v = tl.load(row + (H + G) * 2 * HALF + vcols, mask=ok)
+        tl.store(v_ptr + t * (G * 2 * HALF) + vcols, v, mask=ok)
     else:
-        cols = tl.arange(0, HALFP)
-        c = tl.load(cos_ptr + s * stride_cs + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + s * stride_cs + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        hcols = tl.arange(0, HALFP)
+        c = tl.load(cos_ptr + s * stride_cs + hcols, mask=hcols < HALF, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + s * stride_cs + hcols, mask=hcols < HALF, other=0.0).to(tl.float32)
         if part == 0:
             _norm_rope_fwd(row, q_ptr + t * (H * 2 * HALF), wq_ptr, rstd_ptr + t * (NQ + NK), c, sn, eps, H, HP, HALF, HALFP, NORM)
         else:
