@@ -136,41 +136,41 @@ def _qkv_widths(mode: str, H: int, G: int, d: int) -> tuple[int, int, int, int]:
 
 
 def _qkv_heads(qkv: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,
-               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               eps: float) -> tuple[Tensor, Tensor, Tensor]:
     mod = _kernel_module("qkv_heads")
     if not triton_runs(qkv, mod, "_qkv_heads_fwd_kernel"):
         return reference.qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)
-    q, k, v, rstd = _fake_qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)
-    mod.qkv_heads_fwd_into(_unit_cols(qkv), w_q, w_k, cos.contiguous(), sin.contiguous(), mode, eps, q, k, v, rstd)
-    return q, k, v, rstd
+    q, k, rstd = _fake_qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)
+    mod.qkv_heads_fwd_into(_unit_cols(qkv), w_q, w_k, cos.contiguous(), sin.contiguous(), mode, eps, q, k, rstd)
+    return q, k, rstd
 
 
 def _fake_qkv_heads(qkv: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,
-                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
     B, S, N = qkv.shape
     d = N // (H + 2 * G)
     nq, nk, _, _ = _qkv_widths(mode, H, G, d)
-    return (qkv.new_empty(B, S, H, d), qkv.new_empty(B, S, G, d), qkv.new_empty(B, S, G, d),
-            qkv.new_empty(B * S, nq + nk, dtype=torch.float32))
+    return qkv.new_empty(B, S, H, d), qkv.new_empty(B, S, G, d), qkv.new_empty(B * S, nq + nk, dtype=torch.float32)
 
 
-def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, rstd: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor,
+def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor,
                    sin: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
     mod = _kernel_module("qkv_heads")
-    if not triton_runs(qkv, mod, "_qkv_heads_bwd_kernel"):
-        return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(qkv.shape[0] * qkv.shape[1]))
+    if not triton_runs(dq, mod, "_qkv_heads_bwd_kernel"):
+        return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(dq.shape[0] * dq.shape[1]))
     dqkv, dwq, dwk = _fake_qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode)
-    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
+    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), None if qkv is None else _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
                            sin.contiguous(), mode, dqkv, dwq, dwk)
     return dqkv, dwq, dwk
 
 
-def _fake_qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, rstd: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor,
+def _fake_qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor,
                         sin: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
     B, S, H, d = dq.shape
-    _, _, wq, wk = _qkv_widths(mode, H, dk.shape[2], d)
+    G = dk.shape[2]
+    _, _, wq, wk = _qkv_widths(mode, H, G, d)
     P = qkv_dw_programs(B * S)
-    return (qkv.new_empty(B, S, qkv.shape[2]), qkv.new_empty(P, wq, dtype=torch.float32), qkv.new_empty(P, wk, dtype=torch.float32))
+    return dq.new_empty(B, S, (H + 2 * G) * d), dq.new_empty(P, wq, dtype=torch.float32), dq.new_empty(P, wk, dtype=torch.float32)
 
 
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
@@ -205,8 +205,8 @@ _OPS = {
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
     "qkv_heads": ("qkv_heads(Tensor qkv, Tensor? w_q, Tensor? w_k, Tensor cos, Tensor sin, SymInt H, SymInt G, str mode, float eps) "
-                  "-> (Tensor, Tensor, Tensor, Tensor)", _qkv_heads, _fake_qkv_heads),
-    "qkv_heads_bwd": ("qkv_heads_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor rstd, Tensor? w_q, Tensor? w_k, Tensor cos, "
+                  "-> (Tensor, Tensor, Tensor)", _qkv_heads, _fake_qkv_heads),
+    "qkv_heads_bwd": ("qkv_heads_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, Tensor rstd, Tensor? w_q, Tensor? w_k, Tensor cos, "
                       "Tensor sin, str mode) -> (Tensor, Tensor, Tensor)", _qkv_heads_bwd, _fake_qkv_heads_bwd),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
@@ -232,12 +232,13 @@ rope = torch.ops.moeforge.rope.default
 (``cos``/``sin`` [S, d/2]), or by its negative when ``inverse`` (the backward); fp32 math, x's
 dtype and dimension order (``empty_like``). One kernel reads each element once and writes it once (``kernels.rope``)."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
-"""``(q [B, S, H, d], k [B, S, G, d], v [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection
-``qkv [B, S, (H + 2G) d]``: queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none;
-weights ``w_q``/``w_k``, eps ``eps``) and rotated by RoPE (``cos``/``sin`` [S, d/2]), values copied; fp32 math,
-qkv's dtype, contiguous (so ``transpose(1, 2)`` gives SDPA's heads); ``rstd`` fp32 for the backward. One kernel
+"""``(q [B, S, H, d], k [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection ``qkv [B, S, (H + 2G) d]``:
+queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none; weights ``w_q``/``w_k``, eps
+``eps``) and rotated by RoPE (``cos``/``sin`` [S, d/2]); fp32 math, qkv's dtype, contiguous (so ``transpose(1, 2)``
+gives SDPA's heads); ``rstd`` fp32 for the backward. The values stay a view of ``qkv``. One kernel
 (``kernels.qkv_heads``)."""
 qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
-"""``(dqkv [B, S, N], dw_q partials [P, width], dw_k partials)`` of ``qkv_heads`` for the head gradients ``dq``,
-``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the weight
-gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none)."""
+"""``(dqkv [B, S, N], dw_q partials [P, width], dw_k partials)`` of ``qkv_heads`` and the value view for the head
+gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
+weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
+which only the norms' backward reads, may be None)."""

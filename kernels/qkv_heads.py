@@ -3,7 +3,7 @@
 Shape legend: B batch, S positions, T = B*S tokens, H query heads, G key/value heads, d head dim
 (even), N = (H + 2G) d the projection's width, P the backward's programs per part.
 
-One program handles one part (query, key or value) of one token row of ``qkv [B, S, N]``. For the
+One program handles one part (query or key) of one token row of ``qkv [B, S, N]``. For the
 query part ``x`` (H*d wide; the key part alike with G heads and ``w_k``), in fp32::
 
     full:      r = 1 / sqrt(mean(x^2) + eps)            over the whole H*d row (OLMoE)
@@ -13,11 +13,11 @@ query part ``x`` (H*d wide; the key part alike with G heads and ``w_k``), in fp3
     o1 = y1 cos_s - y2 sin_s      o2 = y1 sin_s + y2 cos_s   (RoPE, Su et al. 2021, eq. 34,
                                                               halves y1, y2 of each head)
 
-and the value part is copied. ``q [B, S, H, d]``, ``k``, ``v [B, S, G, d]`` are written
-contiguous, so their ``transpose(1, 2)`` are the [B, heads, S, d] views SDPA takes and
-FlashAttention's own [B, S, heads, d] layout (no copy in, and the output it returns is
-[B, S, H, d] in memory, which the out projection reads without a copy). ``r`` is kept in fp32
-for the backward.
+``q [B, S, H, d]`` and ``k [B, S, G, d]`` are written contiguous, so their ``transpose(1, 2)``
+are the [B, heads, S, d] views SDPA takes, in FlashAttention's own [B, S, heads, d] layout (no
+copy in, and the output it returns is [B, S, H, d] in memory, which the out projection reads
+without a copy). The values need no pass: SDPA reads them as a strided view of ``qkv``. ``r`` is
+kept in fp32 for the backward.
 
 Backward, from ``do`` (any strides, unit-stride rows), the saved ``qkv`` and ``r``::
 
@@ -27,8 +27,8 @@ Backward, from ``do`` (any strides, unit-stride rows), the saved ``qkv`` and ``r
     dn = dy w
     dx = r (dn - n mean(dn n))       (the mean over the group r was taken over)
 
-written straight into ``dqkv [B, S, N]`` (no ``cat``); the value part copies ``dv``. Each
-backward program of the query and key parts walks the rows ``p, p + P, p + 2P, ...`` and writes
+written straight into ``dqkv [B, S, N]`` (no ``cat``); the value part's programs copy ``dv``
+into it. Each backward program of the query and key parts walks the rows ``p, p + P, p + 2P, ...`` and writes
 its fp32 ``dw`` partial sum to row ``p`` of a [P, width] buffer; the caller sums the P rows
 (deterministic, no atomics). The pure-torch twin is ``kernels.reference.qkv_heads`` /
 ``qkv_heads_bwd``; the ops live in ``kernels.ops``.
@@ -94,27 +94,19 @@ def _norm_rope_fwd(src, dst, w_ptr, rstd_ptr, c, sn, eps, NH: tl.constexpr, NHP:
 
 
 @triton.jit
-def _qkv_heads_fwd_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, rstd_ptr, S, stride_b, stride_s, stride_cs, eps,
+def _qkv_heads_fwd_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, rstd_ptr, S, stride_b, stride_s, stride_cs, eps,
                           H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr,
-                          VP: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NORM: tl.constexpr):
+                          NQ: tl.constexpr, NK: tl.constexpr, NORM: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
     s = t % S
     row = qkv_ptr + (t // S) * stride_b + s * stride_s
-    if part == 2:
-        vcols = tl.arange(0, VP)
-        ok = vcols < G * 2 * HALF
-        v = tl.load(row + (H + G) * 2 * HALF + vcols, mask=ok)
-        tl.store(v_ptr + t * (G * 2 * HALF) + vcols, v, mask=ok)
+    cols = tl.arange(0, HALFP)
+    c = tl.load(cos_ptr + s * stride_cs + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + s * stride_cs + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+    if tl.program_id(1) == 0:
+        _norm_rope_fwd(row, q_ptr + t * (H * 2 * HALF), wq_ptr, rstd_ptr + t * (NQ + NK), c, sn, eps, H, HP, HALF, HALFP, NORM)
     else:
-        hcols = tl.arange(0, HALFP)
-        c = tl.load(cos_ptr + s * stride_cs + hcols, mask=hcols < HALF, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + s * stride_cs + hcols, mask=hcols < HALF, other=0.0).to(tl.float32)
-        if part == 0:
-            _norm_rope_fwd(row, q_ptr + t * (H * 2 * HALF), wq_ptr, rstd_ptr + t * (NQ + NK), c, sn, eps, H, HP, HALF, HALFP, NORM)
-        else:
-            _norm_rope_fwd(row + H * 2 * HALF, k_ptr + t * (G * 2 * HALF), wk_ptr, rstd_ptr + t * (NQ + NK) + NQ, c, sn, eps, G, GP, HALF,
-                           HALFP, NORM)
+        _norm_rope_fwd(row + H * 2 * HALF, k_ptr + t * (G * 2 * HALF), wk_ptr, rstd_ptr + t * (NQ + NK) + NQ, c, sn, eps, G, GP, HALF, HALFP, NORM)
 
 
 @triton.jit
@@ -201,8 +193,8 @@ def _warps(heads: int, half: int) -> int:
 
 
 def qkv_heads_fwd_into(qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos_Sh: Tensor, sin_Sh: Tensor, mode: str, eps: float,
-                       q_BSHd: Tensor, k_BSGd: Tensor, v_BSGd: Tensor, rstd_TR: Tensor) -> None:
-    """Launch the forward: ``qkv`` (unit-stride columns) -> contiguous ``q``, ``k``, ``v`` and fp32 ``rstd``
+                       q_BSHd: Tensor, k_BSGd: Tensor, rstd_TR: Tensor) -> None:
+    """Launch the forward: ``qkv`` (unit-stride columns) -> contiguous ``q``, ``k`` and fp32 ``rstd``
     [T, nq + nk] (nq = 1 full, H per_head, 0 none; the same for k). cos/sin [S, d/2], unit-stride rows."""
     B, S, _ = qkv_BSN.shape
     H, G, d = q_BSHd.shape[2], k_BSGd.shape[2], q_BSHd.shape[3]
@@ -211,18 +203,19 @@ def qkv_heads_fwd_into(qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, 
     norm = NORM_CODES[mode]
     nq, nk = (0, 0) if norm == 0 else (1, 1) if norm == 1 else (H, G)
     half = d // 2
-    _qkv_heads_fwd_kernel[(B * S, 3)](
-        qkv_BSN, qkv_BSN if w_q is None else w_q, qkv_BSN if w_k is None else w_k, cos_Sh, sin_Sh, q_BSHd, k_BSGd, v_BSGd, rstd_TR,
+    _qkv_heads_fwd_kernel[(B * S, 2)](
+        qkv_BSN, qkv_BSN if w_q is None else w_q, qkv_BSN if w_k is None else w_k, cos_Sh, sin_Sh, q_BSHd, k_BSGd, rstd_TR,
         S, qkv_BSN.stride(0), qkv_BSN.stride(1), cos_Sh.stride(0), eps,
         H=H, G=G, HP=triton.next_power_of_2(H), GP=triton.next_power_of_2(G), HALF=half, HALFP=triton.next_power_of_2(half),
-        VP=triton.next_power_of_2(G * d), NQ=nq, NK=nk, NORM=norm, num_warps=_warps(max(H, G), half),
+        NQ=nq, NK=nk, NORM=norm, num_warps=_warps(max(H, G), half),
     )
 
 
-def qkv_heads_bwd_into(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BSN: Tensor, rstd_TR: Tensor, w_q: Tensor | None, w_k: Tensor | None,
+def qkv_heads_bwd_into(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BSN: Tensor | None, rstd_TR: Tensor, w_q: Tensor | None, w_k: Tensor | None,
                        cos_Sh: Tensor, sin_Sh: Tensor, mode: str, dqkv_BSN: Tensor, dwq_PW: Tensor, dwk_PW: Tensor) -> None:
     """Launch the backward: ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows) -> contiguous ``dqkv`` and the
-    fp32 weight-gradient partials ``dw*_PW`` (row p: the sum over rows p, p + P, ...; P = their first dim)."""
+    fp32 weight-gradient partials ``dw*_PW`` (row p: the sum over rows p, p + P, ...; P = their first dim).
+    ``qkv`` (unit-stride columns) is read only by the norms' backward: None for mode none."""
     B, S, H, d = dq_BSHd.shape
     G = dk_BSGd.shape[2]
     P = dwq_PW.shape[0]
@@ -231,9 +224,10 @@ def qkv_heads_bwd_into(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BS
     norm = NORM_CODES[mode]
     nq, nk = (0, 0) if norm == 0 else (1, 1) if norm == 1 else (H, G)
     half = d // 2
+    x = dq_BSHd if qkv_BSN is None else qkv_BSN  # a stand-in pointer where nothing is read
     _qkv_heads_bwd_kernel[(P, 3)](
-        dq_BSHd, *dq_BSHd.stride()[:3], dk_BSGd, *dk_BSGd.stride()[:3], dv_BSGd, *dv_BSGd.stride()[:3], qkv_BSN, qkv_BSN.stride(0), qkv_BSN.stride(1),
-        rstd_TR, qkv_BSN if w_q is None else w_q, qkv_BSN if w_k is None else w_k, cos_Sh, sin_Sh, cos_Sh.stride(0),
+        dq_BSHd, *dq_BSHd.stride()[:3], dk_BSGd, *dk_BSGd.stride()[:3], dv_BSGd, *dv_BSGd.stride()[:3], x, x.stride(0), x.stride(1),
+        rstd_TR, x if w_q is None else w_q, x if w_k is None else w_k, cos_Sh, sin_Sh, cos_Sh.stride(0),
         dqkv_BSN, dwq_PW, dwk_PW, B * S, S, P,
         H=H, G=G, HP=triton.next_power_of_2(H), GP=triton.next_power_of_2(G), HALF=half, HALFP=triton.next_power_of_2(half),
         NQ=nq, NK=nk, NORM=norm, DP=triton.next_power_of_2(d), num_warps=_warps(max(H, G), half),

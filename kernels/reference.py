@@ -185,8 +185,8 @@ def _group_rms(x_BShd: Tensor, mode: str) -> tuple[int, ...]:
 
 
 def qkv_heads(qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos_Sh: Tensor, sin_Sh: Tensor, H: int, G: int, mode: str,
-              eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``q [B, S, H, d]``, ``k``, ``v [B, S, G, d]`` (qkv's dtype) and fp32 ``rstd`` [T, nq + nk] of the fused projection:
+              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``q [B, S, H, d]``, ``k [B, S, G, d]`` (qkv's dtype) and fp32 ``rstd`` [T, nq + nk] of the fused projection:
     the q and k parts RMS-normalised (``mode`` full: over the whole part; per_head: per head; none: not at all) times
     their weight, then rotated by RoPE, all in fp32 (``kernels.qkv_heads``; the eager chain of ``moe.model.Attention``)."""
     B, S, N = qkv_BSN.shape
@@ -200,9 +200,8 @@ def qkv_heads(qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos_Sh: T
             x = x * rstd * w.to(acc).reshape(-1, d)
             rstds.append(rstd.reshape(B * S, -1).float())
         outs.append(_rotate(x, cos_Sh, sin_Sh, False).to(qkv_BSN.dtype))
-    v = qkv_BSN[..., (H + G) * d :].reshape(B, S, G, d).clone()
     rstd_TR = torch.cat(rstds, dim=1) if rstds else qkv_BSN.new_zeros(B * S, 0, dtype=torch.float32)
-    return outs[0], outs[1], v, rstd_TR
+    return outs[0], outs[1], rstd_TR
 
 
 def program_partials(rows_TW: Tensor, programs: int) -> Tensor:
@@ -213,19 +212,21 @@ def program_partials(rows_TW: Tensor, programs: int) -> Tensor:
     return padded.reshape(-1, programs, W).sum(0)
 
 
-def qkv_heads_bwd(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BSN: Tensor, rstd_TR: Tensor, w_q: Tensor | None, w_k: Tensor | None,
+def qkv_heads_bwd(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BSN: Tensor | None, rstd_TR: Tensor, w_q: Tensor | None, w_k: Tensor | None,
                   cos_Sh: Tensor, sin_Sh: Tensor, mode: str, programs: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``qkv_heads``: ``dqkv [B, S, N]`` (qkv's dtype) and the fp32 weight-gradient partials [P, width]
-    (``program_partials``; width H*d / G*d for full, d for per_head, 0 for none), term by term in fp32::
+    """Gradients of ``qkv_heads`` and of the value view: ``dqkv [B, S, N]`` (dq's dtype) and the fp32 weight-gradient
+    partials [P, width] (``program_partials``; width H*d / G*d for full, d for per_head, 0 for none), term by term in
+    fp32 (``qkv``, read only by the norms, may be None for mode none)::
 
         dy = RoPE^-1(do)     dw = sum_rows dy n     dx = r (dy w - n mean(dy w n))     with n = x r."""
     B, S, H, d = dq_BSHd.shape
     G = dk_BSGd.shape[2]
-    acc = torch.promote_types(qkv_BSN.dtype, torch.float32)
+    acc = torch.promote_types(dq_BSHd.dtype, torch.float32)
+    xs = (None, None) if qkv_BSN is None else (qkv_BSN[..., : H * d], qkv_BSN[..., H * d : (H + G) * d])
     widths = {"none": (0, 0), "full": (1, 1), "per_head": (H, G)}[mode]
     rstd_split = rstd_TR.split(list(widths), dim=1)
     dxs, dws = [], []
-    for do, x, w, rstd, heads in zip((dq_BSHd, dk_BSGd), (qkv_BSN[..., : H * d], qkv_BSN[..., H * d : (H + G) * d]), (w_q, w_k), rstd_split, (H, G)):
+    for do, x, w, rstd, heads in zip((dq_BSHd, dk_BSGd), xs, (w_q, w_k), rstd_split, (H, G)):
         dy = _rotate(do.to(acc), cos_Sh, sin_Sh, True)
         if mode == "none":
             dxs.append(dy)
@@ -238,5 +239,5 @@ def qkv_heads_bwd(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BSN: Te
         dn = dy * w.to(acc).reshape(-1, d)
         dxs.append(r * (dn - n * (dn * n).mean(_group_rms(n, mode), keepdim=True)))
     dxs.append(dv_BSGd.to(acc))
-    dqkv = torch.cat([t.reshape(B, S, -1) for t in dxs], dim=-1).to(qkv_BSN.dtype)
+    dqkv = torch.cat([t.reshape(B, S, -1) for t in dxs], dim=-1).to(dq_BSHd.dtype)
     return dqkv, dws[0], dws[1]

@@ -149,16 +149,18 @@ def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class _FusedQKVHeads(torch.autograd.Function):
     """``kernels.ops.qkv_heads`` forward and ``qkv_heads_bwd`` backward: attention's fused projection to its
-    q/k-normed, rotated [B, S, heads, d] heads and back, one kernel each way (the weight gradients are
-    the sums of the backward's per-program partials)."""
+    q/k-normed, rotated [B, S, heads, d] heads (values: a view of the projection) and back, one kernel each
+    way (the weight gradients are the sums of the backward's per-program partials)."""
 
     @staticmethod
     def forward(ctx, qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,  # type: ignore[override]
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        q_BSHd, k_BSGd, v_BSGd, rstd_TR = ops.qkv_heads(qkv_BSN, w_q, w_k, cos, sin, H, G, mode, eps)
-        ctx.save_for_backward(qkv_BSN, rstd_TR, w_q, w_k, cos, sin)
+        q_BSHd, k_BSGd, rstd_TR = ops.qkv_heads(qkv_BSN, w_q, w_k, cos, sin, H, G, mode, eps)
+        ctx.save_for_backward(qkv_BSN if mode != "none" else None, rstd_TR, w_q, w_k, cos, sin)  # only the norms' backward reads qkv
         ctx.mode = mode
-        return q_BSHd, k_BSGd, v_BSGd
+        B, S, N = qkv_BSN.shape
+        d = N // (H + 2 * G)
+        return q_BSHd, k_BSGd, qkv_BSN[..., (H + G) * d :].view(B, S, G, d)
 
     @staticmethod
     def backward(ctx, dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -276,8 +278,9 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _fused_heads(self, qkv_BSN: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``_eager_heads`` in one kernel each way (``kernels.qkv_heads``): the heads come out as [B, S, heads, d]
-        memory (FlashAttention's own layout) and are returned as their [B, heads, S, d] views."""
+        """``_eager_heads`` in one kernel each way (``kernels.qkv_heads``): q and k come out as [B, S, heads, d]
+        memory (FlashAttention's own layout), v stays a view of the projection (as in ``_eager_heads``); all
+        three are returned as their [B, heads, S, d] views."""
         normed = self.qk_norm != "none"
         w_q, w_k = (self.q_norm.weight, self.k_norm.weight) if normed else (None, None)
         eps = self.q_norm.eps if normed else 0.0

@@ -65,6 +65,8 @@ def test_fused_heads_equal_the_eager_chain_forward_and_grads(kc, gen, mode, H, G
     got = [t.transpose(1, 2) for t in _FusedQKVHeads.apply(x16, *w16, cos, sin, H, G, mode, EPS)]
     want = eager_heads(x32, *w32, cos, sin, H, G, mode)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: both round the same fp32 value (may differ by one step)
+    assert got[0].transpose(1, 2).is_contiguous() and got[1].transpose(1, 2).is_contiguous()  # [B, S, heads, d] memory: flash's layout
+    assert got[2]._base is x16  # the values are a view of the projection, never copied
     for name, g, w in zip("qkv", got, want):
         assert g.dtype == dtype and g.shape == w.shape
         torch.testing.assert_close(g.float(), w.to(dtype).float(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
@@ -92,9 +94,9 @@ def test_reference_backward_equals_autograd_and_its_partials_sum_rows_by_program
     dys = [torch.randn(t.shape, generator=gen) for t in want]
     inputs = [x] + [t for t in w if t is not None]
     want_g = torch.autograd.grad(want, inputs, dys)
-    q, k, v, rstd = reference.qkv_heads(qkv, *ws, cos, sin, H, G, mode, EPS)
+    q, k, rstd = reference.qkv_heads(qkv, *ws, cos, sin, H, G, mode, EPS)
     P = 5  # 12 rows: programs 0, 1 walk three rows, 2..4 walk two
-    dqkv, dwq, dwk = reference.qkv_heads_bwd(*(dy.transpose(1, 2) for dy in dys), qkv, rstd, *ws, cos, sin, mode, P)
+    dqkv, dwq, dwk = reference.qkv_heads_bwd(*(dy.transpose(1, 2) for dy in dys), None if mode == "none" else qkv, rstd, *ws, cos, sin, mode, P)
     kc.assert_close(dqkv, want_g[0], tol=1e-5, what="dqkv")
     if mode != "none":
         assert dwq.shape[0] == P and dwk.shape[0] == P
@@ -159,9 +161,10 @@ def test_attention_on_meta_launches_one_op_each_way_with_hand_counted_bytes(mode
     wq = {"none": 0, "full": D, "per_head": d}[mode]  # norm weight width (bf16 here)
     nr = {"none": 0, "full": 2, "per_head": 2 * H}[mode]  # fp32 1/rms per token
     tables = 2 * S * (d // 2) * 4  # cos and sin, fp32
-    fwd = T * N * 2 + 2 * wq * 2 + tables + T * N * 2 + T * nr * 4  # qkv, weights, tables -> q, k, v, rstd
+    fwd = T * N * 2 + 2 * wq * 2 + tables + 2 * T * D * 2 + T * nr * 4  # qkv, weights, tables -> q, k, rstd (v: a view of qkv)
     P = T  # fewer token rows than ops.QKV_DW_PROGRAMS: one program per row
-    bwd = 3 * T * D * 2 + T * N * 2 + T * nr * 4 + 2 * wq * 2 + tables + T * N * 2 + 2 * P * wq * 4  # dq, dk, dv, qkv, rstd, w, tables -> dqkv, partials
+    qkv_read = T * N * 2 if mode != "none" else 0  # only the norms' backward reads the saved projection
+    bwd = 3 * T * D * 2 + qkv_read + T * nr * 4 + 2 * wq * 2 + tables + T * N * 2 + 2 * P * wq * 4  # dq, dk, dv, qkv, rstd, w, tables -> dqkv, partials
     want = [("moeforge.qkv_heads.default", fwd), ("moeforge.qkv_heads_bwd.default", bwd)]
     if mode != "none":
         want += [("aten.sum.dim_IntList", P * wq * 4 + wq * 2)] * 2  # partials [P, width] fp32 -> dw (bf16 weight)
