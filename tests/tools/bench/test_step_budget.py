@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from launch.profiling import CLASSES
 from tools.bench.card_rates import CARDS
 from tools.bench.op_counter import MemoryTracker, OpCounter, multi_tensor_launches
 from tools.bench.step_budget import COMPONENTS, STEADY_STEPS, count_step, issue_queue, main, op_ms, predict
@@ -76,6 +77,7 @@ def test_json_report_has_the_keys_gpu_session_reads(capsys: pytest.CaptureFixtur
     assert rep["card"] == "h100" and rep["experts_backend"] == "grouped_mm"
     assert rep["tokens_per_s"] > 0 and 0 < rep["mfu"] < 1 and rep["step_ms"] > 0 and rep["memory_gb"]["peak"] > 0
     assert set(rep["components"]) == set(COMPONENTS)
+    assert set(rep["classes_gpu_ms"]) == set(CLASSES) and sum(rep["classes_gpu_ms"].values()) == pytest.approx(rep["gpu_ms"])
 
 
 def test_prediction_queues_the_op_times_at_the_card_rates() -> None:
@@ -97,6 +99,12 @@ def test_prediction_queues_the_op_times_at_the_card_rates() -> None:
     assert pred.mfu == pytest.approx(count.formula_flops / (pred.step_ms / 1e3) / 989.4e12)
     count.settings["cuda_graphs"] = True  # a replayed graph: no host time per launch
     assert predict(count, card).step_ms == pytest.approx(gemm_ms + glue_ms + sdpa_ms)
+    # the classes a profiled run (train.profile_steps) reports: GEMMs, attention, clip and optimizer, the rest
+    optimizer_ms = sum(r.bytes for r, c in zip(count.budget.ops, count.components) if c == "optimizer") / card.glue_tbps / 1e9
+    clip_ms = sum(r.bytes for r, c in zip(count.budget.ops, count.components) if c == "grad clip") / card.glue_tbps / 1e9
+    assert optimizer_ms > 0 and clip_ms > 0
+    assert pred.per_class == pytest.approx({"gemm": gemm_ms, "attention": sdpa_ms, "grad clip": clip_ms, "optimizer": optimizer_ms,
+                                            "communication": 0.0, "other": glue_ms - optimizer_ms - clip_ms})
 
 
 def test_issue_queue_by_hand() -> None:
