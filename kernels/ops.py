@@ -162,8 +162,9 @@ def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd:
     if not triton_runs(dq, mod, "_qkv_heads_bwd_kernel"):
         return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(dq.shape[0] * dq.shape[1]))
     dqkv, dwq, dwk = _fake_qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode)
-    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), None if qkv is None else _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
-                           sin.contiguous(), mode, dqkv, dwq, dwk)
+    x = None if qkv is None else _unit_cols(qkv)
+    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), x, rstd.contiguous(), w_q, w_k, cos.contiguous(), sin.contiguous(), mode,
+                           dqkv, dwq, dwk)
     return dqkv, dwq, dwk
 
 

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a layer step (and the step's loss, RoPE, RMSNorm and attention-heads kernels) for a real shape; report its GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, loss, RoPE, RMSNorm, attention heads) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
