@@ -14,7 +14,9 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
   fp32 logits and the logit gradient in ``grad_dtype`` (``kernels.cross_entropy``), the chunked
   loss's one kernel per chunk on a GPU (``moe.head_loss``);
 - ``moeforge::rope(x, cos, sin, inverse)``: rotary embedding of ``[B, H, S, d]`` heads, or its
-  backward with ``inverse`` (``kernels.rope``; ``moe.model.apply_rope`` on a GPU).
+  backward with ``inverse`` (``kernels.rope``; ``moe.model.apply_rope`` on a GPU);
+- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
+  moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -117,6 +119,21 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return y
 
 
+def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    mod = _kernel_module("adamw")
+    flat = all(t.is_contiguous() for t in (p, g, m, v)) and p.shape == g.shape == m.shape == v.shape
+    if not flat or not triton_runs(p, mod, "_adamw_kernel"):
+        reference.adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+        return
+    mod.adamw_into(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+
+
+def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    return None
+
+
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return torch.empty_like(x)
 
@@ -148,6 +165,8 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
+               "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
     _LIB.define(_schema)
@@ -171,3 +190,8 @@ rope = torch.ops.moeforge.rope.default
 """``x [B, H, S, d]`` rotated pairwise (first half, second half) by each position's angle
 (``cos``/``sin`` [S, d/2]), or by its negative when ``inverse`` (the backward); fp32 math, x's
 dtype and dimension order (``empty_like``). One kernel reads each element once and writes it once (``kernels.rope``)."""
+adamw_ = torch.ops.moeforge.adamw_.default
+"""One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
+(bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim
+device tensor), ``g`` is divided by ``grad_scale`` and nothing is written where ``found_inf`` is nonzero.
+One kernel reads p, g, m, v once and writes p, m, v once (``kernels.adamw``)."""

@@ -169,3 +169,26 @@ def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tenso
     x1, x2 = x_BHSd.float().chunk(2, dim=-1)
     sin = -sin_Sh if inverse else sin_Sh
     return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype)
+
+
+@torch.no_grad()
+def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """One AdamW step in place (``kernels.adamw``'s formula): fp32 math, moments stored in their own dtype.
+
+    The update follows ``torch.optim.AdamW``'s single-tensor path operation by operation (decay, lerp,
+    ``mul_``/``addcmul_``, ``sqrt / sqrt(bc2) + eps``, ``addcdiv``), with the bias corrections formed
+    from the device step count ``step`` (the count after this step) in fp32. Where ``found_inf`` is
+    nonzero nothing changes (``torch.where`` against the old values; no host read).
+    """
+    g32 = g.float() if grad_scale is None else g.float() / grad_scale.float()
+    t = step.float()
+    p32 = p.float() * (1.0 - lr * weight_decay)
+    m32 = torch.lerp(m.float(), g32, 1.0 - beta1)
+    v32 = (v.float() * beta2).addcmul_(g32, g32, value=1.0 - beta2)
+    step_size = lr / (1.0 - torch.pow(beta1, t))
+    denom = v32.sqrt() / torch.sqrt(1.0 - torch.pow(beta2, t)) + eps
+    p32 = p32 - step_size * (m32 / denom)
+    for dst, new in ((p, p32), (m, m32), (v, v32)):
+        new = new.to(dst.dtype)
+        dst.copy_(new if found_inf is None else torch.where(found_inf == 0, new, dst))
