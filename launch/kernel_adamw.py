@@ -68,7 +68,8 @@ class KernelAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             steps = [self.state[p]["step"] for p in params]
-            torch._foreach_add_(steps, advance)
+            # A tensor ``advance`` goes in as a list: ``_foreach_add_(steps, tensor)`` would read it on the host.
+            torch._foreach_add_(steps, [advance] * len(steps) if isinstance(advance, Tensor) else advance)
             beta1, beta2 = group["betas"]
             for p, t in zip(params, steps):
                 st = self.state[p]

@@ -214,3 +214,19 @@ def test_the_budget_counts_one_launch_and_20_bytes_per_parameter() -> None:
     assert sorted(sizes) == [3, 5, 15, 35]
     assert sorted(r.bytes for r in ops) == sorted(20 * n + 12 for n in sizes)
     assert [r.launches for r in ops] == [1] * 4
+
+
+def test_a_masked_step_reads_nothing_on_the_host() -> None:
+    """The verdict and the clipping divisor stay on the device (``tools.bench.op_counter``'s sync detector)."""
+    from tools.bench.op_counter import OpCounter
+
+    with torch.device("meta"):
+        model = _model(0)
+        opt = KernelAdamW(_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        ok, scale = torch.empty((), dtype=torch.bool), torch.empty(())
+    with OpCounter() as counter:
+        masked_step(opt, ok, scale)
+    assert counter.budget.host_syncs == []
+    assert len(counter.budget.ops) > 4  # it saw the step's ops

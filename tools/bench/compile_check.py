@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a layer step (and the step's loss and RoPE kernels) for a real shape; report its GPU resources, without a GPU.
+"""Compile every Triton kernel of a layer step (and the step's loss, RoPE and AdamW kernels) for a real shape; report its GPU resources, without a GPU.
 
 Usage::
 
@@ -163,7 +163,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
     binary, in first-launch order; then the training step's loss and RoPE kernels (at the layer's T
-    tokens and D width)."""
+    tokens and D width) and the AdamW kernel (over one E x D x F expert weight, bf16 and fp32 moments)."""
     from kernels.triton import moe_experts
     from kernels.triton.swiglu_gmm import gather_gmm_swiglu
     from kernels.triton.gmm_scatter import gmm_scatter
@@ -172,6 +172,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
+    from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
     if triton.knobs.runtime.interpret:
@@ -205,6 +206,11 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         cross_entropy_rows_into(z, y, 1.0, loss, None)
         q, angles = meta(1, D // STEP_HEAD_DIM, T, STEP_HEAD_DIM), meta(T, STEP_HEAD_DIM // 2, dtype=torch.float32)
         rope_into(q, angles, angles, False, torch.empty_like(q))
+        # The optimizer's kernel over one expert weight (E x D x F fp32 parameter and gradient), bf16 and fp32 moments,
+        # with the clipping divisor and the step guard's flag as the trainer passes them.
+        w, scalar = meta(E, D, Fd, dtype=torch.float32), meta((), dtype=torch.float32)
+        for moments in (torch.bfloat16, torch.float32):
+            adamw_into(w, w, meta(E, D, Fd, dtype=moments), meta(E, D, Fd, dtype=moments), scalar, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
     unique: dict[tuple, Launch] = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)
