@@ -15,6 +15,9 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
   loss's one kernel per chunk on a GPU (``moe.head_loss``);
 - ``moeforge::rope(x, cos, sin, inverse)``: rotary embedding of ``[B, H, S, d]`` heads, or its
   backward with ``inverse`` (``kernels.rope``; ``moe.model.apply_rope`` on a GPU);
+- ``moeforge::rms_norm(x, weight, eps, out_dtype)``: RMSNorm rows in ``out_dtype`` and each row's
+  ``1/rms`` (``kernels.rms_norm``; ``moe.model.RMSNorm`` on a GPU);
+- ``moeforge::rms_norm_backward(dy, x, weight, rstd)``: its ``dx`` (x's dtype) and fp32 ``dw``;
 - ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
   moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
@@ -119,6 +122,54 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return y
 
 
+def _rms_rows(t: Tensor, mod: ModuleType) -> tuple[Tensor, tuple[int, int, int, int, int]]:
+    """``t`` with unit-stride columns and its row layout (``kernels.rms_norm.row_levels``), copied
+    contiguous only when its rows need more than three strided levels."""
+    t = _unit_cols(t)
+    levels = mod.row_levels(t)
+    if levels is None:
+        t = t.contiguous()
+        levels = mod.row_levels(t)
+    return t, levels
+
+
+def _sms(t: Tensor) -> int:
+    """Streaming multiprocessors of ``t``'s GPU (2 under the CPU interpreter: a few programs loop)."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    mod = _kernel_module("rms_norm")
+    if x.shape[-1] == 0 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32) or not triton_runs(x, mod, "_rms_norm_fwd_kernel"):
+        return reference.rms_norm(x, weight, eps, out_dtype)
+    x, levels = _rms_rows(x, mod)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mod.rms_norm_fwd_into(x, levels, weight.contiguous(), eps, y, rstd)
+    return y, rstd
+
+
+def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    mod = _kernel_module("rms_norm")
+    if x.shape[-1] == 0 or not triton_runs(x, mod, "_rms_norm_bwd_kernel") or not triton_runs(dy, mod, "_rms_norm_bwd_kernel"):
+        return reference.rms_norm_backward(dy, x, weight, rstd)
+    (x, lx), (dy, ldy) = _rms_rows(x, mod), _rms_rows(dy, mod)
+    R, D = rstd.numel(), x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(x)) if R else 0, D, dtype=torch.float32, device=x.device)
+    if R:
+        mod.rms_norm_bwd_into(dy, ldy, x, lx, weight.contiguous(), rstd.contiguous(), dx, dw_part)
+    return dx, dw_part.sum(0)
+
+
+def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
+
+
 def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
             weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     mod = _kernel_module("adamw")
@@ -165,6 +216,9 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "rms_norm": ("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)", _rms_norm, _fake_rms_norm),
+    "rms_norm_backward": ("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+                          _rms_norm_backward, _fake_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
@@ -190,6 +244,14 @@ rope = torch.ops.moeforge.rope.default
 """``x [B, H, S, d]`` rotated pairwise (first half, second half) by each position's angle
 (``cos``/``sin`` [S, d/2]), or by its negative when ``inverse`` (the backward); fp32 math, x's
 dtype and dimension order (``empty_like``). One kernel reads each element once and writes it once (``kernels.rope``)."""
+rms_norm = torch.ops.moeforge.rms_norm.default
+"""``(y, rstd)`` of rows ``x [..., D]``: ``rstd = 1 / sqrt(mean(x^2) + eps)`` (fp32, ``x.shape[:-1]``) and
+``y = x rstd w`` (fp32 math, written contiguous in ``out_dtype``) (Zhang & Sennrich 2019, eq. 4).
+One kernel reads ``x`` once in its own dtype, strided rows in place (``kernels.rms_norm``)."""
+rms_norm_backward = torch.ops.moeforge.rms_norm_backward.default
+"""``(dx, dw)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))`` with
+``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous) and ``dw = sum over rows of dy xh`` (fp32). One
+kernel; ``dw`` is reduced from a few hundred per-program fp32 rows by one small sum after it."""
 adamw_ = torch.ops.moeforge.adamw_.default
 """One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
 (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim

@@ -171,6 +171,26 @@ def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tenso
     return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype)
 
 
+def rms_norm(x: Tensor, weight_D: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4) of the rows of ``x`` in fp32: ``(x rstd w`` in
+    ``out_dtype``, ``rstd = 1 / sqrt(mean(x^2) + eps)`` in fp32) (``kernels.rms_norm``)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    return (xf * rstd[..., None] * weight_D.to(acc)).to(out_dtype), rstd.float()
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight_D: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``rms_norm``, term by term in fp32: with ``xh = x rstd`` and ``g = dy w``,
+    ``dx = rstd (g - xh mean(g xh))`` in x's dtype and ``dw = sum over rows of dy xh`` in fp32."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    r = rstd.to(acc)[..., None]
+    xh = x.to(acc) * r
+    g = dy.to(acc) * weight_D.to(acc)
+    dx = r * (g - xh * (g * xh).mean(-1, keepdim=True))
+    return dx.to(x.dtype), (dy.to(acc) * xh).reshape(-1, x.shape[-1]).sum(0).float()
+
+
 @torch.no_grad()
 def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:

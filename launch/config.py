@@ -122,6 +122,10 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Replay every transformer block from CUDA graphs (torch.compile mode=reduce-overhead; launch/cuda_graphs.py):
     CUDA, dropless, parallel=none|ddp, an expert backend that keeps counts on the device; refused otherwise."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: run torch.profiler over optimizer steps first..last (numbered from 1, as logged) and write
+    each rank's device time per class and kernel, and its Chrome trace, to <run dir>/profile/ (launch/profiling.py).
+    Empty: no profiling."""
     peak_tflops: float = 0.0
     """Dense peak TFLOP/s per device for MFU; 0 looks the device up in launch/throughput.py
     (CPUs and unknown GPUs then report TFLOP/s without MFU)."""
@@ -174,6 +178,9 @@ class TrainConfig:
         check(self.precision in PRECISIONS, "train.precision", self.precision, f"must be one of {list(PRECISIONS)}")
         check(self.activation_checkpointing in RECOMPUTE_MODES, "train.activation_checkpointing", self.activation_checkpointing,
               f"must be one of {list(RECOMPUTE_MODES)}")
+        check(self.profile_steps == [] or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]
+                                           <= self.steps), "train.profile_steps", self.profile_steps,
+              f"must be [] or [first, last] with 1 <= first <= last <= train.steps ({self.steps})")
         check(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "must be >= 0")
         check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
         check(self.on_nonfinite in ("stop", "skip", "rollback"), "train.on_nonfinite", self.on_nonfinite, "must be stop, skip or rollback")

@@ -51,6 +51,7 @@ from launch.metrics import JsonlSink, NullSink, Progress, Sink, WandbSink
 from launch.optim import apply_config
 from launch.throughput import ModelCounts, count_model, peak_memory_gib, peak_tflops, reset_peak_memory, window_metrics
 from launch.preemption import AgentWatch, Preempted, StopSignals
+from launch.profiling import StepProfiler
 from launch.routing_health import RoutingHealth
 from launch.routing_probe import load_probe, probe_state
 from launch.run_dir import changed_overrides, register_resolvers, sweep_job_name
@@ -340,6 +341,7 @@ class TrainingLoop:
         self.progress = Progress(self.tr.steps, self.start) if runtime.is_main else None
         log.info(describe_run(run, precision))
         self.train_step = TrainStep(job, run.engine, run.core, runtime, run.guard, run.window, self.autocast)
+        self.profiler = StepProfiler(self.tr.profile_steps, run.run_dir / "profile", runtime.rank, runtime.device)
         self.summary: dict[str, Any] = {"step": self.start}
         """The last value of every metric logged (``summary.json``)."""
 
@@ -361,7 +363,9 @@ class TrainingLoop:
         """Optimizer step ``step`` (0-based), then what is due after it; returns the next step (an older one after a rollback)."""
         run, tr, ckpt = self.run, self.tr, self.job.checkpoint
         x, y = (t.to(self.runtime.device) for t in run.training.batch(run.spikes.batch_index(step)))
+        self.profiler.before(step + 1)
         out = self.train_step(step, x, y)
+        self.profiler.after(step + 1)
         if out.host.agent_gone and not out.host.signum:
             raise AgentLostError(f"the torchrun agent (pid {run.guard.agent.agent_pid}) is gone; stopping at step {step + 1} "
                                  f"without writing (a relaunch resumes from {latest_checkpoint(ckpt.dir)})")

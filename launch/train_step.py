@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from launch import cuda_graphs
 from launch.config import JobConfig
@@ -87,10 +88,12 @@ class TrainStep:
         engine.zero_grad()
         ce, aux = forward_backward(engine, runtime, x_BS, y_BS, step, self.job, self.autocast)
         loss = ce + sum(aux.values(), torch.zeros((), device=runtime.device))
-        grad_norm = engine.grad_norm()
+        with record_function("moeforge.grad_clip"):  # launch/profiling.py classes what runs inside by these names
+            grad_norm = engine.grad_norm()
         ok = self.guard.post(step, loss, grad_norm)
         host = self.guard.host()
-        engine.step(ok)
+        with record_function("moeforge.optimizer"):
+            engine.step(ok)
         runtime.after_optimizer_step(engine.model, engine.optimizer, step)
         runtime.all_reduce_sum_(self.core.router_step_sums())
         self.core.after_step(step)

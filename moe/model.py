@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import ops
+from moe.autocast import autocast_dtype
 from moe.errors import check
 from moe.experts import ExpertsConfig, dense_swiglu
 from moe.head_loss import head_cross_entropy
@@ -91,11 +92,45 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out.to(torch.promote_types(x.dtype, weight.dtype))
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm through ``torch.nn.functional.rms_norm`` (one fused kernel where torch has one), in fp32.
+class _FusedRMSNorm(torch.autograd.Function):
+    """``kernels.ops.rms_norm`` forward and ``rms_norm_backward`` backward: one kernel each way."""
 
-    Same result as ``rms_norm_reference``: computed in fp32, returned in the wider of the input's and
-    the weight's dtypes (fp32 for a bf16 activation under autocast, bf16 for a bf16 model).
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        y, rstd = ops.rms_norm(x, weight, eps, out_dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = ops.rms_norm_backward(dy, x, weight, rstd)
+        return dx, dw.to(weight.dtype), None, None
+
+
+def fused_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """``rms_norm_reference`` written in ``out_dtype``, one kernel each way (``kernels.ops.rms_norm`` and
+    its backward; the reference where Triton cannot run): what ``RMSNorm`` runs on a GPU."""
+    return _FusedRMSNorm.apply(x, weight, eps, out_dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (``rms_norm_reference``, computed in fp32), one kernel each way on a GPU.
+
+    On CUDA (and ``meta``, which stands for it in the step budget) it runs ``kernels.ops.rms_norm``:
+    the input (the fp32 residual stream, or a bf16 projection for the q/k norms, strided slices
+    included) is read in its own dtype and the output is written directly in the dtype its consumer's
+    GEMM runs in: CUDA autocast's (``moe.autocast.autocast_dtype``, bf16) while autocast is on, else the
+    wider of the input's and the weight's dtypes. So no cast precedes or follows the norm, either way.
+    Every consumer takes that bf16 output as it took the cast one: the attention's projection, the
+    head, the expert GEMMs (already cast to bf16 by autocast or ``moe.experts.compute_dtype``) and the
+    routers. Routers that compute in fp32 (their gate GEMM with fp32 output, jitter, the fp32 linear
+    layers of comet, dselect_k, similarity, base_layers) thus see the bf16-rounded normed input on a
+    GPU under autocast, as Megatron-style bf16 models do, where before they saw its fp32 value.
+
+    On the CPU it is ``torch.nn.functional.rms_norm`` in fp32, returned in the wider of the input's and
+    the weight's dtypes (fp32 for a bf16 activation under autocast, bf16 for a bf16 model): the default
+    CPU run's numbers, unchanged.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -104,6 +139,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type in ("cuda", "meta"):
+            out_dtype = autocast_dtype(x) or torch.promote_types(x.dtype, self.weight.dtype)
+            return fused_rms_norm(x, self.weight, self.eps, out_dtype)
         out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 

@@ -2,7 +2,7 @@
 # The GPU checks of the project in one command (one call of a lent GPU). Run in the repository root.
 # Needs torch + Triton and hydra-core/omegaconf on PYTHONPATH; never wandb. Results go to $OUT.
 #
-#   bash tools/gpu_session.sh              # PART=step (default): whole training steps, <= 6 minutes cold, 3 files
+#   bash tools/gpu_session.sh              # PART=step (default): whole training steps, <= 6 minutes cold, 4 files
 #   PART=layer bash tools/gpu_session.sh   # the MoE layer checks: GPU tests, compile_check, bench_layer, profile_layer
 #   PART=all bash tools/gpu_session.sh     # both (about 10 minutes)
 #   SHAPES="--shape 2048 768 128 8 32768" PART=layer bash tools/gpu_session.sh   # bench/profile one shape
@@ -11,7 +11,9 @@
 # step) three ways each: default, train.compile=true, train.cuda_graphs=true, and prints tokens/s, MFU
 # and peak memory of the last (warm) log window beside `python -m tools.bench.step_budget ... --card h200
 # --json`'s prediction for the same config (computed on the CPU cores meanwhile; "n/a" without
-# tools/bench/step_budget.py). Time limits: 6 x 55 s of training + 10 s of setup = 340 s.
+# tools/bench/step_budget.py). Time limits: 6 x 55 s of training + 10 s of setup = 340 s. The default runs
+# also profile steps 12-13 (train.profile_steps, launch/profiling.py): GPU ms per class (gemm, attention,
+# grad clip, optimizer, other) beside the prediction's classes, and step_profiles.md (4 files in all).
 set -uo pipefail
 out=${OUT:-gpu_out}
 part=${PART:-step}
@@ -66,7 +68,7 @@ if [[ $part == step || $part == all ]]; then
   train_rc=0
   for i in 0 1; do
     for j in 0 1 2; do
-      extra=${settings[$j]}; [[ $extra == default ]] && extra=""
+      extra=${settings[$j]}; [[ $extra == default ]] && extra="train.profile_steps=[12,13]"  # outside the last log window (16-20)
       # shellcheck disable=SC2086
       timeout 55 $py -m launch.train model=${presets[$i]} $shape $extra train.steps=20 train.log_every=5 train.eval_every=20 \
         train.eval_batches=1 optim.warmup_steps=4 logging=none checkpoint.enabled=false hydra.run.dir="$scratch/run_${i}_$j" >> "$log" 2>&1 \
@@ -110,6 +112,26 @@ for i, preset in enumerate(presets):
         out.append(f"| {preset} | {setting} | {m['step']} | {m['tokens_per_s']} | {m['mfu']} | {m['peak']} | {p['tokens_per_s']} | "
                    f"{p['mfu']} | {p['peak']} | {p['step_ms']} |")
 rows_path.write_text("\n".join(out) + "\n")
+
+# Where the default step's GPU time went (train.profile_steps, launch/profiling.py) beside the prediction's classes.
+prof = ["", "| preset (default) | class | measured ms per step | predicted GPU ms |", "|---|---|---:|---:|"]
+listing = []
+for i, preset in enumerate(presets):
+    try:
+        measured_ms = json.loads((scratch / f"run_{i}_0" / "profile" / "rank0.json").read_text())["ms_per_step"]
+        listing.append((scratch / f"run_{i}_0" / "profile" / "rank0.md").read_text().replace("# Steps", f"# {preset}: steps", 1))
+    except (OSError, KeyError, ValueError):
+        measured_ms = {}
+    try:
+        predicted_ms = json.loads((scratch / f"pred_{i}_0.json").read_text())["classes_gpu_ms"]
+    except (OSError, KeyError, ValueError):
+        predicted_ms = {}
+    for cls in sorted(set(measured_ms) | set(predicted_ms), key=lambda c: -predicted_ms.get(c, 0.0)):
+        m, p = measured_ms.get(cls), predicted_ms.get(cls)
+        prof.append(f"| {preset} | {cls} | {'-' if m is None else f'{m:.2f}'} | {'-' if p is None else f'{p:.2f}'} |")
+with rows_path.open("a") as f:
+    f.write("\n".join(prof) + "\n")
+(rows_path.parent / "step_profiles.md").write_text("\n".join(listing) or "no profile was written\n")
 PY
   [[ -f $scratch/pred_err.txt ]] && tail -20 "$scratch/pred_err.txt" >> "$log"
   verdict+=("| training steps: 2 presets x (default, compile, cuda_graphs) | rc $train_rc (predicted: $([[ -f tools/bench/step_budget.py ]] && echo tools.bench.step_budget --card h200 || echo n/a)) |")

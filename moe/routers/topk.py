@@ -26,7 +26,7 @@ from moe.errors import check
 from moe.routers.gate import gate_logits, normal_gate
 from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
-from moe.routers.losses import CountSum, check_balance_scope, router_z_loss, scope_count_sum, switch_balance_loss
+from moe.routers.losses import CountSum, check_balance_scope, router_z_loss, scope_count_sum, slot_counts, switch_balance_loss
 
 
 RENORMALIZE = ("auto", "always", "never")
@@ -113,9 +113,10 @@ def topk_decision(
     weights_TK, expert_ids_TK = torch.topk(probs_TE, k, dim=-1)
     if renormalize == "always" or (renormalize == "auto" and k > 1):
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    counts_E = slot_counts(expert_ids_TK, probs_TE.shape[1])  # the balance loss's and dropless dispatch's
     aux = {}
     if aux_loss_coef > 0:
-        aux["aux_loss"] = aux_loss_coef * switch_balance_loss(probs_TE, expert_ids_TK, sum_counts=sum_counts)
+        aux["aux_loss"] = aux_loss_coef * switch_balance_loss(probs_TE, expert_ids_TK, sum_counts=sum_counts, counts_E=counts_E)
     if z_loss_coef > 0:
         aux["z_loss"] = z_loss_coef * router_z_loss(logits_TE)
-    return RoutingDecision(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, aux_losses=aux)
+    return RoutingDecision(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, aux_losses=aux, counts_E=counts_E)

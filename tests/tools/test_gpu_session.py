@@ -45,7 +45,12 @@ def test_summary_rows_put_measured_beside_predicted(tmp_path: Path) -> None:
             {"step": 10, "loss": 8.0, "tokens_per_s": 123456.0, "mfu": 0.3045, "peak_mem_gib": 41.26},
             {"step": 20, "val_loss": 7.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "pred_0_0.json").write_text(json.dumps({"tokens_per_s": 200000.0, "mfu": 0.45, "step_ms": 81.9, "memory_gb": {"peak": 42.9497}}))
+    (tmp_path / "pred_0_0.json").write_text(json.dumps({"tokens_per_s": 200000.0, "mfu": 0.45, "step_ms": 81.9, "memory_gb": {"peak": 42.9497},
+                                                        "classes_gpu_ms": {"gemm": 50.0, "optimizer": 20.5, "other": 9.0}}))
+    (run / "profile").mkdir()
+    (run / "profile" / "rank0.json").write_text(json.dumps({"steps": [12, 13], "device": "GPU",
+                                                            "ms_per_step": {"gemm": 61.25, "optimizer": 19.0, "other": 30.0}}))
+    (run / "profile" / "rank0.md").write_text("# Steps 12-13, rank 0\n\nkernel table\n")
     table = tmp_path / "rows.md"
     out = subprocess.run([sys.executable, "-", str(tmp_path), str(table), "moe_125m", "--", "default", "train.compile=true"],
                          input=code, capture_output=True, text=True)
@@ -53,3 +58,7 @@ def test_summary_rows_put_measured_beside_predicted(tmp_path: Path) -> None:
     lines = table.read_text().splitlines()
     assert lines[2] == "| moe_125m | default | 10 | 123,456 | 30.4% | 41.3 | 200,000 | 45.0% | 40.0 | 82 |"
     assert lines[3] == "| moe_125m | train.compile=true | - | failed | - | - | n/a | n/a | n/a | n/a |"
+    # the default run's profile, class by class beside the prediction (largest predicted first)
+    assert lines[5:10] == ["| preset (default) | class | measured ms per step | predicted GPU ms |", "|---|---|---:|---:|",
+                           "| moe_125m | gemm | 61.25 | 50.00 |", "| moe_125m | optimizer | 19.00 | 20.50 |", "| moe_125m | other | 30.00 | 9.00 |"]
+    assert (tmp_path / "step_profiles.md").read_text().startswith("# moe_125m: steps 12-13, rank 0")

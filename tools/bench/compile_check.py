@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a layer step (and the step's loss, RoPE and AdamW kernels) for a real shape; report its GPU resources, without a GPU.
+"""Compile every Triton kernel of a layer step (and the step's loss, RoPE, RMSNorm and AdamW kernels) for a real shape; report its GPU resources, without a GPU.
 
 Usage::
 
@@ -157,13 +157,34 @@ STEP_VOCAB = 50304
 """Vocabulary of the loss kernel's captured launch (OLMoE's and GPT-NeoX's, padded to 64)."""
 STEP_HEAD_DIM = 128
 """Head width of the RoPE kernel's captured launch."""
+STEP_NORM_WIDTHS = (2048, 768)
+"""Widths of the RMSNorm kernels' captured launches: olmoe_1b_7b's and moe_125m's d_model."""
+STEP_NORM_ROWS = 16384
+"""Rows of the RMSNorm launches: the tokens of one 16,384-token step."""
+
+
+def capture_norms() -> None:
+    """RMSNorm forward and backward launches at each ``STEP_NORM_WIDTHS`` over ``STEP_NORM_ROWS``
+    rows: the block norms' (fp32 residual in, bf16 out; bf16 gradient in, fp32 dx) and the q/k
+    norms' (a bf16 slice of the fused projection, one row stride of 3 widths; bf16 throughout)."""
+    from kernels.rms_norm import backward_programs, rms_norm_bwd_into, rms_norm_fwd_into, row_levels
+
+    meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
+    R = STEP_NORM_ROWS
+    for D in STEP_NORM_WIDTHS:
+        w, rstd, part = meta(D, dtype=torch.float32), meta(R, dtype=torch.float32), meta(backward_programs(R, D, SM90["sms"]), D, dtype=torch.float32)
+        for x in (meta(R, D, dtype=torch.float32), meta(R, 3 * D)[:, :D]):
+            y, dy = meta(R, D), meta(R, D)
+            rms_norm_fwd_into(x, row_levels(x), w, 1e-5, y, rstd)
+            rms_norm_bwd_into(dy, row_levels(dy), x, row_levels(x), w, rstd, meta(R, D, dtype=x.dtype), part)
 
 
 def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[Launch]:
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
     binary, in first-launch order; then the training step's loss and RoPE kernels (at the layer's T
-    tokens and D width) and the AdamW kernel (over one E x D x F expert weight, bf16 and fp32 moments)."""
+    tokens and D width), its RMSNorm kernels (``capture_norms``, at fixed real shapes) and the AdamW kernel
+    (over one E x D x F expert weight, bf16 and fp32 moments)."""
     from kernels.triton import moe_experts
     from kernels.triton.swiglu_gmm import gather_gmm_swiglu
     from kernels.triton.gmm_scatter import gmm_scatter
@@ -211,6 +232,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         w, scalar = meta(E, D, Fd, dtype=torch.float32), meta((), dtype=torch.float32)
         for moments in (torch.bfloat16, torch.float32):
             adamw_into(w, w, meta(E, D, Fd, dtype=moments), meta(E, D, Fd, dtype=moments), scalar, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
+        capture_norms()
     unique: dict[tuple, Launch] = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)

@@ -17,11 +17,6 @@ Where torch itself behaves differently on ``meta`` than on CUDA, ``on_card`` sta
 - **foreach/fused optimizers** default to per-parameter loops off CUDA; ``on_card`` lists
   ``meta`` among the devices torch's optimizers treat like CUDA, so ``torch.optim.AdamW``
   takes the path it takes on the card.
-- **rms_norm**: a CUDA build runs ``F.rms_norm`` as ``aten::_fused_rms_norm``, one kernel forward
-  and one backward (pytorch/pytorch#153666); a CPU build, the one counting, has only its
-  decomposition into six ops forward and a dozen backward. ``on_card`` runs ``meta`` inputs
-  through ``fused_rms_norm``, a stand-in op pair with the kernel's inputs and outputs (forward:
-  x, w -> y, 1/rms; backward: dy, x, w, 1/rms -> dx, dw), so the count sees one launch each way.
 - **the card**: ``torch.cuda.get_device_name`` / ``get_device_capability`` answer for the card
   named (``tools.bench.card_rates.CARDS``), for code that picks a path per card.
 """
@@ -167,46 +162,6 @@ def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
 
 
-@torch.library.custom_op("moeforge_budget::fused_rms_norm", mutates_args=())
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-in for CUDA's fused RMSNorm forward (module docstring): ``(y, 1/rms)``; counted, never run on data."""
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return (x.float() * rstd * weight.float()).to(x.dtype), rstd
-
-
-@fused_rms_norm.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("moeforge_budget::fused_rms_norm_backward", mutates_args=())
-def fused_rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-in for CUDA's fused RMSNorm backward: ``(dx, dweight)``."""
-    xhat = x.float() * rstd
-    g = dy.float() * weight.float()
-    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), (dy.float() * xhat).flatten(0, -2).sum(0).to(weight.dtype)
-
-
-@fused_rms_norm_backward.register_fake
-def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(weight)
-
-
-def _rms_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
-
-
-def _rms_backward(ctx, dy, _drstd):  # type: ignore[no-untyped-def]
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = fused_rms_norm_backward(dy, x, weight, rstd)
-    return dx, dw, None
-
-
-fused_rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
-
-
 @contextlib.contextmanager
 def on_card(name: str, capability: tuple[int, int]) -> Iterator[None]:
     """``meta`` runs take card ``name``'s paths: SDPA kernel choice, foreach/fused optimizers, the
@@ -224,15 +179,7 @@ def on_card(name: str, capability: tuple[int, int]) -> Iterator[None]:
         dtype = autocast_dtype(query) or query.dtype  # SDPA is on autocast's lower-precision list
         return _cuda_sdpa(query.to(dtype), key.to(dtype), value.to(dtype), *args, **kwargs)
 
-    real_rms_norm = torch.nn.functional.rms_norm
-
-    def rms_norm(input, normalized_shape, weight=None, eps=None):  # type: ignore[no-untyped-def]
-        if input.device.type != "meta" or weight is None or len(normalized_shape) != 1:
-            return real_rms_norm(input, normalized_shape, weight, eps)
-        return fused_rms_norm(input, weight, torch.finfo(input.dtype).eps if eps is None else eps)[0]
-
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(torch.nn.functional, "rms_norm", rms_norm))
         for module in (_foreach_utils, optim_module):
             stack.enter_context(mock.patch.object(module, "_get_foreach_kernels_supported_devices", lambda: foreach))
             stack.enter_context(mock.patch.object(module, "_get_fused_kernels_supported_devices", lambda: fused))

@@ -17,16 +17,15 @@ time), and the largest kernels. Writes the full listing to ``--out`` and prints 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from launch.profiling import GEMM_KERNEL
 from tools.bench.shapes import REFERENCE_SHAPES
 
 STEPS = 3
-GEMM_KERNEL = re.compile(r"gemm|cutlass|xmma|nvjet|wgmma|_gmm_scatter|_grouped_wgrad|_swiglu_fwd_kernel|_swiglu_bwd_kernel|_plain_kernel|Kernel2")
 
 
 def profile_shape(shape: tuple[int, int, int, int, int], backend: str, top: int) -> tuple[dict[str, float], list[str]]:

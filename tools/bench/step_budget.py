@@ -54,6 +54,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.module_tracker import ModuleTracker
 
+from launch.profiling import CLASSES
 from tools.bench.card_rates import CARDS, Card
 from tools.bench.op_counter import Budget, MemoryTracker, OpCounter, OpRecord, tensors_in
 
@@ -327,6 +328,8 @@ class Prediction:
     tokens_per_s: float
     mfu: float
     per_component: dict[str, dict[str, float]]
+    per_class: dict[str, float] = field(default_factory=dict)
+    """GPU ms of each ``launch.profiling.CLASSES`` class (host idle time apart), for comparison with a profiled run."""
 
 
 def op_ms(r: OpRecord, card: Card) -> float:
@@ -400,6 +403,9 @@ def predict(count: StepCount, card: Card | None = None) -> Prediction:
         row["gpu_ms"] += ms
         row["host_ms"] += waited
     gpu = sum(times)
+    classes = dict.fromkeys(CLASSES, 0.0)
+    for r, c, ms in zip(count.budget.ops, count.components, times):
+        classes[class_of_op(r, c)] += ms
     for row in per.values():
         row["ms"] = row["gpu_ms"] + row["host_ms"]
         row["share"] = row["ms"] / step if step else 0.0
@@ -407,7 +413,15 @@ def predict(count: StepCount, card: Card | None = None) -> Prediction:
     for c, b in count.component_peak.items():
         per[c]["peak_gb"] = b / 1e9
     mfu = count.formula_flops / (step / 1e3) / (card.peak_bf16_tflops * 1e12)
-    return Prediction(step, gpu, max(0.0, step - gpu), count.budget.launches * launch_ms, count.tokens / (step / 1e3), mfu, per)
+    return Prediction(step, gpu, max(0.0, step - gpu), count.budget.launches * launch_ms, count.tokens / (step / 1e3), mfu, per, classes)
+
+
+def class_of_op(r: OpRecord, component: str) -> str:
+    """The ``launch.profiling.CLASSES`` entry of a counted op, so a profiled run (``train.profile_steps``)
+    checks the prediction class by class: GEMMs, attention, grad clip, optimizer, the rest."""
+    if component in ("grad clip", "optimizer"):
+        return component
+    return {"gemm": "gemm", "sdpa": "attention"}.get(r.kind, "other")
 
 
 def report(count: StepCount, pred: Prediction) -> dict[str, Any]:
@@ -435,6 +449,7 @@ def report(count: StepCount, pred: Prediction) -> dict[str, Any]:
         "memory_gb": {"peak": count.peak_bytes / 1e9, **memory},
         "loss_peak_gb": count.component_peak.get("head and loss", 0) / 1e9,
         "components": pred.per_component,
+        "classes_gpu_ms": pred.per_class,
     }
 
 

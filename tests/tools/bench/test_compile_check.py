@@ -1,4 +1,4 @@
-"""tools.bench.compile_check: every kernel a layer step launches (and the step's loss and RoPE kernels) compiles for sm_90 (H100), GPU or not,
+"""tools.bench.compile_check: every kernel a layer step launches (and the step's loss, RoPE and RMSNorm kernels) compiles for sm_90 (H100), GPU or not,
 and the default block sizes keep every kernel free of register spills at the reference shapes.
 
 Shape legend: D model dim, F expert ffn dim, E experts, K top-k, T tokens.
@@ -43,6 +43,8 @@ def _compile(tmp_path: Path, *extra: str) -> list[dict]:
     return json.loads(out_json.read_text())["reports"]
 
 
+NORMS = {"rms_norm_fwd", "rms_norm_bwd"}
+"""Row kernels that must not spill at all: the RMSNorm pair (compiled at D = 2048 and 768, 16,384 rows)."""
 SMALL_SPILL = 16
 """Bytes a memory-bound counting kernel may spill: Triton 3.6 (the GPU image's) spills 4 bytes in
 route_meta's scatter_positions at E=128, one register of a kernel that moves 4-byte ids."""
@@ -51,7 +53,7 @@ route_meta's scatter_positions at E=128, one register of a kernel that moves 4-b
 def _assert_lean(reports: list[dict]) -> None:
     for r in reports:
         where = f"{r['kernel']}[{r['variant']}] at {r['shape']}"
-        allowed = 0 if r["kernel"] in GEMMS else SMALL_SPILL
+        allowed = 0 if r["kernel"] in GEMMS | NORMS else SMALL_SPILL
         assert r["spill_stores"] <= allowed and r["spill_loads"] <= allowed, f"{where} spills {r['spill_stores']} bytes"
         assert r["blocks_per_sm"] >= 1, f"{where} does not fit on an SM"
         if r["kernel"] in GEMMS:
