@@ -20,7 +20,12 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::rms_norm_backward(dy, x, weight, rstd)``: its ``dx`` (x's dtype) and fp32 ``dw``;
 - ``moeforge::add_rms_norm(x, a, weight, eps, out_dtype)``: the residual sum ``h = x + a`` and its
   RMSNorm in one pass, and ``moeforge::add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)``
-  (``moe.model.RMSNorm`` with a ``residual``, on a GPU).
+  (``moe.model.RMSNorm`` with a ``residual``, on a GPU);
+- ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
+  attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
+  (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
+  moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -123,6 +128,59 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return y
 
 
+QKV_DW_PROGRAMS = 512
+"""Most programs per part of ``qkv_heads_bwd`` (rows of its weight-gradient partials): at 16,384 tokens each
+walks 32 rows, and the partials (512 x 2,048 fp32 for olmoe's queries, 4 MB) cost ~2% of the kernel's bytes."""
+
+
+def qkv_dw_programs(tokens: int) -> int:
+    """Rows P of ``qkv_heads_bwd``'s weight-gradient partials for ``tokens`` token rows."""
+    return max(1, min(tokens, QKV_DW_PROGRAMS))
+
+
+def _qkv_widths(mode: str, H: int, G: int, d: int) -> tuple[int, int, int, int]:
+    """(rstd columns of q, of k, dw width of q, of k) for a ``model.qk_norm`` mode."""
+    return {"none": (0, 0, 0, 0), "full": (1, 1, H * d, G * d), "per_head": (H, G, d, d)}[mode]
+
+
+def _qkv_heads(qkv: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,
+               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("qkv_heads")
+    if not triton_runs(qkv, mod, "_qkv_heads_fwd_kernel"):
+        return reference.qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)
+    q, k, rstd = _fake_qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)
+    mod.qkv_heads_fwd_into(_unit_cols(qkv), w_q, w_k, cos.contiguous(), sin.contiguous(), mode, eps, q, k, rstd)
+    return q, k, rstd
+
+
+def _fake_qkv_heads(qkv: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,
+                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, S, N = qkv.shape
+    d = N // (H + 2 * G)
+    nq, nk, _, _ = _qkv_widths(mode, H, G, d)
+    return qkv.new_empty(B, S, H, d), qkv.new_empty(B, S, G, d), qkv.new_empty(B * S, nq + nk, dtype=torch.float32)
+
+
+def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor,
+                   sin: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("qkv_heads")
+    if not triton_runs(dq, mod, "_qkv_heads_bwd_kernel"):
+        return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(dq.shape[0] * dq.shape[1]))
+    dqkv, dwq, dwk = _fake_qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode)
+    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), None if qkv is None else _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
+                           sin.contiguous(), mode, dqkv, dwq, dwk)
+    return dqkv, dwq, dwk
+
+
+def _fake_qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor,
+                        sin: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    B, S, H, d = dq.shape
+    G = dk.shape[2]
+    _, _, wq, wk = _qkv_widths(mode, H, G, d)
+    P = qkv_dw_programs(B * S)
+    return dq.new_empty(B, S, (H + 2 * G) * d), dq.new_empty(P, wq, dtype=torch.float32), dq.new_empty(P, wk, dtype=torch.float32)
+
+
 def _rms_rows(t: Tensor, mod: ModuleType) -> tuple[Tensor, tuple[int, int, int, int, int]]:
     """``t`` with unit-stride columns and its row layout (``kernels.rms_norm.row_levels``), copied
     contiguous only when its rows need more than three strided levels."""
@@ -211,6 +269,21 @@ def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor)
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
 
 
+def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    mod = _kernel_module("adamw")
+    flat = all(t.is_contiguous() for t in (p, g, m, v)) and p.shape == g.shape == m.shape == v.shape
+    if not flat or not triton_runs(p, mod, "_adamw_kernel"):
+        reference.adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+        return
+    mod.adamw_into(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+
+
+def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    return None
+
+
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return torch.empty_like(x)
 
@@ -242,6 +315,10 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "qkv_heads": ("qkv_heads(Tensor qkv, Tensor? w_q, Tensor? w_k, Tensor cos, Tensor sin, SymInt H, SymInt G, str mode, float eps) "
+                  "-> (Tensor, Tensor, Tensor)", _qkv_heads, _fake_qkv_heads),
+    "qkv_heads_bwd": ("qkv_heads_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, Tensor rstd, Tensor? w_q, Tensor? w_k, Tensor cos, "
+                      "Tensor sin, str mode) -> (Tensor, Tensor, Tensor)", _qkv_heads_bwd, _fake_qkv_heads_bwd),
     "rms_norm": ("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)", _rms_norm, _fake_rms_norm),
     "rms_norm_backward": ("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
                           _rms_norm_backward, _fake_rms_norm_backward),
@@ -249,6 +326,8 @@ _OPS = {
                      _add_rms_norm, _fake_add_rms_norm),
     "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
+    "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
+               "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
     _LIB.define(_schema)
@@ -289,3 +368,19 @@ add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
 residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
 values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
 kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
+qkv_heads = torch.ops.moeforge.qkv_heads.default
+"""``(q [B, S, H, d], k [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection ``qkv [B, S, (H + 2G) d]``:
+queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none; weights ``w_q``/``w_k``, eps
+``eps``) and rotated by RoPE (``cos``/``sin`` [S, d/2]); fp32 math, qkv's dtype, contiguous (so ``transpose(1, 2)``
+gives SDPA's heads); ``rstd`` fp32 for the backward. The values stay a view of ``qkv``. One kernel
+(``kernels.qkv_heads``)."""
+qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
+"""``(dqkv [B, S, N], dw_q partials [P, width], dw_k partials)`` of ``qkv_heads`` and the value view for the head
+gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
+weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
+which only the norms' backward reads, may be None)."""
+adamw_ = torch.ops.moeforge.adamw_.default
+"""One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
+(bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim
+device tensor), ``g`` is divided by ``grad_scale`` and nothing is written where ``found_inf`` is nonzero.
+One kernel reads p, g, m, v once and writes p, m, v once (``kernels.adamw``)."""

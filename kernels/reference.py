@@ -171,6 +171,78 @@ def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tenso
     return torch.cat([x1 * cos_Sh - x2 * sin, x1 * sin + x2 * cos_Sh], dim=-1).to(x_BHSd.dtype)
 
 
+def _rotate(x_BShd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tensor:
+    """RoPE's half-split rotation of [B, S, heads, d] (Su et al. 2021, eq. 34), by minus the angle when ``inverse``."""
+    x1, x2 = x_BShd.chunk(2, dim=-1)
+    c, s = cos_Sh[:, None, :].to(x_BShd.dtype), sin_Sh[:, None, :].to(x_BShd.dtype)
+    s = -s if inverse else s
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+
+
+def _group_rms(x_BShd: Tensor, mode: str) -> tuple[int, ...]:
+    """Dimensions one 1/rms is taken over: the whole part row (full) or each head (per_head)."""
+    return (-2, -1) if mode == "full" else (-1,)
+
+
+def qkv_heads(qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos_Sh: Tensor, sin_Sh: Tensor, H: int, G: int, mode: str,
+              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``q [B, S, H, d]``, ``k [B, S, G, d]`` (qkv's dtype) and fp32 ``rstd`` [T, nq + nk] of the fused projection:
+    the q and k parts RMS-normalised (``mode`` full: over the whole part; per_head: per head; none: not at all) times
+    their weight, then rotated by RoPE, all in fp32 (``kernels.qkv_heads``; the eager chain of ``moe.model.Attention``)."""
+    B, S, N = qkv_BSN.shape
+    d = N // (H + 2 * G)
+    acc = torch.promote_types(qkv_BSN.dtype, torch.float32)
+    outs, rstds = [], []
+    for x, w, heads in zip((qkv_BSN[..., : H * d], qkv_BSN[..., H * d : (H + G) * d]), (w_q, w_k), (H, G)):
+        x = x.to(acc).reshape(B, S, heads, d)
+        if mode != "none":
+            rstd = torch.rsqrt(x.pow(2).mean(_group_rms(x, mode), keepdim=True) + eps)
+            x = x * rstd * w.to(acc).reshape(-1, d)
+            rstds.append(rstd.reshape(B * S, -1).float())
+        outs.append(_rotate(x, cos_Sh, sin_Sh, False).to(qkv_BSN.dtype))
+    rstd_TR = torch.cat(rstds, dim=1) if rstds else qkv_BSN.new_zeros(B * S, 0, dtype=torch.float32)
+    return outs[0], outs[1], rstd_TR
+
+
+def program_partials(rows_TW: Tensor, programs: int) -> Tensor:
+    """[P, W] sums of ``rows_TW`` over the rows each backward program walks: row p sums rows p, p + P, p + 2P, ..."""
+    T, W = rows_TW.shape
+    padded = rows_TW.new_zeros(-(-T // programs) * programs, W)
+    padded[:T] = rows_TW
+    return padded.reshape(-1, programs, W).sum(0)
+
+
+def qkv_heads_bwd(dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor, qkv_BSN: Tensor | None, rstd_TR: Tensor, w_q: Tensor | None, w_k: Tensor | None,
+                  cos_Sh: Tensor, sin_Sh: Tensor, mode: str, programs: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``qkv_heads`` and of the value view: ``dqkv [B, S, N]`` (dq's dtype) and the fp32 weight-gradient
+    partials [P, width] (``program_partials``; width H*d / G*d for full, d for per_head, 0 for none), term by term in
+    fp32 (``qkv``, read only by the norms, may be None for mode none)::
+
+        dy = RoPE^-1(do)     dw = sum_rows dy n     dx = r (dy w - n mean(dy w n))     with n = x r."""
+    B, S, H, d = dq_BSHd.shape
+    G = dk_BSGd.shape[2]
+    acc = torch.promote_types(dq_BSHd.dtype, torch.float32)
+    xs = (None, None) if qkv_BSN is None else (qkv_BSN[..., : H * d], qkv_BSN[..., H * d : (H + G) * d])
+    widths = {"none": (0, 0), "full": (1, 1), "per_head": (H, G)}[mode]
+    rstd_split = rstd_TR.split(list(widths), dim=1)
+    dxs, dws = [], []
+    for do, x, w, rstd, heads in zip((dq_BSHd, dk_BSGd), xs, (w_q, w_k), rstd_split, (H, G)):
+        dy = _rotate(do.to(acc), cos_Sh, sin_Sh, True)
+        if mode == "none":
+            dxs.append(dy)
+            dws.append(dy.new_zeros(programs, 0, dtype=torch.float32))
+            continue
+        r = rstd.to(acc).reshape(B, S, -1, 1)
+        n = x.to(acc).reshape(B, S, heads, d) * r
+        dw_rows = (dy * n).reshape(B * S, heads * d) if mode == "full" else (dy * n).sum(2).reshape(B * S, d)
+        dws.append(program_partials(dw_rows.float(), programs))
+        dn = dy * w.to(acc).reshape(-1, d)
+        dxs.append(r * (dn - n * (dn * n).mean(_group_rms(n, mode), keepdim=True)))
+    dxs.append(dv_BSGd.to(acc))
+    dqkv = torch.cat([t.reshape(B, S, -1) for t in dxs], dim=-1).to(dq_BSHd.dtype)
+    return dqkv, dws[0], dws[1]
+
+
 def rms_norm(x: Tensor, weight_D: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """RMSNorm (Zhang & Sennrich 2019, eq. 4) of the rows of ``x`` in fp32: ``(x rstd w`` in
     ``out_dtype``, ``rstd = 1 / sqrt(mean(x^2) + eps)`` in fp32) (``kernels.rms_norm``)."""
@@ -203,3 +275,26 @@ def add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight_D: Tensor, r
     dn, dw = rms_norm_backward(dy, h.to(torch.promote_types(h.dtype, torch.float32)), weight_D, rstd)
     dx = dh.to(dn.dtype) + dn
     return dx.to(h.dtype), dx.to(a_dtype), dw
+
+
+@torch.no_grad()
+def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """One AdamW step in place (``kernels.adamw``'s formula): fp32 math, moments stored in their own dtype.
+
+    The update follows ``torch.optim.AdamW``'s single-tensor path operation by operation (decay, lerp,
+    ``mul_``/``addcmul_``, ``sqrt / sqrt(bc2) + eps``, ``addcdiv``), with the bias corrections formed
+    from the device step count ``step`` (the count after this step) in fp32. Where ``found_inf`` is
+    nonzero nothing changes (``torch.where`` against the old values; no host read).
+    """
+    g32 = g.float() if grad_scale is None else g.float() / grad_scale.float()
+    t = step.float()
+    p32 = p.float() * (1.0 - lr * weight_decay)
+    m32 = torch.lerp(m.float(), g32, 1.0 - beta1)
+    v32 = (v.float() * beta2).addcmul_(g32, g32, value=1.0 - beta2)
+    step_size = lr / (1.0 - torch.pow(beta1, t))
+    denom = v32.sqrt() / torch.sqrt(1.0 - torch.pow(beta2, t)) + eps
+    p32 = p32 - step_size * (m32 / denom)
+    for dst, new in ((p, p32), (m, m32), (v, v32)):
+        new = new.to(dst.dtype)
+        dst.copy_(new if found_inf is None else torch.where(found_inf == 0, new, dst))

@@ -35,8 +35,10 @@ class DispatchPlan:
     counts_E:     int64 rows per expert; rows of expert e are ``offsets_E1[e]:offsets_E1[e+1]``.
     offsets_E1:   int64 exclusive scan of counts, length E+1 (computed on first use).
     slots_per_token: K, slots per token in the decision (slot ids run over A = T*K).
-    num_routed:   int64 scalar, used slots before dropping.
-    num_dropped:  int64 scalar, slots dropped by the capacity limit (0 when dropless).
+    num_routed:   used slots before dropping: an int64 scalar tensor, or the host's int ``A``
+                  when every slot is used (no kernel launched for a number the host knows).
+    num_dropped:  slots dropped by the capacity limit: an int64 scalar tensor, or the int 0
+                  when dropless.
     row_of_slot_A: int32 [A] inverse permutation: the row of each token-major slot, -1 for a
                   slot without a row (masked or dropped). Combining rows back into tokens is a
                   gather through it (``kernels.ops.unpermute``), never an atomic scatter.
@@ -47,8 +49,8 @@ class DispatchPlan:
     weight_R: Tensor
     counts_E: Tensor
     slots_per_token: int
-    num_routed: Tensor
-    num_dropped: Tensor
+    num_routed: Tensor | int
+    num_dropped: Tensor | int
     row_of_slot_A: Tensor
 
     @property
@@ -80,38 +82,45 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     # (E < 2^15) keep the device radix sort to two 8-bit passes.
     key_A = (ids_TK if valid_TK is None else torch.where(valid_TK, ids_TK, E)).reshape(-1)
     order_A = torch.argsort(key_A.to(torch.int16) if E < 2**15 else key_A, stable=True)
-    counts_E = _count(key_A, E + 1)[:E]
+    # Dropless, the router's own counts of the used slots (if it made them) are the rows per expert.
+    counts_E = decision.counts_E if capacity_factor is None and decision.counts_E is not None else _count(key_A, E + 1)[:E]
     num_rows = A if valid_TK is None else int(valid_TK.sum())  # the one host sync: a variable row count
     slot_idx_R = order_A[:num_rows]
     position_A = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order_A, torch.arange(A, dtype=torch.int32, device=dev))
     row_of_slot_A = position_A if valid_TK is None else torch.where(position_A < num_rows, position_A, -1)
-    num_routed = torch.full((), A, dtype=torch.int64, device=dev) if decision.mask_TK is None else decision.mask_TK.sum()
+    num_routed = A if decision.mask_TK is None else decision.mask_TK.sum()
     return DispatchPlan(
         slot_idx_R=slot_idx_R,
         token_idx_R=torch.div(slot_idx_R, K, rounding_mode="floor"),
-        weight_R=_PermuteSlots.apply(decision.weights_TK.reshape(-1), slot_idx_R),
+        weight_R=_PermuteSlots.apply(decision.weights_TK.reshape(-1), slot_idx_R, row_of_slot_A if valid_TK is None else None),
         counts_E=counts_E,
         slots_per_token=K,
         num_routed=num_routed,
-        num_dropped=torch.zeros((), dtype=torch.int64, device=dev) if valid_TK is None else num_routed - counts_E.sum(),
+        num_dropped=0 if valid_TK is None else num_routed - counts_E.sum(),
         row_of_slot_A=row_of_slot_A,
     )
 
 
 class _PermuteSlots(torch.autograd.Function):
     """``v_R = v_A[slot_idx_R]`` whose backward scatters into distinct slots (``index_copy``, no
-    accumulation: every slot has at most one row), where plain indexing would accumulate."""
+    accumulation: every slot has at most one row), where plain indexing would accumulate.
+
+    ``row_of_slot_A`` (given when every slot has a row, so ``slot_idx_R`` is a permutation of the
+    slots): the backward is then the inverse permutation's gather, ``g_A = g_R[row_of_slot_A]``,
+    one launch instead of zeros and a scatter, the same values."""
 
     @staticmethod
-    def forward(ctx, v_A: Tensor, slot_idx_R: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(slot_idx_R)
-        ctx.A = v_A.shape[0]
+    def forward(ctx, v_A: Tensor, slot_idx_R: Tensor, row_of_slot_A: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(slot_idx_R if row_of_slot_A is None else row_of_slot_A)
+        ctx.A, ctx.gather = v_A.shape[0], row_of_slot_A is not None
         return v_A.index_select(0, slot_idx_R)
 
     @staticmethod
-    def backward(ctx, g_R: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (slot_idx_R,) = ctx.saved_tensors
-        return g_R.new_zeros(ctx.A).index_copy_(0, slot_idx_R, g_R), None
+    def backward(ctx, g_R: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        if ctx.gather:
+            return g_R.index_select(0, idx), None, None
+        return g_R.new_zeros(ctx.A).index_copy_(0, idx, g_R), None, None
 
 
 def _within_capacity(ids_TK: Tensor, valid_TK: Tensor, num_experts: int, cap: int) -> Tensor:

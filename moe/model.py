@@ -228,6 +228,30 @@ def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos2, x.flip(-2), sin2).flatten(-2).to(x_BHSd.dtype)
 
 
+class _FusedQKVHeads(torch.autograd.Function):
+    """``kernels.ops.qkv_heads`` forward and ``qkv_heads_bwd`` backward: attention's fused projection to its
+    q/k-normed, rotated [B, S, heads, d] heads (values: a view of the projection) and back, one kernel each
+    way (the weight gradients are the sums of the backward's per-program partials)."""
+
+    @staticmethod
+    def forward(ctx, qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,  # type: ignore[override]
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        q_BSHd, k_BSGd, rstd_TR = ops.qkv_heads(qkv_BSN, w_q, w_k, cos, sin, H, G, mode, eps)
+        ctx.save_for_backward(qkv_BSN if mode != "none" else None, rstd_TR, w_q, w_k, cos, sin)  # only the norms' backward reads qkv
+        ctx.mode = mode
+        B, S, N = qkv_BSN.shape
+        d = N // (H + 2 * G)
+        return q_BSHd, k_BSGd, qkv_BSN[..., (H + G) * d :].view(B, S, G, d)
+
+    @staticmethod
+    def backward(ctx, dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        qkv_BSN, rstd_TR, w_q, w_k, cos, sin = ctx.saved_tensors
+        dqkv, dwq_PW, dwk_PW = ops.qkv_heads_bwd(dq_BSHd, dk_BSGd, dv_BSGd, qkv_BSN, rstd_TR, w_q, w_k, cos, sin, ctx.mode)
+        dw_q = None if w_q is None or not ctx.needs_input_grad[1] else dwq_PW.sum(0, dtype=w_q.dtype)
+        dw_k = None if w_k is None or not ctx.needs_input_grad[2] else dwk_PW.sum(0, dtype=w_k.dtype)
+        return dqkv, dw_q, dw_k, None, None, None, None, None, None
+
+
 @dataclass
 class LayerKVCache:
     """One attention layer's keys and values of the positions seen so far, [B, G, P, d] each (after
@@ -295,15 +319,12 @@ class Attention(nn.Module):
         """``cos``/``sin`` hold the rows of these S positions; with ``cache`` the queries also attend to
         the cached earlier positions, and this call's keys and values are appended to it."""
         B, S, D = x_BSD.shape
-        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        H, G = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x_BSD)
-        if self.qk_norm == "full":  # normalise the whole query / key projections, then split heads
-            q, k, v = qkv.split([H * d, G * d, G * d], dim=-1)
-            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
-        q, k, v = qkv.view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
-        if self.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if x_BSD.device.type in ("cuda", "meta") and not want_probs:
+            q, k, v = self._fused_heads(qkv, cos, sin)
+        else:
+            q, k, v = self._eager_heads(qkv, cos, sin)
         probs_BSS = None
         past = 0 if cache is None else cache.length
         if cache is not None:
@@ -324,6 +345,28 @@ class Attention(nn.Module):
         else:
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
         return self.out(y.transpose(1, 2).reshape(B, S, D)), probs_BSS
+
+    def _eager_heads(self, qkv_BSN: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, S, d], k and v [B, G, S, d] from the fused projection: split, q/k norms, RoPE, op by op."""
+        B, S, _ = qkv_BSN.shape
+        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qk_norm == "full":  # normalise the whole query / key projections, then split heads
+            q, k, v = qkv_BSN.split([H * d, G * d, G * d], dim=-1)
+            qkv_BSN = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        q, k, v = qkv_BSN.view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _fused_heads(self, qkv_BSN: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``_eager_heads`` in one kernel each way (``kernels.qkv_heads``): q and k come out as [B, S, heads, d]
+        memory (FlashAttention's own layout), v stays a view of the projection (as in ``_eager_heads``); all
+        three are returned as their [B, heads, S, d] views."""
+        normed = self.qk_norm != "none"
+        w_q, w_k = (self.q_norm.weight, self.k_norm.weight) if normed else (None, None)
+        eps = self.q_norm.eps if normed else 0.0
+        heads = _FusedQKVHeads.apply(qkv_BSN, w_q, w_k, cos, sin, self.num_heads, self.num_kv_heads, self.qk_norm, eps)
+        return tuple(t.transpose(1, 2) for t in heads)  # type: ignore[return-value]
 
 
 class DenseFFN(nn.Module):

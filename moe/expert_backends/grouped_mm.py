@@ -17,6 +17,9 @@ backward  ``dy_RD = dy_TD[t_r]`` (one gather) -> ``a = dy Wd^T``, ``dWd = h^T dy
           ``dg Wg^T``, ``dWg = x^T dg``, ``du Wu^T``, ``dWu = x^T du`` (grouped) -> ``dx_TD`` = one
           unpermute summing both dgrads.
 
+The fp32 master weights reach the GEMMs as bf16 copies, and their gradients return to fp32, in
+fewer launches than one cast per weight where they are small (``moe.expert_backends.weight_cast``).
+
 That is 9 grouped GEMMs (18*R*D*F FLOPs) and 7 memory passes moving ``7RD + 8RF + 2TD`` elements
 (the layer budget test counts them). Gate and up stay two GEMMs because the weights are stored
 as separate parameters (checkpoints, FSSDP chunks and EvoMoE's spawn address them by name); the
@@ -38,6 +41,7 @@ from torch import Tensor
 from kernels import ops
 from moe.errors import check
 from moe.expert_backends.base import ExpertBackend, ExpertOptions
+from moe.expert_backends.weight_cast import cast_weights
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -159,11 +163,11 @@ class GroupedMMBackend(ExpertBackend):
             check(value % 8 == 0, f"model.{key}", value, f"must be a multiple of 8 for experts.backend={self.name} (16-byte aligned rows)")
 
     def grouped(self, x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
-        w = [t.to(x_RD.dtype) for t in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+        w = cast_weights((w_gate_EDF, w_up_EDF, w_down_EFD), x_RD.dtype)
         return _SortedSwiGLU.apply(x_RD.contiguous(), *w, _offsets(counts_E))
 
     def run_plan(self, x_TD: Tensor, plan: object, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor, options: ExpertOptions) -> Tensor:
-        w = [t.to(x_TD.dtype) for t in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+        w = cast_weights((w_gate_EDF, w_up_EDF, w_down_EFD), x_TD.dtype)
         return _RoutedSwiGLU.apply(
             x_TD.contiguous(), plan.weight_R, *w, plan.token_idx_R, plan.row_of_slot_A, _offsets(plan.counts_E), plan.slots_per_token,
         )

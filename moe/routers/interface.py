@@ -128,6 +128,9 @@ class RoutingDecision:
     aux_losses:    name -> scalar loss already multiplied by its coefficient; the trainer adds
                    their sum to the LM loss and logs each one.
     extras:        name -> float, router-specific values to log (temperature, threshold, ...).
+    counts_E:      int64 used slots per expert, where the router counted them (its balance loss);
+                   dropless dispatch takes them instead of counting again. A decision whose
+                   ``expert_ids_TK`` or ``mask_TK`` is changed must drop or recount them.
     """
 
     expert_ids_TK: Tensor
@@ -136,6 +139,7 @@ class RoutingDecision:
     mask_TK: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)
+    counts_E: Tensor | None = None
 
     @property
     def num_slots(self) -> int:

@@ -122,3 +122,41 @@ def test_capacity_layer_reports_dropped_fraction() -> None:
     cap = capacity(40, 2, 4, 0.5)  # 10
     assert stats["tokens_per_expert"] == [cap, cap, 0, 0]
     assert stats["dropped_frac"] == pytest.approx((80 - 2 * cap) / 80)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dropless_dispatch_takes_the_routers_counts_and_they_equal_a_recount(seed: int) -> None:
+    """Top-k routing counts its slots once (balance loss); dropless dispatch reuses them. The plan
+    is the same bits as one dispatch counted itself, and the counts are the true loads."""
+    g = torch.Generator().manual_seed(seed)
+    T, D, E, K = 53, 8, 7, 3
+    router = MoELayer(D, 12, E, TopKConfig(k=K), ExpertsConfig(backend="torch")).router
+    decision = router(torch.randn(T, D, generator=g), RouterContext())
+    assert decision.counts_E is not None
+    counted = RoutingDecision(expert_ids_TK=decision.expert_ids_TK, weights_TK=decision.weights_TK, probs_TE=decision.probs_TE)
+    reused, recounted = dispatch(decision, E), dispatch(counted, E)
+    assert reused.counts_E is decision.counts_E
+    assert torch.equal(reused.counts_E, torch.bincount(decision.expert_ids_TK.reshape(-1), minlength=E))
+    for name in ("slot_idx_R", "token_idx_R", "weight_R", "counts_E", "row_of_slot_A"):
+        assert torch.equal(getattr(reused, name), getattr(recounted, name)), name
+    capped = dispatch(decision, E, capacity_factor=0.5)  # capacity mode counts the kept slots itself
+    assert capped.counts_E is not decision.counts_E and int(capped.counts_E.sum()) < T * K
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_weight_gradient_into_slots_is_the_inverse_permutation(masked: bool) -> None:
+    """``weight_R``'s backward: a gather through ``row_of_slot_A`` when every slot has a row, a
+    scatter into zeros otherwise; both equal autograd through plain indexing on fresh inputs."""
+    g = torch.Generator().manual_seed(3)
+    T, E, K = 41, 5, 2
+    decision = random_decision(T, E, K, idle=set(), generator=g, dtype=torch.float32)
+    mask = torch.rand(T, K, generator=g) > 0.3 if masked else None
+    weights = decision.weights_TK.clone().requires_grad_()
+    plan = dispatch(RoutingDecision(expert_ids_TK=decision.expert_ids_TK, weights_TK=weights, probs_TE=decision.probs_TE, mask_TK=mask), E)
+    grad_R = torch.randn(plan.num_rows, generator=g)
+    (got,) = torch.autograd.grad(plan.weight_R, weights, grad_R)
+    plain = weights.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(plain.reshape(-1)[plan.slot_idx_R], plain, grad_R)
+    assert torch.equal(got, want)
+    if masked:
+        assert torch.equal(got[~mask], torch.zeros(int((~mask).sum())))

@@ -9,7 +9,7 @@ import torch
 
 from moe.errors import ConfigError
 from moe.routers import RouterContext
-from moe.routers.losses import router_z_loss, switch_balance_loss
+from moe.routers.losses import router_z_loss, slot_counts, switch_balance_loss
 from moe.routers.topk import TopKConfig, TopKRouter
 
 
@@ -98,3 +98,21 @@ def test_bad_config_names_key(kwargs: dict, key: str) -> None:
 def test_k_above_num_experts_refused() -> None:
     with pytest.raises(ConfigError, match=r"router\.k \(9\) must be <= model\.num_experts \(8\)"):
         TopKRouter(TopKConfig(k=9), d_model=4, num_experts=8)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_balance_loss_from_given_counts_equals_counting_inside(masked: bool) -> None:
+    """``switch_balance_loss(..., counts_E=slot_counts(...))`` is the same bits as the loss counting
+    for itself, value and gradient, on fresh random routing (with and without a slot mask)."""
+    g = torch.Generator().manual_seed(5)
+    T, E, K = 77, 9, 3
+    logits = torch.randn(T, E, generator=g, requires_grad=True)
+    probs = torch.softmax(logits, dim=-1)
+    ids = torch.rand(T, E, generator=g).topk(K, dim=-1).indices
+    mask = torch.rand(T, K, generator=g) > 0.4 if masked else None
+    counts = slot_counts(ids, E, mask)
+    want = (ids[mask] if masked else ids.reshape(-1)).bincount(minlength=E)
+    assert counts.dtype == torch.int64 and torch.equal(counts, want)
+    given, inside = switch_balance_loss(probs, ids, mask, counts_E=counts), switch_balance_loss(probs, ids, mask)
+    assert torch.equal(given, inside)
+    assert torch.equal(*(torch.autograd.grad(v, logits, retain_graph=True)[0] for v in (given, inside)))

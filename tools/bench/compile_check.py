@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a layer step (and the step's loss, RoPE and RMSNorm kernels) for a real shape; report its GPU resources, without a GPU.
+"""Compile every Triton kernel of a layer step (and the step's loss, RoPE, RMSNorm, attention-heads and AdamW kernels) for a real shape; report its GPU resources, without a GPU.
 
 Usage::
 
@@ -157,6 +157,11 @@ STEP_VOCAB = 50304
 """Vocabulary of the loss kernel's captured launch (OLMoE's and GPT-NeoX's, padded to 64)."""
 STEP_HEAD_DIM = 128
 """Head width of the RoPE kernel's captured launch."""
+STEP_ATTENTION = (("full", 16, 16, 128), ("none", 12, 12, 64), ("per_head", 16, 16, 128))
+"""(qk_norm, H, G, d) of the fused attention-heads kernels' captured launches: olmoe_1b_7b's (16 heads of
+128, qk_norm full), moe_125m's (12 of 64, none) and the per-head norm at olmoe's heads; 16,384 token rows."""
+STEP_TOKENS = (8, 2048)
+"""(B, S) of those launches: the budget's 16,384 tokens per step."""
 STEP_NORM_WIDTHS = (2048, 768)
 """Widths of the RMSNorm kernels' captured launches: olmoe_1b_7b's and moe_125m's d_model."""
 STEP_NORM_ROWS = 16384
@@ -187,7 +192,9 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
     binary, in first-launch order; then the training step's loss and RoPE kernels (at the layer's T
-    tokens and D width) and its RMSNorm kernels (``capture_norms``, at fixed real shapes)."""
+    tokens and D width), its RMSNorm kernels (``capture_norms``, at fixed real shapes), the fused
+    attention-heads kernels (at ``STEP_ATTENTION``'s shapes) and the AdamW kernel (over one E x D x F expert
+    weight, bf16 and fp32 moments)."""
     from kernels.triton import moe_experts
     from kernels.triton.swiglu_gmm import gather_gmm_swiglu
     from kernels.triton.gmm_scatter import gmm_scatter
@@ -196,6 +203,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
+    from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
     if triton.knobs.runtime.interpret:
@@ -229,11 +237,35 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         cross_entropy_rows_into(z, y, 1.0, loss, None)
         q, angles = meta(1, D // STEP_HEAD_DIM, T, STEP_HEAD_DIM), meta(T, STEP_HEAD_DIM // 2, dtype=torch.float32)
         rope_into(q, angles, angles, False, torch.empty_like(q))
+        # The optimizer's kernel over one expert weight (E x D x F fp32 parameter and gradient), bf16 and fp32 moments,
+        # with the clipping divisor and the step guard's flag as the trainer passes them.
+        w, scalar = meta(E, D, Fd, dtype=torch.float32), meta((), dtype=torch.float32)
+        for moments in (torch.bfloat16, torch.float32):
+            adamw_into(w, w, meta(E, D, Fd, dtype=moments), meta(E, D, Fd, dtype=moments), scalar, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
         capture_norms()
+        _capture_attention_heads(meta)
     unique: dict[tuple, Launch] = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)
     return list(unique.values())
+
+
+def _capture_attention_heads(meta) -> None:  # type: ignore[no-untyped-def]
+    """Launch the fused q/k-norm + RoPE + head-split kernels (``kernels.qkv_heads``) forward and backward
+    at ``STEP_ATTENTION``'s shapes, the backward with [B, S, heads, d]-strided views of [B, heads, S, d] gradients."""
+    from kernels.ops import qkv_dw_programs
+    from kernels.qkv_heads import qkv_heads_bwd_into, qkv_heads_fwd_into
+
+    B, S = STEP_TOKENS
+    for mode, H, G, d in STEP_ATTENTION:
+        qkv, tables = meta(B, S, (H + 2 * G) * d), meta(S, d // 2, dtype=torch.float32)
+        width = {"none": (0, 0, None), "full": (1, H * d, meta(H * d, dtype=torch.float32)), "per_head": (H, d, meta(d, dtype=torch.float32))}
+        nr, ww, w = width[mode]
+        q, k, rstd = meta(B, S, H, d), meta(B, S, G, d), meta(B * S, 2 * nr, dtype=torch.float32)
+        qkv_heads_fwd_into(qkv, w, w, tables, tables, mode, 1e-5, q, k, rstd)
+        dq, dkv = meta(B, H, S, d).transpose(1, 2), meta(B, G, S, d).transpose(1, 2)
+        dw = meta(qkv_dw_programs(B * S), ww, dtype=torch.float32)
+        qkv_heads_bwd_into(dq, dkv, dkv, None if mode == "none" else qkv, rstd, w, w, tables, tables, mode, meta(B, S, (H + 2 * G) * d), dw, dw)
 
 
 def _ptxas_log(ptx: str, arch: int) -> str:

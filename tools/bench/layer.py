@@ -271,7 +271,7 @@ def _error(p: Problem, y: Tensor, plan: DispatchPlan, w: Weights) -> dict[str, f
     y32 = reference.moe_experts(p.x.float(), plan.slot_idx_R, plan.weight_R, plan.counts_E, p.K, *(t.float() for t in w))
     return {
         "max_rel_err": ((y.float() - y32).abs().max() / y32.abs().max()).item(),
-        "dropped_frac": (plan.num_dropped.float() / plan.num_routed.float()).item(),
+        "dropped_frac": float(plan.num_dropped) / float(plan.num_routed),
     }
 
 

@@ -179,7 +179,7 @@ def glue_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: obje
         seen.setdefault(id(t), t)
     nbytes = sum(distinct_bytes(t) for t in seen.values())
     for arg, value in zip(func._schema.arguments, args):  # an argument written in place is read and written
-        if arg.alias_info is not None and arg.alias_info.is_write and name != "copy_":
+        if arg.alias_info is not None and arg.alias_info.is_write and name not in ("copy_", "_foreach_copy_"):  # a copy only writes
             nbytes += sum(distinct_bytes(t) for t in tensors_in(value))
     if name == "index_select":  # reads only the gathered rows of its source
         src, idx = args[0], args[2]

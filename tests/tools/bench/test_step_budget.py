@@ -132,11 +132,19 @@ def test_queue_model_reproduces_the_measured_host_bound_layer() -> None:
     (results.md, layer:grouped_mm), back to back, no host sync. The count of today's layer, its
     ops at the H200's rates, queued at launch_us for a few steps back to back: within 5% of the
     measurement; adding every
-    launch's host time to the GPU's instead (the model before) overshoots by more than 30%."""
-    from tools.bench.layer_budget import count_layer_step
+    launch's host time to the GPU's instead (the model before) overshoots by more than 30%.
+
+    The measured code launched 86 kernels per layer step (main 0630dc1); today's layer launches
+    fewer (router and dispatch bookkeeping merged, each removed op a T*K-sized one, well under a
+    microsecond of GPU time at this shape), so the count is topped up to the measured 86 with
+    empty ops, each a launch and no bytes."""
+    from tools.bench.layer_budget import OpRecord, count_layer_step
 
     card = CARDS["h200"]
     budget = count_layer_step((1024, 2816, 16, 2, 16384))
+    measured_launches = 86
+    assert budget.launches <= measured_launches
+    budget.ops += [OpRecord("removed since the measurement", "glue") for _ in range(measured_launches - budget.launches)]
     times = [op_ms(r, card) for r in budget.ops]
     end, _ = issue_queue([(ms, r.launches, r.host_sync) for ms, r in zip(times, budget.ops)], card.launch_us / 1e3, STEADY_STEPS)
     assert end == pytest.approx(4.360, rel=0.05)
