@@ -261,3 +261,40 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight_D: Tensor, rstd: Tensor) -> 
     g = dy.to(acc) * weight_D.to(acc)
     dx = r * (g - xh * (g * xh).mean(-1, keepdim=True))
     return dx.to(x.dtype), (dy.to(acc) * xh).reshape(-1, x.shape[-1]).sum(0).float()
+
+
+def add_rms_norm(x: Tensor, a: Tensor, weight_D: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h, y, rstd)``: the residual sum ``h = x + a`` (promoted dtype) and ``rms_norm(h)``."""
+    h = x + a
+    return (h, *rms_norm(h, weight_D, eps, out_dtype))
+
+
+def add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight_D: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``add_rms_norm``: ``dx = dh + (the norm's dx)`` in h's dtype, ``da`` = those values
+    in ``a_dtype``, fp32 ``dw``."""
+    dn, dw = rms_norm_backward(dy, h.to(torch.promote_types(h.dtype, torch.float32)), weight_D, rstd)
+    dx = dh.to(dn.dtype) + dn
+    return dx.to(h.dtype), dx.to(a_dtype), dw
+
+
+@torch.no_grad()
+def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """One AdamW step in place (``kernels.adamw``'s formula): fp32 math, moments stored in their own dtype.
+
+    The update follows ``torch.optim.AdamW``'s single-tensor path operation by operation (decay, lerp,
+    ``mul_``/``addcmul_``, ``sqrt / sqrt(bc2) + eps``, ``addcdiv``), with the bias corrections formed
+    from the device step count ``step`` (the count after this step) in fp32. Where ``found_inf`` is
+    nonzero nothing changes (``torch.where`` against the old values; no host read).
+    """
+    g32 = g.float() if grad_scale is None else g.float() / grad_scale.float()
+    t = step.float()
+    p32 = p.float() * (1.0 - lr * weight_decay)
+    m32 = torch.lerp(m.float(), g32, 1.0 - beta1)
+    v32 = (v.float() * beta2).addcmul_(g32, g32, value=1.0 - beta2)
+    step_size = lr / (1.0 - torch.pow(beta1, t))
+    denom = v32.sqrt() / torch.sqrt(1.0 - torch.pow(beta2, t)) + eps
+    p32 = p32 - step_size * (m32 / denom)
+    for dst, new in ((p, p32), (m, m32), (v, v32)):
+        new = new.to(dst.dtype)
+        dst.copy_(new if found_inf is None else torch.where(found_inf == 0, new, dst))

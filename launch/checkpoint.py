@@ -444,6 +444,10 @@ def select_checkpoint(directory: str | Path, runtime: Runtime,
     return None
 
 
+SINCE = {("optim", "moments_dtype"): "fp32"}
+"""Manifest keys added after checkpoints existed, and the value every checkpoint written before them has."""
+
+
 def check_compatible(path: Path, manifest: dict[str, Any]) -> None:
     """Refuse a checkpoint whose model-shaping config differs from this run's, naming the key."""
     saved = read_manifest(path)
@@ -451,7 +455,7 @@ def check_compatible(path: Path, manifest: dict[str, Any]) -> None:
         if not isinstance(values, dict):
             continue
         for key, value in values.items():
-            old = saved.get(group, {}).get(key, value)
+            old = saved.get(group, {}).get(key, SINCE.get((group, key), value))
             if old != value:
                 raise CheckpointError(
                     f"checkpoint {path} was written with {group}.{key}={old!r} but this run has {group}.{key}={value!r}; "

@@ -93,7 +93,8 @@ def _instantiate(group: str, node: DictConfig) -> Any:
 
 
 def manifest_of(job: JobConfig) -> dict[str, Any]:
-    """The config that shapes tensors in a checkpoint; a resume must match it."""
+    """The config that shapes tensors in a checkpoint; a resume must match it (``optim.moments_dtype``: the
+    dtype of the saved moments; a checkpoint from before the key has fp32 ones, ``launch.checkpoint.SINCE``)."""
     model = dataclasses.asdict(job.model)
     model.pop("name", None)
-    return {"model": model, "router": {"name": job.router.name}}
+    return {"model": model, "router": {"name": job.router.name}, "optim": {"moments_dtype": job.optim.moments_dtype}}

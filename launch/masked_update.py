@@ -10,6 +10,8 @@ and step count) exactly as they were:
   tensors ``torch.amp.GradScaler`` hands it. ``grad_scale`` carries the clipping coefficient, so
   clipping costs no separate pass over the gradients: ``g / max(1, (|g| + 1e-6) / max_norm)`` is
   ``torch.nn.utils.clip_grad_norm_``'s ``g * min(1, max_norm / (|g| + 1e-6))`` up to rounding.
+- ``launch.kernel_adamw.KernelAdamW`` (``optim.moments_dtype=bf16``) takes the same two tensors, on any
+  device and over DTensor parameters' local shards.
 - any other optimizer (torch's default AdamW on CPU, DTensor parameters): the step runs, then each
   updated tensor is put back with ``torch.where(ok, new, old)`` from a copy taken before it.
 """
@@ -20,12 +22,16 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from launch.kernel_adamw import KernelAdamW
 from parallel.host_memory import mark_host
 from parallel.dense import local_tensor
 
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` applies ``found_inf``/``grad_scale`` itself (fused AdamW over plain tensors)."""
+    """Whether ``optimizer`` applies ``found_inf``/``grad_scale`` itself (fused AdamW over plain tensors;
+    ``KernelAdamW`` always, on each rank's local shards)."""
+    if isinstance(optimizer, KernelAdamW):
+        return True
     return (isinstance(optimizer, torch.optim.AdamW) and all(bool(g.get("fused")) for g in optimizer.param_groups)
             and not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]))
 

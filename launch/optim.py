@@ -17,13 +17,20 @@ from typing import Any
 import torch
 
 from launch.config import JobConfig, OptimConfig
+from launch.kernel_adamw import KernelAdamW
 
 log = logging.getLogger("moeforge")
+
+MOMENTS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``optim.moments_dtype`` (``launch.config.MOMENTS_DTYPES``) -> the dtype AdamW's moments are stored in."""
 
 
 def build_optimizer(model: torch.nn.Module, job: JobConfig,
                     regroup: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (decay on matrices only) with the learning-rate schedule of ``lr_factor``.
+
+    ``optim.moments_dtype``: fp32 is ``torch.optim.AdamW`` (fused on CUDA); bf16 is
+    ``launch.kernel_adamw.KernelAdamW`` (moments stored in bf16, DeepSeek-V3 sec. 3.3.3).
 
     ``regroup``: rewrites the two param groups (named ``decay`` and ``no_decay``, each with a
     ``decay`` flag that ``apply_config`` reads) before AdamW is built; groups it makes must keep
@@ -38,8 +45,12 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig,
     ]
     if regroup is not None:
         groups = regroup([{**groups[0], "name": "decay", "decay": True}, {**groups[1], "name": "no_decay", "decay": False}])
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
-    init_adamw_state(opt)
+    moments = MOMENTS_DTYPE[o.moments_dtype]
+    if moments is torch.float32:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
+        init_adamw_state(opt)
+    else:
+        opt = KernelAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, moments_dtype=moments)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, o))
 
 

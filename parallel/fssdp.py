@@ -435,7 +435,8 @@ def move_ownership(lay: FSSDPLayer, new_owner: list[int], optimizer: torch.optim
     pieces, offset = [], 0
     for t in tensors:
         size = math.prod(t.shape[1:])
-        pieces.append(new_NC[:, offset : offset + size].reshape(len(new_ids), *t.shape[1:]).clone())
+        # ``torch.cat`` promoted bf16 optimizer moments (``optim.moments_dtype=bf16``) to fp32: back, exactly.
+        pieces.append(new_NC[:, offset : offset + size].reshape(len(new_ids), *t.shape[1:]).to(t.dtype, copy=True))
         offset += size
     new_params = []
     for i, (name, old) in enumerate(zip(EXPERT_WEIGHT_NAMES, params)):

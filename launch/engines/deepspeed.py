@@ -82,7 +82,7 @@ from launch.checksums import problems, share
 from launch.config import EngineConfig, JobConfig
 from launch.engines import checkpoint_engine
 from launch.engines.deepspeed_moe import DeepSpeedExpertParallel
-from launch.optim import build_optimizer
+from launch.optim import MOMENTS_DTYPE, build_optimizer
 from moe.errors import CheckpointError, MoeforgeError, SetupError, check
 from parallel import Runtime
 from parallel.modes import ParallelMode, names_where, parallel_mode
@@ -189,6 +189,9 @@ class DeepSpeedEngine:
               "must be ddp with engine.name=deepspeed (DeepSpeed reduces the dense gradients itself)")
         check(not job.checkpoint.async_save, "checkpoint.async_save", job.checkpoint.async_save,
               "must be false with engine.name=deepspeed (DeepSpeed's checkpoint files are written synchronously)")
+        check(MOMENTS_DTYPE[job.optim.moments_dtype] is torch.float32, "optim.moments_dtype", job.optim.moments_dtype,
+              "must be fp32 with engine.name=deepspeed (DeepSpeed steps torch's AdamW over its own flat fp32 partitions; "
+              "bf16 moments are engine.name=native's kernel)")
         check(tr.on_nonfinite == "stop", "train.on_nonfinite", tr.on_nonfinite,
               "must be stop with engine.name=deepspeed (DeepSpeed clips, updates and steps the schedule in one call, so a "
               "non-finite step cannot be skipped; it stops before the update)")

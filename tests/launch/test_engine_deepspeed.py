@@ -62,6 +62,7 @@ def job_of(*overrides: str) -> JobConfig:
     (["engine=deepspeed", "parallel=ddp", "engine.zero_stage=3"], ["engine.zero_stage (3)", "ZeRO-3"]),
     (["parallel=ddp", "engine.name=deepspeed"], ["engine.name ('deepspeed')", "NativeConfig", "engine=deepspeed"]),
     (["engine=deepspeed", "parallel=ddp", "train.on_nonfinite=skip"], ["train.on_nonfinite ('skip')", "engine.name=deepspeed"]),
+    (["engine=deepspeed", "parallel=ddp", "optim.moments_dtype=bf16"], ["optim.moments_dtype ('bf16')", "must be fp32", "engine.name=deepspeed"]),
     (["engine=deepspeed", "parallel=ddp", "checkpoint.async_save=true"], ["checkpoint.async_save (True)", "engine.name=deepspeed"]),
     (["engine.name=megatron"], ["engine.name ('megatron')", "native", "deepspeed"]),
 ])

@@ -6,11 +6,13 @@ with loss ``sum(y * g) / W``; each rank runs its rows with loss ``sum(y * g)``.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_distributed
 from test_parallel_ep import TOL, T, D, F, check_layer_grads, global_batch, make_layer, reference
 
+from launch.kernel_adamw import KernelAdamW
 from moe.experts import ExpertsConfig
 from moe.model import ModelConfig, MoETransformer
 from moe.routers import RouterContext
@@ -97,12 +99,12 @@ def snapshot(rt, opt: torch.optim.Optimizer) -> dict[tuple[int, int, str], torch
     return merged
 
 
-def _reshard_worker() -> None:
+def _reshard_worker(moments: str) -> None:
     cfg = ParallelConfig(mode="fssdp", fssdp=dict(overlap_degree=1, memory_cap=1, reshard_every=2, window=2, debug_plan_hash=True), timeout_s=60)
     rt = setup_runtime(cfg)
     W, r = rt.world_size, rt.rank
     model = apply_parallel(tiny_model(), cfg, rt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2) if moments == "fp32" else KernelAdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 32, (W * 2, 9), generator=g)
     mine = tokens[r * 2 : (r + 1) * 2]
@@ -122,7 +124,7 @@ def _reshard_worker() -> None:
     after = snapshot(rt, opt)
     assert before.keys() == after.keys() and len(before) == 2 * 4 * 3 * 4  # layers*experts*params*(param,step,m,v)
     for key in before:
-        assert torch.equal(before[key], after[key]), key
+        assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
     # Every optimizer entry is a live expert or dense parameter, and each expert is owned once.
     live = {id(p) for p in model.parameters()}
     assert all(id(p) in live for grp in opt.param_groups for p in grp["params"])
@@ -136,5 +138,7 @@ def _reshard_worker() -> None:
     opt.step()
 
 
-def test_fssdp_reownership_moves_params_with_optimizer_state_exactly() -> None:
-    run_distributed(_reshard_worker, 4)
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_fssdp_reownership_moves_params_with_optimizer_state_exactly(moments: str) -> None:
+    """bf16: ``optim.moments_dtype=bf16``'s moments travel through the fp32 exchange buffer and stay bf16, exactly."""
+    run_distributed(_reshard_worker, 4, moments)

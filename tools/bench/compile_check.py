@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a training step (layer, loss, RoPE, RMSNorm, attention heads) for real shapes; report GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
@@ -170,26 +170,31 @@ STEP_NORM_ROWS = 16384
 
 def capture_norms() -> None:
     """RMSNorm forward and backward launches at each ``STEP_NORM_WIDTHS`` over ``STEP_NORM_ROWS``
-    rows: the block norms' (fp32 residual in, bf16 out; bf16 gradient in, fp32 dx) and the q/k
-    norms' (a bf16 slice of the fused projection, one row stride of 3 widths; bf16 throughout)."""
+    rows: the block norms' (fp32 residual in, bf16 out; bf16 gradient in, fp32 dx), the FFN norm's
+    with the attention's bf16 output added to the stream (h written; the stream's gradient added, a
+    bf16 da written) and the q/k norms' (a bf16 slice of the fused projection, one row stride of 3
+    widths; bf16 throughout)."""
     from kernels.rms_norm import backward_programs, rms_norm_bwd_into, rms_norm_fwd_into, row_levels
 
     meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
     R = STEP_NORM_ROWS
     for D in STEP_NORM_WIDTHS:
         w, rstd, part = meta(D, dtype=torch.float32), meta(R, dtype=torch.float32), meta(backward_programs(R, D, SM90["sms"]), D, dtype=torch.float32)
-        for x in (meta(R, D, dtype=torch.float32), meta(R, 3 * D)[:, :D]):
-            y, dy = meta(R, D), meta(R, D)
+        y, dy, stream = meta(R, D), meta(R, D), meta(R, D, dtype=torch.float32)
+        for x in (stream, meta(R, 3 * D)[:, :D]):
             rms_norm_fwd_into(x, row_levels(x), w, 1e-5, y, rstd)
             rms_norm_bwd_into(dy, row_levels(dy), x, row_levels(x), w, rstd, meta(R, D, dtype=x.dtype), part)
+        rms_norm_fwd_into(stream, row_levels(stream), w, 1e-5, y, rstd, a=meta(R, D), h=meta(R, D, dtype=torch.float32))
+        rms_norm_bwd_into(dy, row_levels(dy), stream, row_levels(stream), w, rstd, meta(R, D, dtype=torch.float32), part, dh=stream, da=meta(R, D))
 
 
 def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[Launch]:
     """Launches of one fused forward+backward at ``shape`` (and, with ``per_op``, of route_meta and
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
     binary, in first-launch order; then the training step's loss and RoPE kernels (at the layer's T
-    tokens and D width), its RMSNorm kernels (``capture_norms``, at fixed real shapes) and the fused
-    attention-heads kernels (at ``STEP_ATTENTION``'s shapes)."""
+    tokens and D width), its RMSNorm kernels (``capture_norms``, at fixed real shapes), the fused
+    attention-heads kernels (at ``STEP_ATTENTION``'s shapes) and the AdamW kernel (over one E x D x F expert
+    weight, bf16 and fp32 moments)."""
     from kernels.triton import moe_experts
     from kernels.triton.swiglu_gmm import gather_gmm_swiglu
     from kernels.triton.gmm_scatter import gmm_scatter
@@ -198,6 +203,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
+    from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
     if triton.knobs.runtime.interpret:
@@ -231,6 +237,11 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         cross_entropy_rows_into(z, y, 1.0, loss, None)
         q, angles = meta(1, D // STEP_HEAD_DIM, T, STEP_HEAD_DIM), meta(T, STEP_HEAD_DIM // 2, dtype=torch.float32)
         rope_into(q, angles, angles, False, torch.empty_like(q))
+        # The optimizer's kernel over one expert weight (E x D x F fp32 parameter and gradient), bf16 and fp32 moments,
+        # with the clipping divisor and the step guard's flag as the trainer passes them.
+        w, scalar = meta(E, D, Fd, dtype=torch.float32), meta((), dtype=torch.float32)
+        for moments in (torch.bfloat16, torch.float32):
+            adamw_into(w, w, meta(E, D, Fd, dtype=moments), meta(E, D, Fd, dtype=moments), scalar, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
         capture_norms()
         _capture_attention_heads(meta)
     unique: dict[tuple, Launch] = {}

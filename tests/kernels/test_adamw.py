@@ -1,0 +1,67 @@
+"""The AdamW kernel against its pure-torch reference on fresh random tensors, bf16 and fp32 moments.
+
+Shape legend: N elements of one parameter tensor. On CPU the Triton kernel runs in the interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import ops, reference
+from kernels.adamw import BLOCK
+
+
+@pytest.fixture(autouse=True)
+def _the_kernel_runs(kc):
+    """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
+    probe = torch.zeros(1, device=kc.DEVICE)
+    assert ops.triton_runs(probe, ops._kernel_module("adamw"), "_adamw_kernel")
+
+
+def _state(gen: torch.Generator, shape: tuple[int, ...], moments: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """p, g, m, v with moments as after a few steps (v >= 0)."""
+    p, g, m = (torch.randn(shape, generator=gen) for _ in range(3))
+    v = torch.rand(shape, generator=gen) * 0.1
+    return [p.to(device), (3 * g).to(device), (0.1 * m).to(moments).to(device), v.to(moments).to(device)]
+
+
+@pytest.mark.parametrize("shape", [(1,), (BLOCK + 3,), (37, 61)])
+@pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_adamw_kernel_equals_the_reference(kc, gen, shape, moments, scaled):
+    """Sizes: one element, one block and a masked tail, a 2-D tensor of 2,257 (not a multiple of the block)."""
+    p, g, m, v = _state(gen, shape, moments, kc.DEVICE)
+    step = torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=kc.DEVICE)
+    scale = torch.tensor(2.5, device=kc.DEVICE) if scaled else None
+    want = [t.clone() for t in (p, g, m, v)]
+    p0 = p.clone()
+    hyper = (3e-3, 0.9, 0.95, 1e-8, 0.1)
+    ops.adamw_(p, g, m, v, step, *hyper, scale, torch.tensor(0.0, device=kc.DEVICE))
+    reference.adamw_(*want[:3], want[3], step, *hyper, scale, None)
+    assert m.dtype == v.dtype == moments
+    torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(g, want[1])  # the gradient is only read
+    # Moments: the same fp32 value up to the last bits of the lerp's cancellation (values ~0.3), then
+    # rounded to nearest even (bf16: such a last-bit difference may flip one rounding, one bf16 step).
+    rtol, atol = (2.0**-7, 1e-7) if moments == torch.bfloat16 else (1e-6, 1e-7)
+    torch.testing.assert_close(m.float(), want[2].float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(v.float(), want[3].float(), rtol=rtol, atol=atol)
+    assert (p != p0).all()  # every element moved (the masked tail too)
+
+
+def test_adamw_kernel_rounds_moments_to_nearest_even(kc):
+    """m = (1 - beta1) g from zero: bf16 stores exactly fp32's value rounded to nearest even, ties to even."""
+    g = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-9, -(1.0 + 2.0**-7 + 2.0**-9)], device=kc.DEVICE)
+    p, m, v = torch.zeros_like(g), torch.zeros_like(g, dtype=torch.bfloat16), torch.zeros_like(g, dtype=torch.bfloat16)
+    ops.adamw_(p, g, m, v, torch.tensor(1.0, device=kc.DEVICE), 1e-3, 0.0, 0.0, 1e-8, 0.0, None, None)  # beta1 = 0: m = g, v = g^2
+    assert m.float().tolist() == [1.0, 1.0 + 2.0**-6, 1.0, -(1.0 + 2.0**-7)]  # ties go to the even mantissa; below half rounds down
+
+
+def test_adamw_kernel_skips_everything_when_found_inf(kc, gen):
+    p, g, m, v = _state(gen, (BLOCK + 5,), torch.bfloat16, kc.DEVICE)
+    g[3] = float("nan")
+    before = [t.clone() for t in (p, m, v)]
+    ops.adamw_(p, g, m, v, torch.tensor(4.0, device=kc.DEVICE), 1e-2, 0.9, 0.95, 1e-8, 0.1, None, torch.tensor(1.0, device=kc.DEVICE))
+    for a, b in zip((p, m, v), before):
+        assert torch.equal(a, b)
