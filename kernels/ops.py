@@ -21,8 +21,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
-- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
-  moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
+- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of lists of parameter tensors in place,
+  moments in bf16 or fp32, one launch for the lists (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -226,18 +226,26 @@ def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor)
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
 
 
-def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float, beta2: float,
+            eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     mod = _kernel_module("adamw")
-    flat = all(t.is_contiguous() for t in (p, g, m, v)) and p.shape == g.shape == m.shape == v.shape
-    if not flat or not triton_runs(p, mod, "_adamw_kernel"):
-        reference.adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        return
-    mod.adamw_into(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    fused, rest = [], []
+    for i, t in enumerate(zip(p, g, m, v, step)):
+        kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == t[1].dtype == torch.float32 and t[2].dtype == t[3].dtype
+                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() for x in t[:4])
+                        and t[0].shape == t[1].shape == t[2].shape == t[3].shape and t[4].dtype == torch.float32)
+        (fused if kernel_ready else rest).append(i)
+    for i in rest:
+        reference.adamw_(p[i], g[i], m[i], v[i], step[i], lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    for moments in (torch.bfloat16, torch.float32):  # one launch per moments dtype present (one in practice)
+        idx = [i for i in fused if m[i].dtype == moments]
+        if idx:
+            table = mod.pointer_table(*([x[i] for i in idx] for x in (p, g, m, v, step)))
+            mod.adamw_into(table, len(idx), max(p[i].numel() for i in idx), moments, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
 
 
-def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
 
 
@@ -279,7 +287,7 @@ _OPS = {
     "rms_norm": ("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)", _rms_norm, _fake_rms_norm),
     "rms_norm_backward": ("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
                           _rms_norm_backward, _fake_rms_norm_backward),
-    "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
+    "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
@@ -324,7 +332,8 @@ gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel wri
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
 adamw_ = torch.ops.moeforge.adamw_.default
-"""One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
-(bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim
-device tensor), ``g`` is divided by ``grad_scale`` and nothing is written where ``found_inf`` is nonzero.
-One kernel reads p, g, m, v once and writes p, m, v once (``kernels.adamw``)."""
+"""One AdamW step of every parameter ``p[i]`` (fp32) with gradient ``g[i]`` in place: ``p[i]`` and the moments
+``m[i]``, ``v[i]`` (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step[i]`` is its count after this
+step (0-dim device tensor), gradients are divided by ``grad_scale`` and nothing is written where ``found_inf`` is
+nonzero. One kernel for all the tensors reads each p, g, m, v once and writes p, m, v once (``kernels.adamw``;
+its small address table is copied to the device first)."""
