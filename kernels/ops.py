@@ -18,6 +18,9 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::rms_norm(x, weight, eps, out_dtype)``: RMSNorm rows in ``out_dtype`` and each row's
   ``1/rms`` (``kernels.rms_norm``; ``moe.model.RMSNorm`` on a GPU);
 - ``moeforge::rms_norm_backward(dy, x, weight, rstd)``: its ``dx`` (x's dtype) and fp32 ``dw``;
+- ``moeforge::add_rms_norm(x, a, weight, eps, out_dtype)``: the residual sum ``h = x + a`` and its
+  RMSNorm in one pass, and ``moeforge::add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)``
+  (``moe.model.RMSNorm`` with a ``residual``, on a GPU);
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
@@ -167,8 +170,9 @@ def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd:
     if not triton_runs(dq, mod, "_qkv_heads_bwd_kernel"):
         return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(dq.shape[0] * dq.shape[1]))
     dqkv, dwq, dwk = _fake_qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode)
-    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), None if qkv is None else _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
-                           sin.contiguous(), mode, dqkv, dwq, dwk)
+    x = None if qkv is None else _unit_cols(qkv)
+    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), x, rstd.contiguous(), w_q, w_k, cos.contiguous(), sin.contiguous(), mode,
+                           dqkv, dwq, dwk)
     return dqkv, dwq, dwk
 
 
@@ -219,6 +223,46 @@ def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> t
     if R:
         mod.rms_norm_bwd_into(dy, ldy, x, lx, weight.contiguous(), rstd.contiguous(), dx, dw_part)
     return dx, dw_part.sum(0)
+
+
+def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("rms_norm")
+    if (x.shape != a.shape or x.shape[-1] == 0 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not triton_runs(x, mod, "_rms_norm_fwd_kernel") or not triton_runs(a, mod, "_rms_norm_fwd_kernel")):
+        return reference.add_rms_norm(x, a, weight, eps, out_dtype)
+    x, levels = _rms_rows(x, mod)
+    h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, a.dtype), device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mod.rms_norm_fwd_into(x, levels, weight.contiguous(), eps, y, rstd, a.contiguous(), h)
+    return h, y, rstd
+
+
+def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("rms_norm")
+    narrow = a_dtype != h.dtype
+    if (h.shape[-1] == 0 or dh.shape != h.shape or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, dh))):
+        dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
+        return dx, da if narrow else dx.new_empty(0), dw
+    (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
+    R, D = rstd.numel(), h.shape[-1]
+    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
+    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
+    if R:
+        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, dh.contiguous(), da if narrow else None)
+    return dx, da, dw_part.sum(0)
+
+
+def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, a.dtype))
+    return h, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _fake_add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
+    return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
 
 
 def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -301,6 +345,10 @@ _OPS = {
     "rms_norm": ("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)", _rms_norm, _fake_rms_norm),
     "rms_norm_backward": ("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
                           _rms_norm_backward, _fake_rms_norm_backward),
+    "add_rms_norm": ("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)",
+                     _add_rms_norm, _fake_add_rms_norm),
+    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
+                              "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
@@ -334,6 +382,15 @@ rms_norm_backward = torch.ops.moeforge.rms_norm_backward.default
 """``(dx, dw)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))`` with
 ``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous) and ``dw = sum over rows of dy xh`` (fp32). One
 kernel; ``dw`` is reduced from a few hundred per-program fp32 rows by one small sum after it."""
+add_rms_norm = torch.ops.moeforge.add_rms_norm.default
+"""``(h, y, rstd)``: the residual sum ``h = x + a`` (``promote_types(x, a)``, contiguous) and
+``rms_norm(h)``'s ``(y, rstd)``, from one kernel that reads ``x`` and ``a`` once and writes ``h`` and ``y``
+once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the same shape."""
+add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
+"""``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
+residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
+values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
+kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
 """``(q [B, S, H, d], k [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection ``qkv [B, S, (H + 2G) d]``:
 queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none; weights ``w_q``/``w_k``, eps

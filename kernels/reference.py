@@ -284,6 +284,20 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight_D: Tensor, rstd: Tensor) -> 
     return dx.to(x.dtype), (dy.to(acc) * xh).reshape(-1, x.shape[-1]).sum(0).float()
 
 
+def add_rms_norm(x: Tensor, a: Tensor, weight_D: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h, y, rstd)``: the residual sum ``h = x + a`` (promoted dtype) and ``rms_norm(h)``."""
+    h = x + a
+    return (h, *rms_norm(h, weight_D, eps, out_dtype))
+
+
+def add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight_D: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``add_rms_norm``: ``dx = dh + (the norm's dx)`` in h's dtype, ``da`` = those values
+    in ``a_dtype``, fp32 ``dw``."""
+    dn, dw = rms_norm_backward(dy, h.to(torch.promote_types(h.dtype, torch.float32)), weight_D, rstd)
+    dx = dh.to(dn.dtype) + dn
+    return dx.to(h.dtype), dx.to(a_dtype), dw
+
+
 @torch.no_grad()
 def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
