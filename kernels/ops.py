@@ -18,9 +18,15 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::rms_norm(x, weight, eps, out_dtype)``: RMSNorm rows in ``out_dtype`` and each row's
   ``1/rms`` (``kernels.rms_norm``; ``moe.model.RMSNorm`` on a GPU);
 - ``moeforge::rms_norm_backward(dy, x, weight, rstd)``: its ``dx`` (x's dtype) and fp32 ``dw``;
+- ``moeforge::add_rms_norm(x, a, weight, eps, out_dtype)``: the residual sum ``h = x + a`` and its
+  RMSNorm in one pass, and ``moeforge::add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)``
+  (``moe.model.RMSNorm`` with a ``residual``, on a GPU);
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
+  the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
+  ``moe.routers.topk_gates`` on a GPU);
 - ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of lists of parameter tensors in place,
   moments in bf16 or fp32, one launch for the lists (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
@@ -164,8 +170,9 @@ def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd:
     if not triton_runs(dq, mod, "_qkv_heads_bwd_kernel"):
         return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(dq.shape[0] * dq.shape[1]))
     dqkv, dwq, dwk = _fake_qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode)
-    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), None if qkv is None else _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
-                           sin.contiguous(), mode, dqkv, dwq, dwk)
+    x = None if qkv is None else _unit_cols(qkv)
+    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), x, rstd.contiguous(), w_q, w_k, cos.contiguous(), sin.contiguous(), mode,
+                           dqkv, dwq, dwk)
     return dqkv, dwq, dwk
 
 
@@ -218,6 +225,46 @@ def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> t
     return dx, dw_part.sum(0)
 
 
+def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("rms_norm")
+    if (x.shape != a.shape or x.shape[-1] == 0 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not triton_runs(x, mod, "_rms_norm_fwd_kernel") or not triton_runs(a, mod, "_rms_norm_fwd_kernel")):
+        return reference.add_rms_norm(x, a, weight, eps, out_dtype)
+    x, levels = _rms_rows(x, mod)
+    h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, a.dtype), device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mod.rms_norm_fwd_into(x, levels, weight.contiguous(), eps, y, rstd, a.contiguous(), h)
+    return h, y, rstd
+
+
+def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("rms_norm")
+    narrow = a_dtype != h.dtype
+    if (h.shape[-1] == 0 or dh.shape != h.shape or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, dh))):
+        dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
+        return dx, da if narrow else dx.new_empty(0), dw
+    (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
+    R, D = rstd.numel(), h.shape[-1]
+    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
+    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
+    if R:
+        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, dh.contiguous(), da if narrow else None)
+    return dx, da, dw_part.sum(0)
+
+
+def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, a.dtype))
+    return h, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _fake_add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
+    return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
+
+
 def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -247,6 +294,22 @@ def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], 
 def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
+
+
+def _topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
+                    f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
+    mod = _kernel_module("topk_gates")
+    if not triton_runs(probs, mod, "_topk_gates_bwd_kernel"):
+        return reference.topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)
+    out = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    mod.topk_gates_bwd_into(c(probs), c(weights), c(ids), c(dweights), c(sums), c(dprobs), c(f), c(daux), c(lse), c(dz), aux_scale, z_scale, out)
+    return out
+
+
+def _fake_topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
+                         f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
+    return probs.new_empty(probs.shape, dtype=torch.float32)
 
 
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
@@ -280,6 +343,9 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
+                       "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
+                       _topk_gates_bwd, _fake_topk_gates_bwd),
     "qkv_heads": ("qkv_heads(Tensor qkv, Tensor? w_q, Tensor? w_k, Tensor cos, Tensor sin, SymInt H, SymInt G, str mode, float eps) "
                   "-> (Tensor, Tensor, Tensor)", _qkv_heads, _fake_qkv_heads),
     "qkv_heads_bwd": ("qkv_heads_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, Tensor rstd, Tensor? w_q, Tensor? w_k, Tensor cos, "
@@ -287,6 +353,10 @@ _OPS = {
     "rms_norm": ("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)", _rms_norm, _fake_rms_norm),
     "rms_norm_backward": ("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
                           _rms_norm_backward, _fake_rms_norm_backward),
+    "add_rms_norm": ("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)",
+                     _add_rms_norm, _fake_add_rms_norm),
+    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
+                              "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
@@ -320,6 +390,15 @@ rms_norm_backward = torch.ops.moeforge.rms_norm_backward.default
 """``(dx, dw)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))`` with
 ``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous) and ``dw = sum over rows of dy xh`` (fp32). One
 kernel; ``dw`` is reduced from a few hundred per-program fp32 rows by one small sum after it."""
+add_rms_norm = torch.ops.moeforge.add_rms_norm.default
+"""``(h, y, rstd)``: the residual sum ``h = x + a`` (``promote_types(x, a)``, contiguous) and
+``rms_norm(h)``'s ``(y, rstd)``, from one kernel that reads ``x`` and ``a`` once and writes ``h`` and ``y``
+once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the same shape."""
+add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
+"""``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
+residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
+values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
+kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
 """``(q [B, S, H, d], k [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection ``qkv [B, S, (H + 2G) d]``:
 queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none; weights ``w_q``/``w_k``, eps
@@ -331,6 +410,11 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
+"""fp32 ``dlogits [T, E]`` of the top-k router from the gradients of its gates ``dweights`` (renormalised by
+``sums`` when given), of its probabilities ``dprobs``, of its balance loss ``daux`` (with ``f`` and
+``aux_scale = c_a E / T``) and of its z-loss ``dz`` (with ``lse`` and ``z_scale = 2 c_z / T``); absent ones None.
+One kernel reads the probabilities once and writes the gradient once (``kernels.topk_gates``)."""
 adamw_ = torch.ops.moeforge.adamw_.default
 """One AdamW step of every parameter ``p[i]`` (fp32) with gradient ``g[i]`` in place: ``p[i]`` and the moments
 ``m[i]``, ``v[i]`` (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step[i]`` is its count after this

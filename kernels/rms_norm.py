@@ -11,6 +11,12 @@ Normalization", eq. 4, without the bias)::
 
 (the one-line derivation: ``d(x r)/dx = r (I - xh xh^T / D)``, since ``dr/dx = -r^3 x / D``).
 
+With a residual (``HAS_RES``; the pre-norm block's ``h = x + a`` before its FFN norm) the forward
+also reads the branch output ``a``, writes the sum ``h`` (rounded to h's dtype, as the eager add) and
+norms it; the backward (``HAS_DH``, ``HAS_DA``) adds the gradient ``dh`` that ``h`` receives from the
+rest of the stream to the norm's ``dx`` and writes the sum for ``x`` and, in ``a``'s narrower dtype,
+for ``a``: the eager add, its gradient accumulation and the downcast, folded into the norm's pass.
+
 Torch's eager chain around a norm under autocast is an upcast of a bf16 input, the norm in fp32, an
 fp32 output that the next GEMM casts to bf16, and the mirror casts in the backward. Here the
 forward reads ``x`` once in its own dtype and writes ``y`` directly in the GEMM's dtype and ``r``
@@ -45,25 +51,30 @@ def _row_offsets(rows, N1, N2, s0, s1, s2):
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, R, D, N1, N2, sx0, sx1, sx2, eps,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, a_ptr, w_ptr, h_ptr, y_ptr, rstd_ptr, R, D, N1, N2, sx0, sx1, sx2, eps,
+                         HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < R
     col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
     src = _row_offsets(rows, N1, N2, sx0, sx1, sx2)
+    dst = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:  # h = x + a, rounded to h's dtype as the eager add is, then normed
+        h = (x + tl.load(a_ptr + dst, mask=mask, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + dst, h, mask=mask)
+        x = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = x * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, R, D, N1, N2, sx0, sx1, sx2, M1, M2, sd0, sd1, sd2,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dh_ptr, dx_ptr, da_ptr, dw_part_ptr, R, D, N1, N2, sx0, sx1, sx2, M1, M2, sd0, sd1, sd2,
+                         HAS_DH: tl.constexpr, HAS_DA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -80,7 +91,12 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, R,
         g = dy * w[None, :]
         c = tl.sum(g * xh, axis=1) / D
         dx = (g - xh * c[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dst = rows[:, None] * D + cols[None, :]
+        if HAS_DH:  # the gradient reaching h = x + a from elsewhere (the residual stream) joins the norm's
+            dx += tl.load(dh_ptr + dst, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + dst, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DA:  # the same gradient for a, in a's (narrower) dtype
+            tl.store(da_ptr + dst, dx.to(da_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xh, axis=0)
     tl.store(dw_part_ptr + pid * D + cols, dw, mask=col_ok)
 
@@ -112,25 +128,31 @@ def _block_rows(D: int) -> tuple[int, int]:
     return max(1, TILE_ELEMENTS // block_d), block_d
 
 
-def rms_norm_fwd_into(x: Tensor, lx: Levels, weight_D: Tensor, eps: float, y: Tensor, rstd_R: Tensor) -> None:
-    """``y`` (contiguous, any float dtype) and ``rstd_R`` (fp32) of the rows of ``x`` laid out as ``lx``."""
+def rms_norm_fwd_into(x: Tensor, lx: Levels, weight_D: Tensor, eps: float, y: Tensor, rstd_R: Tensor,
+                      a: Tensor | None = None, h: Tensor | None = None) -> None:
+    """``y`` (contiguous, any float dtype) and ``rstd_R`` (fp32) of the rows of ``x`` laid out as ``lx``;
+    with ``a`` and ``h`` (contiguous), of ``h = x + a`` instead, ``h`` written too."""
     D = x.shape[-1]
     R = rstd_R.numel()
     if R == 0:
         return
     block_r, block_d = _block_rows(D)
     _rms_norm_fwd_kernel[(triton.cdiv(R, block_r),)](
-        x, weight_D, y, rstd_R, R, D, *lx, eps, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
+        x, y if a is None else a, weight_D, y if h is None else h, y, rstd_R, R, D, *lx, eps,
+        HAS_RES=a is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
 
 
-def rms_norm_bwd_into(dy: Tensor, ldy: Levels, x: Tensor, lx: Levels, weight_D: Tensor, rstd_R: Tensor, dx: Tensor, dw_part_PD: Tensor) -> None:
+def rms_norm_bwd_into(dy: Tensor, ldy: Levels, x: Tensor, lx: Levels, weight_D: Tensor, rstd_R: Tensor, dx: Tensor, dw_part_PD: Tensor,
+                      dh: Tensor | None = None, da: Tensor | None = None) -> None:
     """``dx`` (contiguous, x's dtype) and each program's fp32 ``dw`` partial sum (row p of
-    ``dw_part_PD``; P = ``dw_part_PD.shape[0]`` programs, see ``backward_programs``)."""
+    ``dw_part_PD``; P = ``dw_part_PD.shape[0]`` programs, see ``backward_programs``). With ``dh``
+    (contiguous) it is added to ``dx``; with ``da`` (contiguous) ``dx`` is also written there, in its dtype."""
     R, D = rstd_R.numel(), x.shape[-1]
     block_r, block_d = _block_rows(D)
     _rms_norm_bwd_kernel[(dw_part_PD.shape[0],)](
-        dy, x, weight_D, rstd_R, dx, dw_part_PD, R, D, *lx, *ldy, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
+        dy, x, weight_D, rstd_R, dx if dh is None else dh, dx, dx if da is None else da, dw_part_PD, R, D, *lx, *ldy,
+        HAS_DH=dh is not None, HAS_DA=da is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
 
 

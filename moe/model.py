@@ -108,10 +108,36 @@ class _FusedRMSNorm(torch.autograd.Function):
         return dx, dw.to(weight.dtype), None, None
 
 
+class _FusedAddRMSNorm(torch.autograd.Function):
+    """``kernels.ops.add_rms_norm`` forward and ``add_rms_norm_backward`` backward: one kernel each way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        h, y, rstd = ops.add_rms_norm(x, a, weight, eps, out_dtype)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.a_dtype = a.dtype
+        ctx.set_materialize_grads(False)
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh: Tensor | None, dy: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:  # y unused: h's gradient passes to x and a unchanged, as the add's backward would
+            return dh, None if dh is None else dh.to(ctx.a_dtype), None, None, None
+        dx, da, dw = ops.add_rms_norm_backward(torch.zeros_like(h) if dh is None else dh, dy, h, weight, rstd, ctx.a_dtype)
+        return dx, dx if ctx.a_dtype == h.dtype else da, dw.to(weight.dtype), None, None
+
+
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
     """``rms_norm_reference`` written in ``out_dtype``, one kernel each way (``kernels.ops.rms_norm`` and
     its backward; the reference where Triton cannot run): what ``RMSNorm`` runs on a GPU."""
     return _FusedRMSNorm.apply(x, weight, eps, out_dtype)
+
+
+def fused_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(h, rms_norm_reference(h))`` for ``h = x + a``, the norm written in ``out_dtype``, one kernel each
+    way (``kernels.ops.add_rms_norm`` and its backward): what ``RMSNorm(x, residual=a)`` runs on a GPU."""
+    return _FusedAddRMSNorm.apply(x, a, weight, eps, out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -138,10 +164,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type in ("cuda", "meta"):
-            out_dtype = autocast_dtype(x) or torch.promote_types(x.dtype, self.weight.dtype)
-            return fused_rms_norm(x, self.weight, self.eps, out_dtype)
+    def _out_dtype(self, x: Tensor) -> torch.dtype:
+        return autocast_dtype(x) or torch.promote_types(x.dtype, self.weight.dtype)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The normed ``x``; with ``residual`` (a branch's output to add to the stream ``x``), the pair
+        ``(h, norm(h))`` for ``h = x + residual``.
+
+        The pair is one kernel each way on a GPU (``kernels.ops.add_rms_norm``): it reads ``x`` and
+        ``residual`` once and writes ``h`` and the normed ``h``; its backward adds the gradient ``h``
+        receives from the rest of the stream to the norm's own and writes the sum for ``x`` and (in the
+        residual's dtype) for ``residual``, where eager autograd runs the add, the norm's backward, an add
+        of the two gradients and a downcast. Elsewhere the two steps as written (bit-identical on the CPU).
+        """
+        card = x.device.type in ("cuda", "meta")
+        if residual is not None:
+            if card and x.shape == residual.shape:
+                return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
+            h = x + residual
+            return h, self(h)
+        if card:
+            return fused_rms_norm(x, self.weight, self.eps, self._out_dtype(x))
         out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
@@ -350,10 +393,10 @@ class Block(nn.Module):
         B, S, D = x_BSD.shape
         want_probs = isinstance(self.ffn, MoELayer) and self.ffn.router.needs_attention
         a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs, cache)
-        x_BSD = x_BSD + a
+        x_BSD, normed_BSD = self.ffn_norm(x_BSD, residual=a)
         if probs is not None:
             context = replace(context, attn_probs_BSS=probs)
-        y_TD, aux = self.ffn(self.ffn_norm(x_BSD).reshape(B * S, D), context)
+        y_TD, aux = self.ffn(normed_BSD.reshape(B * S, D), context)
         return x_BSD + y_TD.view(B, S, D), aux
 
 

@@ -66,12 +66,21 @@ def switch_balance_loss(
     T, E = probs_TE.shape
     if counts_E is None:
         counts_E = slot_counts(expert_ids_TK, E, mask_TK)
-    counts_E = counts_E.to(probs_TE.dtype)
+    return balance_loss_of_fraction(probs_TE, balance_fraction(counts_E, probs_TE.dtype, sum_counts))
+
+
+def balance_fraction(counts_E: Tensor, dtype: torch.dtype, sum_counts: CountSum | None = None) -> Tensor:
+    """The Switch loss's ``f_E``: slot counts (summed over ranks by ``sum_counts``) over their total,
+    in ``dtype``; a count, so no gradient (``switch_balance_loss``)."""
+    counts_E = counts_E.to(dtype)
     if sum_counts is not None:
         counts_E = sum_counts(counts_E.detach())
-    f_E = counts_E / counts_E.sum().clamp_min(1.0)
-    P_E = probs_TE.mean(dim=0)
-    return E * torch.sum(f_E * P_E)
+    return counts_E / counts_E.sum().clamp_min(1.0)
+
+
+def balance_loss_of_fraction(probs_TE: Tensor, f_E: Tensor) -> Tensor:
+    """``E * sum_e f_e * P_e`` with ``P_e`` the mean of ``probs_TE`` over tokens (``switch_balance_loss``)."""
+    return probs_TE.shape[1] * torch.sum(f_E * probs_TE.mean(dim=0))
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
@@ -80,3 +89,8 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     Zoph et al. 2022, eq. (5); keeps router logits small so the fp32 softmax stays stable.
     """
     return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+
+
+def z_loss_of_lse(lse_T: Tensor) -> Tensor:
+    """``router_z_loss`` from the logits' ``logsumexp`` over experts, ``lse_T``: ``mean_t lse_t^2``."""
+    return lse_T.pow(2).mean()

@@ -26,7 +26,8 @@ from moe.errors import check
 from moe.routers.gate import gate_logits, normal_gate
 from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
 from moe.routers.local_search import LocalSearchConfig, PermutationLocalSearch
-from moe.routers.losses import CountSum, check_balance_scope, router_z_loss, scope_count_sum, slot_counts, switch_balance_loss
+from moe.routers.losses import CountSum, check_balance_scope, scope_count_sum
+from moe.routers.topk_gates import Gates, fused_gates, gates
 
 
 RENORMALIZE = ("auto", "always", "never")
@@ -84,11 +85,14 @@ class TopKRouter(Router):
 
     def forward(self, x_TD: Tensor, context: RouterContext) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
         c = self.cfg
         sum_counts = scope_count_sum(c.balance_scope, context.sum_counts)
         if self.local_search is None:
-            return topk_decision(logits_TE, probs_TE, c.k, c.aux_loss_coef, c.z_loss_coef, c.renormalize, sum_counts)
+            # One autograd node with a closed-form backward on GPUs; autograd through the same ops on
+            # the CPU, whose runs stay bit-identical (moe.routers.topk_gates).
+            select = fused_gates if logits_TE.device.type in ("cuda", "meta") else gates
+            return decision_of(select(logits_TE, c.k, renormalizes(c.renormalize, c.k), c.aux_loss_coef, c.z_loss_coef, sum_counts))
+        probs_TE = torch.softmax(logits_TE, dim=-1)
         probs_TE, perm_aux = self.local_search.mix(probs_TE.unsqueeze(1), context.step)
         decision = topk_decision(logits_TE, probs_TE, c.k, c.aux_loss_coef, c.z_loss_coef, c.renormalize, sum_counts)
         return replace(decision, aux_losses={**decision.aux_losses, **perm_aux})
@@ -110,13 +114,15 @@ def topk_decision(
     differ only in how they produce ``probs_TE`` (similarity- and attention-aware mixing select on
     the mixed distribution).
     """
-    weights_TK, expert_ids_TK = torch.topk(probs_TE, k, dim=-1)
-    if renormalize == "always" or (renormalize == "auto" and k > 1):
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    counts_E = slot_counts(expert_ids_TK, probs_TE.shape[1])  # the balance loss's and dropless dispatch's
-    aux = {}
-    if aux_loss_coef > 0:
-        aux["aux_loss"] = aux_loss_coef * switch_balance_loss(probs_TE, expert_ids_TK, sum_counts=sum_counts, counts_E=counts_E)
-    if z_loss_coef > 0:
-        aux["z_loss"] = z_loss_coef * router_z_loss(logits_TE)
-    return RoutingDecision(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, aux_losses=aux, counts_E=counts_E)
+    return decision_of(gates(logits_TE, k, renormalizes(renormalize, k), aux_loss_coef, z_loss_coef, sum_counts, probs_TE))
+
+
+def renormalizes(renormalize: str, k: int) -> bool:
+    """Whether ``router.renormalize`` renormalises the top-k weights at this k (module docstring)."""
+    return renormalize == "always" or (renormalize == "auto" and k > 1)
+
+
+def decision_of(g: Gates) -> RoutingDecision:
+    """The routing decision of top-k ``gates`` (the slot counts go along for dropless dispatch)."""
+    aux = {name: loss for name, loss in (("aux_loss", g.aux), ("z_loss", g.z)) if loss is not None}
+    return RoutingDecision(expert_ids_TK=g.ids_TK, weights_TK=g.weights_TK, probs_TE=g.probs_TE, aux_losses=aux, counts_E=g.counts_E)

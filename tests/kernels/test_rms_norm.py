@@ -12,7 +12,7 @@ import torch
 from kernels import ops
 from kernels.rms_norm import row_levels
 from moe.autocast import meta_autocast
-from moe.model import RMSNorm, fused_rms_norm, rms_norm_reference
+from moe.model import RMSNorm, fused_add_rms_norm, fused_rms_norm, rms_norm_reference
 
 EPS = 1e-5
 BF16_STEP = 2.0**-7
@@ -77,6 +77,50 @@ def test_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, dt
     _close(dw, want_dw, torch.float32, "dw")
 
 
+@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["rows", "strided"])
+def test_add_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, a_dtype):
+    """The residual sum h = x + a (fp32 stream x, a branch output a in fp32 or bf16) and its norm in
+    bf16; backward: the stream's gradient dh plus the norm's, for x in fp32 and for a in a's dtype."""
+    x, _ = _layout(kind, gen, kc.DEVICE, torch.float32)
+    a = torch.randn(x.shape, generator=gen).to(kc.DEVICE, a_dtype)
+    w = (torch.rand(x.shape[-1], generator=gen) + 0.5).to(kc.DEVICE)
+    dh, dy = torch.randn(x.shape, generator=gen).to(kc.DEVICE), torch.randn(x.shape, generator=gen).to(kc.DEVICE, torch.bfloat16)
+    h, y, rstd = ops.add_rms_norm(x, a, w, EPS, torch.bfloat16)
+    assert torch.equal(h, x + a)  # the fp32 sum, as the eager add computes it
+    want_y, want_dn, want_dw = _truth(x + a, w, dy)
+    _close(y, want_y, torch.bfloat16, "y")
+    _close(rstd, (x + a).double().pow(2).mean(-1).add(EPS).rsqrt(), torch.float32, "rstd")
+    dx, da, dw = ops.add_rms_norm_backward(dh, dy, h, w, rstd, a_dtype)
+    _close(dx, want_dn + dh.double(), torch.float32, "dx")
+    _close(dw, want_dw, torch.float32, "dw")
+    if a_dtype == torch.float32:
+        assert da.numel() == 0  # da is dx
+    else:
+        _close(da, want_dn + dh.double(), torch.bfloat16, "da")
+
+
+def test_the_model_norm_with_a_residual_equals_the_two_steps(kc, gen):
+    """``RMSNorm(x, residual=a)`` (the FFN norm after the attention's residual add), on the kernel where
+    it runs (a GPU; the interpreter through the same autograd function): h and norm(h) and the
+    gradients of x, a and w, against the eager add then the reference norm in fp64."""
+    norm = RMSNorm(48, EPS).to(kc.DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=gen) + 0.5)
+    x = torch.randn(2, 9, 48, generator=gen).to(kc.DEVICE).requires_grad_()
+    a = torch.randn(2, 9, 48, generator=gen).to(kc.DEVICE, torch.bfloat16).requires_grad_()
+    dh, dy = torch.randn(2, 9, 48, generator=gen).to(kc.DEVICE), torch.randn(2, 9, 48, generator=gen).to(kc.DEVICE, torch.bfloat16)
+    h, y = fused_add_rms_norm(x, a, norm.weight, EPS, torch.bfloat16)
+    got = torch.autograd.grad((h, y), (x, a, norm.weight), (dh, dy))
+    x64, a64, w64 = (t.detach().double().requires_grad_() for t in (x, a, norm.weight))
+    h64 = x64 + a64
+    y64 = rms_norm_reference(h64, w64, EPS)
+    want = torch.autograd.grad((h64, y64), (x64, a64, w64), (dh.double(), dy.double()))
+    _close(y, y64.detach(), torch.bfloat16, "y")
+    for g, w, dtype, name in zip(got, want, (torch.float32, torch.bfloat16, torch.float32), ("dx", "da", "dw")):
+        _close(g, w, dtype, name)
+
+
 def test_rows_needing_four_levels_are_copied_first(kc, gen):
     """A view whose rows take four strided levels (a permuted 5-d tensor) is made contiguous, then normed."""
     x = torch.randn(2, 3, 4, 5, 16, generator=gen).to(kc.DEVICE).permute(3, 1, 0, 2, 4)
@@ -128,7 +172,10 @@ def test_the_module_on_a_card_is_one_launch_each_way_with_the_hand_counted_bytes
     """On ``meta`` (a GPU in the step budget), under autocast: the fp32 residual [R, D] in, bf16 out,
     one op each way and no cast. Bytes: forward reads x (4 R D) and w (4 D), writes y (2 R D) and
     rstd (4 R); the backward reads dy (2 R D), x, w and rstd, writes dx (4 R D) and dw (4 D). A bf16
-    per-head query view in (the q/k norms) moves 2 bytes per element of x and dx instead."""
+    per-head query view in (the q/k norms) moves 2 bytes per element of x and dx instead. With a bf16
+    residual a (the FFN norm): also a in (2 R D) and h out (4 R D); backward dh in (4 R D), da out (2 R D)."""
+    from tools.bench.op_counter import OpCounter
+
     B, S, D, H, d = 2, 8, 32, 4, 8
     R = B * S
     norm = RMSNorm(D, EPS).to("meta")
@@ -146,11 +193,19 @@ def test_the_module_on_a_card_is_one_launch_each_way_with_the_hand_counted_bytes
         got = _counted(RMSNorm(d, EPS).to("meta"), q, torch.bfloat16)
     n = B * H * S
     assert got == [("moeforge.rms_norm.default", 2 * n * d + 4 * d + 2 * n * d + 4 * n),
-                       ("moeforge.rms_norm_backward.default", 2 * n * d + 2 * n * d + 4 * d + 4 * n + 2 * n * d + 4 * d)]
+                   ("moeforge.rms_norm_backward.default", 2 * n * d + 2 * n * d + 4 * d + 4 * n + 2 * n * d + 4 * d)]
+    a = torch.empty(B, S, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with OpCounter() as counter, meta_autocast(lambda: torch.bfloat16):
+        h, y = norm(x, residual=a)
+        torch.autograd.grad((h, y), (x, a, norm.weight), (torch.empty_like(h), torch.empty_like(y)))
+    assert [(r.name, r.bytes) for r in counter.budget.ops] == [  # x, a, w -> h, y, rstd; dh, dy, h, w, rstd -> dx, da, dw
+        ("moeforge.add_rms_norm.default", 4 * R * D + 2 * R * D + 4 * D + 4 * R * D + 2 * R * D + 4 * R),
+        ("moeforge.add_rms_norm_backward.default", 4 * R * D + 2 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + 2 * R * D + 4 * D)]
 
 
 def test_the_module_on_the_cpu_keeps_torch_rms_norm(gen, monkeypatch):
-    """The CPU path is ``F.rms_norm`` in fp32, bit for bit (the default CPU run's numbers), and never the op."""
+    """The CPU path is ``F.rms_norm`` in fp32 (after the plain add, with a residual), bit for bit (the
+    default CPU run's numbers), and never the ops."""
     monkeypatch.setattr(ops, "rms_norm", lambda *a: pytest.fail("the CPU norm called the fused op"))
     norm = RMSNorm(24, EPS)
     with torch.no_grad():
@@ -158,13 +213,18 @@ def test_the_module_on_the_cpu_keeps_torch_rms_norm(gen, monkeypatch):
     x = torch.randn(3, 5, 24, generator=gen).bfloat16()
     want = torch.nn.functional.rms_norm(x.float(), (24,), norm.weight, EPS)
     assert torch.equal(norm(x), want)
+    monkeypatch.setattr(ops, "add_rms_norm", lambda *a: pytest.fail("the CPU norm called the fused op"))
+    a = torch.randn(3, 5, 24, generator=gen)
+    h, y = norm(x, residual=a)
+    assert torch.equal(h, x + a) and torch.equal(y, torch.nn.functional.rms_norm(x + a, (24,), norm.weight, EPS))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 def test_gpu_real_shapes_under_autocast(gen):
     """At the real shapes: the fp32 residual of 16,384 tokens at D = 2048 and the per-head queries of
-    a [8, 2048, 3 x 16, 128] bf16 projection, through the module under CUDA autocast (bf16 out)."""
+    a [8, 2048, 3 x 16, 128] bf16 projection, through the module under CUDA autocast (bf16 out); then
+    the FFN norm's form, the stream plus a bf16 branch output, normed."""
     resid = torch.randn(8, 2048, 2048, generator=gen).cuda().requires_grad_()
     qkv = torch.randn(8, 2048, 48 * 128, generator=gen).cuda().bfloat16().requires_grad_()
     for x, leaf, D in ((resid, resid, 2048), (qkv.view(8, 2048, 48, 128).transpose(1, 2)[:, :16], qkv, 128)):
@@ -179,3 +239,14 @@ def test_gpu_real_shapes_under_autocast(gen):
         _close(y, want_y, torch.bfloat16, "y")
         _close(dleaf if leaf is resid else dleaf.view(8, 2048, 48, 128).transpose(1, 2)[:, :16], want_dx, x.dtype, "dx")
         torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-4 * want_dw.abs().max().item())
+        if D == 2048:
+            norm_2048, dy_2048 = norm, dy
+    a = torch.randn(resid.shape, generator=gen).cuda().bfloat16().requires_grad_()
+    dh = torch.randn(resid.shape, generator=gen).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h, y = norm_2048(resid, residual=a)
+    dx, da = torch.autograd.grad((h, y), (resid, a), (dh, dy_2048))
+    want_y, want_dn, _ = _truth(resid.detach() + a.detach(), norm_2048.weight.detach(), dy_2048)
+    _close(y, want_y, torch.bfloat16, "y")
+    _close(dx, want_dn + dh.double(), torch.float32, "dx")
+    _close(da, want_dn + dh.double(), torch.bfloat16, "da")

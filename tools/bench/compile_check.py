@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a layer step (and the step's loss, RoPE, RMSNorm, attention-heads and AdamW kernels) for a real shape; report its GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, its router's backward, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
@@ -172,18 +172,22 @@ STEP_NORM_ROWS = 16384
 
 def capture_norms() -> None:
     """RMSNorm forward and backward launches at each ``STEP_NORM_WIDTHS`` over ``STEP_NORM_ROWS``
-    rows: the block norms' (fp32 residual in, bf16 out; bf16 gradient in, fp32 dx) and the q/k
-    norms' (a bf16 slice of the fused projection, one row stride of 3 widths; bf16 throughout)."""
+    rows: the block norms' (fp32 residual in, bf16 out; bf16 gradient in, fp32 dx), the FFN norm's
+    with the attention's bf16 output added to the stream (h written; the stream's gradient added, a
+    bf16 da written) and the q/k norms' (a bf16 slice of the fused projection, one row stride of 3
+    widths; bf16 throughout)."""
     from kernels.rms_norm import backward_programs, rms_norm_bwd_into, rms_norm_fwd_into, row_levels
 
     meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
     R = STEP_NORM_ROWS
     for D in STEP_NORM_WIDTHS:
         w, rstd, part = meta(D, dtype=torch.float32), meta(R, dtype=torch.float32), meta(backward_programs(R, D, SM90["sms"]), D, dtype=torch.float32)
-        for x in (meta(R, D, dtype=torch.float32), meta(R, 3 * D)[:, :D]):
-            y, dy = meta(R, D), meta(R, D)
+        y, dy, stream = meta(R, D), meta(R, D), meta(R, D, dtype=torch.float32)
+        for x in (stream, meta(R, 3 * D)[:, :D]):
             rms_norm_fwd_into(x, row_levels(x), w, 1e-5, y, rstd)
             rms_norm_bwd_into(dy, row_levels(dy), x, row_levels(x), w, rstd, meta(R, D, dtype=x.dtype), part)
+        rms_norm_fwd_into(stream, row_levels(stream), w, 1e-5, y, rstd, a=meta(R, D), h=meta(R, D, dtype=torch.float32))
+        rms_norm_bwd_into(dy, row_levels(dy), stream, row_levels(stream), w, rstd, meta(R, D, dtype=torch.float32), part, dh=stream, da=meta(R, D))
 
 
 def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[Launch]:
@@ -201,6 +205,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
+    from kernels.topk_gates import topk_gates_bwd_into
     from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
@@ -235,6 +240,11 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         cross_entropy_rows_into(z, y, 1.0, loss, None)
         q, angles = meta(1, D // STEP_HEAD_DIM, T, STEP_HEAD_DIM), meta(T, STEP_HEAD_DIM // 2, dtype=torch.float32)
         rope_into(q, angles, angles, False, torch.empty_like(q))
+        # The top-k router's backward at the layer's T, E and K, every gradient present (renormalised gates,
+        # the balance loss, the z-loss and a gradient into the probabilities).
+        p32, w32 = meta(T, E, dtype=torch.float32), meta(T, K, dtype=torch.float32)
+        t32, e32, s32 = meta(T, dtype=torch.float32), meta(E, dtype=torch.float32), meta((), dtype=torch.float32)
+        topk_gates_bwd_into(p32, w32, meta(T, K, dtype=torch.int64), w32, t32, p32, e32, s32, t32, s32, 0.5, 0.5, p32)
         # The optimizer's kernel over a group of 3 L tensors up to one E x D x F expert weight (the pointer table of
         # ``kernels.adamw``), bf16 and fp32 moments, with the clipping divisor and the step guard's flag as the trainer passes them.
         table, scalar = meta(3 * STEP_LAYERS, 6, dtype=torch.int64), meta((), dtype=torch.float32)

@@ -226,12 +226,15 @@ def test_parallel_layout_adds_the_hand_counted_communication() -> None:
 
 def test_norms_cost_their_hand_counted_bytes_with_no_cast() -> None:
     """tiny (L = 4, D = 128), T = 2 x 16, bf16 autocast: the ops of the step that run in a norm module
-    (two per block and the final one) are one fused kernel each way per norm, bf16 out, no cast, plus
-    the backward's add of each block norm's dx into the residual gradient (autograd's accumulation of
-    a tensor used twice; the final norm's dx is the first). Bytes from the shapes: forward x fp32, w,
-    y bf16, 1/rms per row; backward dy bf16, x, w, 1/rms, dx fp32, dw; add fp32 a + b -> c."""
+    are one fused kernel each way per norm, bf16 out, no cast. Each block's attention norm and the
+    final norm read the fp32 stream; each block's FFN norm also adds the attention's bf16 output to
+    the stream (``add_rms_norm``: x, a in; h, y out) and in the backward adds the stream's gradient
+    to its own and writes it for x (fp32) and a (bf16). Left: the backward's add of each attention
+    norm's dx into the stream gradient (autograd's accumulation for the block input, used twice).
+    Bytes from the shapes: forward x fp32, w, y bf16, 1/rms per row; backward dy bf16, x, w, 1/rms,
+    dx fp32, dw; add fp32 a + b -> c."""
     L, D, B, S = 4, 128, 2, 16
-    T, norms = B * S, 2 * L + 1
+    T = B * S
     count = count_step(["model=tiny", f"train.batch_size={B}", f"train.seq_len={S}"])
     seen: dict[str, list[int]] = {}
     for r, c in zip(count.budget.ops, count.components):
@@ -239,7 +242,9 @@ def test_norms_cost_their_hand_counted_bytes_with_no_cast() -> None:
             assert c == "norms and RoPE"
             seen.setdefault(r.name, []).append(r.bytes)
     assert seen == {
-        "moeforge.rms_norm.default": [4 * T * D + 4 * D + 2 * T * D + 4 * T] * norms,
-        "moeforge.rms_norm_backward.default": [2 * T * D + 4 * T * D + 4 * D + 4 * T + 4 * T * D + 4 * D] * norms,
-        "aten.add.Tensor": [3 * 4 * T * D] * (2 * L),
+        "moeforge.rms_norm.default": [4 * T * D + 4 * D + 2 * T * D + 4 * T] * (L + 1),
+        "moeforge.rms_norm_backward.default": [2 * T * D + 4 * T * D + 4 * D + 4 * T + 4 * T * D + 4 * D] * (L + 1),
+        "moeforge.add_rms_norm.default": [4 * T * D + 2 * T * D + 4 * D + 4 * T * D + 2 * T * D + 4 * T] * L,
+        "moeforge.add_rms_norm_backward.default": [4 * T * D + 2 * T * D + 4 * T * D + 4 * D + 4 * T + 4 * T * D + 2 * T * D + 4 * D] * L,
+        "aten.add.Tensor": [3 * 4 * T * D] * L,
     }
