@@ -24,8 +24,11 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
-- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
-  moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
+- ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
+  the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
+  ``moe.routers.topk_gates`` on a GPU);
+- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of lists of parameter tensors in place,
+  moments in bf16 or fp32, one launch for the lists (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -270,19 +273,43 @@ def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor)
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
 
 
-def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float, beta2: float,
+            eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     mod = _kernel_module("adamw")
-    flat = all(t.is_contiguous() for t in (p, g, m, v)) and p.shape == g.shape == m.shape == v.shape
-    if not flat or not triton_runs(p, mod, "_adamw_kernel"):
-        reference.adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        return
-    mod.adamw_into(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    fused, rest = [], []
+    for i, t in enumerate(zip(p, g, m, v, step)):
+        kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == t[1].dtype == torch.float32 and t[2].dtype == t[3].dtype
+                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() for x in t[:4])
+                        and t[0].shape == t[1].shape == t[2].shape == t[3].shape and t[4].dtype == torch.float32)
+        (fused if kernel_ready else rest).append(i)
+    for i in rest:
+        reference.adamw_(p[i], g[i], m[i], v[i], step[i], lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    for moments in (torch.bfloat16, torch.float32):  # one launch per moments dtype present (one in practice)
+        idx = [i for i in fused if m[i].dtype == moments]
+        if idx:
+            table = mod.pointer_table(*([x[i] for i in idx] for x in (p, g, m, v, step)))
+            mod.adamw_into(table, len(idx), max(p[i].numel() for i in idx), moments, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
 
 
-def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
+
+
+def _topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
+                    f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
+    mod = _kernel_module("topk_gates")
+    if not triton_runs(probs, mod, "_topk_gates_bwd_kernel"):
+        return reference.topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)
+    out = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    mod.topk_gates_bwd_into(c(probs), c(weights), c(ids), c(dweights), c(sums), c(dprobs), c(f), c(daux), c(lse), c(dz), aux_scale, z_scale, out)
+    return out
+
+
+def _fake_topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
+                         f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
+    return probs.new_empty(probs.shape, dtype=torch.float32)
 
 
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
@@ -316,6 +343,9 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
+                       "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
+                       _topk_gates_bwd, _fake_topk_gates_bwd),
     "qkv_heads": ("qkv_heads(Tensor qkv, Tensor? w_q, Tensor? w_k, Tensor cos, Tensor sin, SymInt H, SymInt G, str mode, float eps) "
                   "-> (Tensor, Tensor, Tensor)", _qkv_heads, _fake_qkv_heads),
     "qkv_heads_bwd": ("qkv_heads_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, Tensor rstd, Tensor? w_q, Tensor? w_k, Tensor cos, "
@@ -327,7 +357,7 @@ _OPS = {
                      _add_rms_norm, _fake_add_rms_norm),
     "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
-    "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
+    "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
@@ -380,8 +410,14 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
+"""fp32 ``dlogits [T, E]`` of the top-k router from the gradients of its gates ``dweights`` (renormalised by
+``sums`` when given), of its probabilities ``dprobs``, of its balance loss ``daux`` (with ``f`` and
+``aux_scale = c_a E / T``) and of its z-loss ``dz`` (with ``lse`` and ``z_scale = 2 c_z / T``); absent ones None.
+One kernel reads the probabilities once and writes the gradient once (``kernels.topk_gates``)."""
 adamw_ = torch.ops.moeforge.adamw_.default
-"""One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
-(bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim
-device tensor), ``g`` is divided by ``grad_scale`` and nothing is written where ``found_inf`` is nonzero.
-One kernel reads p, g, m, v once and writes p, m, v once (``kernels.adamw``)."""
+"""One AdamW step of every parameter ``p[i]`` (fp32) with gradient ``g[i]`` in place: ``p[i]`` and the moments
+``m[i]``, ``v[i]`` (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step[i]`` is its count after this
+step (0-dim device tensor), gradients are divided by ``grad_scale`` and nothing is written where ``found_inf`` is
+nonzero. One kernel for all the tensors reads each p, g, m, v once and writes p, m, v once (``kernels.adamw``;
+its small address table is copied to the device first)."""
