@@ -234,11 +234,11 @@ def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: t
     return h, y, rstd
 
 
-def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     mod = _kernel_module("rms_norm")
     narrow = a_dtype != h.dtype
-    if (h.shape[-1] == 0 or dh.shape != h.shape or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, dh))):
+    if (h.shape[-1] == 0 or (dh is not None and dh.shape != h.shape) or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, h if dh is None else dh))):
         dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
         return dx, da if narrow else dx.new_empty(0), dw
     (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
@@ -247,7 +247,8 @@ def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rs
     da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
     dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
     if R:
-        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, dh.contiguous(), da if narrow else None)
+        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, None if dh is None else dh.contiguous(),
+                              da if narrow else None)
     return dx, da, dw_part.sum(0)
 
 
@@ -256,7 +257,7 @@ def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dty
     return h, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _fake_add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
     return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
 
@@ -324,7 +325,7 @@ _OPS = {
                           _rms_norm_backward, _fake_rms_norm_backward),
     "add_rms_norm": ("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)",
                      _add_rms_norm, _fake_add_rms_norm),
-    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
+    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor? dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
@@ -365,7 +366,7 @@ add_rms_norm = torch.ops.moeforge.add_rms_norm.default
 once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the same shape."""
 add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
 """``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
-residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
+residual stream; None where ``h`` is used no further, as after the last block) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
 values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
 kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
