@@ -24,6 +24,9 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
+  the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
+  ``moe.routers.topk_gates`` on a GPU);
 - ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
   moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
@@ -167,8 +170,9 @@ def _qkv_heads_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor | None, rstd:
     if not triton_runs(dq, mod, "_qkv_heads_bwd_kernel"):
         return reference.qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode, qkv_dw_programs(dq.shape[0] * dq.shape[1]))
     dqkv, dwq, dwk = _fake_qkv_heads_bwd(dq, dk, dv, qkv, rstd, w_q, w_k, cos, sin, mode)
-    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), None if qkv is None else _unit_cols(qkv), rstd.contiguous(), w_q, w_k, cos.contiguous(),
-                           sin.contiguous(), mode, dqkv, dwq, dwk)
+    x = None if qkv is None else _unit_cols(qkv)
+    mod.qkv_heads_bwd_into(_unit_cols(dq), _unit_cols(dk), _unit_cols(dv), x, rstd.contiguous(), w_q, w_k, cos.contiguous(), sin.contiguous(), mode,
+                           dqkv, dwq, dwk)
     return dqkv, dwq, dwk
 
 
@@ -285,6 +289,22 @@ def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: f
     return None
 
 
+def _topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
+                    f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
+    mod = _kernel_module("topk_gates")
+    if not triton_runs(probs, mod, "_topk_gates_bwd_kernel"):
+        return reference.topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)
+    out = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    mod.topk_gates_bwd_into(c(probs), c(weights), c(ids), c(dweights), c(sums), c(dprobs), c(f), c(daux), c(lse), c(dz), aux_scale, z_scale, out)
+    return out
+
+
+def _fake_topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
+                         f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
+    return probs.new_empty(probs.shape, dtype=torch.float32)
+
+
 def _fake_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return torch.empty_like(x)
 
@@ -316,6 +336,9 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
+                       "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
+                       _topk_gates_bwd, _fake_topk_gates_bwd),
     "qkv_heads": ("qkv_heads(Tensor qkv, Tensor? w_q, Tensor? w_k, Tensor cos, Tensor sin, SymInt H, SymInt G, str mode, float eps) "
                   "-> (Tensor, Tensor, Tensor)", _qkv_heads, _fake_qkv_heads),
     "qkv_heads_bwd": ("qkv_heads_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, Tensor rstd, Tensor? w_q, Tensor? w_k, Tensor cos, "
@@ -380,6 +403,11 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
+"""fp32 ``dlogits [T, E]`` of the top-k router from the gradients of its gates ``dweights`` (renormalised by
+``sums`` when given), of its probabilities ``dprobs``, of its balance loss ``daux`` (with ``f`` and
+``aux_scale = c_a E / T``) and of its z-loss ``dz`` (with ``lse`` and ``z_scale = 2 c_z / T``); absent ones None.
+One kernel reads the probabilities once and writes the gradient once (``kernels.topk_gates``)."""
 adamw_ = torch.ops.moeforge.adamw_.default
 """One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
 (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim

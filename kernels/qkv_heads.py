@@ -28,9 +28,9 @@ Backward, from ``do`` (any strides, unit-stride rows), the saved ``qkv`` and ``r
     dx = r (dn - n mean(dn n))       (the mean over the group r was taken over)
 
 written straight into ``dqkv [B, S, N]`` (no ``cat``); the value part's programs copy ``dv``
-into it. Each backward program of the query and key parts walks the rows ``p, p + P, p + 2P, ...`` and writes
-its fp32 ``dw`` partial sum to row ``p`` of a [P, width] buffer; the caller sums the P rows
-(deterministic, no atomics). The pure-torch twin is ``kernels.reference.qkv_heads`` /
+into it. Each backward program of the query and key parts walks the rows ``p, p + P, p + 2P,
+...`` and writes its fp32 ``dw`` partial sum to row ``p`` of a [P, width] buffer; the caller
+sums the P rows (deterministic, no atomics). The pure-torch twin is ``kernels.reference.qkv_heads`` /
 ``qkv_heads_bwd``; the ops live in ``kernels.ops``.
 """
 

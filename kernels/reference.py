@@ -163,6 +163,27 @@ def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torc
     return loss_C, g_CV.mul_(scale).to(grad_dtype)
 
 
+def topk_gates_bwd(probs_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, dweights_TK: Tensor | None, sums_T: Tensor | None,
+                   dprobs_TE: Tensor | None, f_E: Tensor | None, daux: Tensor | None, lse_T: Tensor | None, dz: Tensor | None,
+                   aux_scale: float, z_scale: float) -> Tensor:
+    """fp32 gradient of the top-k router's logits from its gates and losses (formulas in ``kernels.topk_gates``)."""
+    p = probs_TE.float()
+    dp = torch.zeros_like(p)
+    if daux is not None and f_E is not None:
+        dp = dp + f_E.float()[None, :] * (daux.float() * aux_scale)
+    if dprobs_TE is not None:
+        dp = dp + dprobs_TE.float()
+    if dweights_TK is not None:
+        dv = dweights_TK.float()
+        if sums_T is not None:
+            dv = (dv - (dv * weights_TK.float()).sum(dim=-1, keepdim=True)) / sums_T.float()[:, None]
+        dp = dp.scatter_add(1, ids_TK, dv)
+    dh = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    if dz is not None and lse_T is not None:
+        dh = dh + p * (lse_T.float() * (dz.float() * z_scale))[:, None]
+    return dh
+
+
 def rope(x_BHSd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor, inverse: bool) -> Tensor:
     """Rotary embedding of the (first half, second half) pairs by each position's angle, or by its
     negative when ``inverse`` (the backward), in fp32, returned in x's dtype (``kernels.rope``)."""

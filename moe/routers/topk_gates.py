@@ -10,12 +10,13 @@ softmax ``p = softmax(h)``, the top-k ``v_TK, ids_TK``, the weights ``w = v / s`
 25 small kernels per layer step (each op's backward, and the adds where paths meet).
 
 ``fused_gates`` runs the same forward ops (the same values, bit for bit) inside one
-``torch.autograd.Function`` whose backward is the closed form, in 11 kernels:
+``torch.autograd.Function`` whose backward is the closed form, one kernel on a GPU
+(``moeforge::topk_gates_bwd``, ``kernels.topk_gates``; its torch twin elsewhere):
 
 - renormalisation: ``dv = (g_w - sum_k g_w w) / s`` (or ``dv = g_w``);
 - the probabilities' gradient: ``dp_te = g_aux c_a E f_e / T`` everywhere, plus ``dv`` at the
-  selected experts (a scatter-add along each token's row, no two slots of a row the same expert);
-- the softmax: ``dh = p (dp - sum_e dp p)`` (``_softmax_backward_data``);
+  selected experts (no two slots of a row pick the same expert), plus any gradient of ``p`` itself;
+- the softmax: ``dh = p (dp - sum_e dp p)``;
 - the z-loss: ``dh += g_z c_z (2 lse_t / T) p_te`` (``d lse_t / d h_te = p_te``).
 
 It agrees with autograd through ``gates`` to fp32 rounding, not bit for bit (the sums run in
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels import ops
 from moe.routers.losses import CountSum, balance_fraction, balance_loss_of_fraction, slot_counts, z_loss_of_lse
 
 
@@ -89,18 +91,8 @@ class _FusedGates(torch.autograd.Function):
     def backward(ctx, dprobs_TE, dweights_TK, _ids, _counts, daux, dz):  # type: ignore[override]
         probs_TE, weights_TK, ids_TK, sum_TK1, f_E, lse_T = ctx.saved_tensors
         T, E = probs_TE.shape
-        dv_TK = dweights_TK
-        if dv_TK is not None and sum_TK1 is not None:
-            dv_TK = (dv_TK - (dv_TK * weights_TK).sum(dim=-1, keepdim=True)) / sum_TK1
-        if daux is not None and f_E is not None:
-            dp_TE = torch.mul(f_E.expand(T, E), daux * (ctx.aux_loss_coef * E / T))
-        else:
-            dp_TE = torch.zeros_like(probs_TE)
-        if dv_TK is not None:
-            dp_TE.scatter_add_(1, ids_TK, dv_TK.to(dp_TE.dtype))
-        if dprobs_TE is not None:
-            dp_TE = dp_TE + dprobs_TE
-        dlogits_TE = torch._softmax_backward_data(dp_TE, probs_TE, -1, probs_TE.dtype)
-        if dz is not None and lse_T is not None:
-            dlogits_TE.addcmul_(probs_TE, (lse_T * (dz * (2.0 * ctx.z_loss_coef / T)))[:, None])
-        return dlogits_TE, None, None, None, None, None
+        dlogits_TE = ops.topk_gates_bwd(
+            probs_TE, weights_TK, ids_TK, dweights_TK, None if sum_TK1 is None else sum_TK1.reshape(T), dprobs_TE,
+            f_E, daux, lse_T, dz, ctx.aux_loss_coef * E / max(T, 1), 2.0 * ctx.z_loss_coef / max(T, 1),
+        )
+        return dlogits_TE.to(probs_TE.dtype), None, None, None, None, None

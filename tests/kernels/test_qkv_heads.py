@@ -140,6 +140,25 @@ def test_attention_module_fused_equals_eager(kc, gen, mode, monkeypatch):
         kc.assert_close(a, b, tol=1e-4, what=name)
 
 
+def test_kv_cached_decoding_on_the_fused_path_equals_the_uncached_forward(kc, gen, monkeypatch):
+    """A prefill of 3 positions then two single-token steps through one cache, with the fused heads
+    (RoPE at the cached offsets 3 and 4, through the sliced cos/sin rows), against one uncached forward."""
+    from moe.model import LayerKVCache
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    attn = Attention(32, 4, 2, "per_head").to(kc.DEVICE).eval()
+    attn.q_norm.weight.data.normal_(1.0, 0.5)
+    monkeypatch.setattr(attn, "_eager_heads", attn._fused_heads)  # the fused path wherever this test runs
+    x = torch.randn(2, 5, 32, generator=gen).to(kc.DEVICE)
+    cos, sin = rope_tables(5, 8, 10000.0, kc.DEVICE)
+    cache = LayerKVCache()
+    with torch.no_grad():
+        full, _ = attn(x, cos, sin)
+        steps = [attn(x[:, a:b], cos[a:b], sin[a:b], cache=cache)[0] for a, b in ((0, 3), (3, 4), (4, 5))]
+    assert cache.length == 5
+    kc.assert_close(torch.cat(steps, dim=1), full, tol=1e-5, what="cached")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_on_meta_launches_one_op_each_way_with_hand_counted_bytes(mode):
     """On ``meta`` (the step budget's GPU) the heads cost one fused op forward and one backward, plus

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a layer step (and the step's loss, RoPE, RMSNorm, attention-heads and AdamW kernels) for a real shape; report its GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, its router's backward, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
@@ -203,6 +203,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.swiglu_act import swiglu_act_bwd_into, swiglu_act_fwd_into
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
+    from kernels.topk_gates import topk_gates_bwd_into
     from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
@@ -237,6 +238,11 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         cross_entropy_rows_into(z, y, 1.0, loss, None)
         q, angles = meta(1, D // STEP_HEAD_DIM, T, STEP_HEAD_DIM), meta(T, STEP_HEAD_DIM // 2, dtype=torch.float32)
         rope_into(q, angles, angles, False, torch.empty_like(q))
+        # The top-k router's backward at the layer's T, E and K, every gradient present (renormalised gates,
+        # the balance loss, the z-loss and a gradient into the probabilities).
+        p32, w32 = meta(T, E, dtype=torch.float32), meta(T, K, dtype=torch.float32)
+        t32, e32, s32 = meta(T, dtype=torch.float32), meta(E, dtype=torch.float32), meta((), dtype=torch.float32)
+        topk_gates_bwd_into(p32, w32, meta(T, K, dtype=torch.int64), w32, t32, p32, e32, s32, t32, s32, 0.5, 0.5, p32)
         # The optimizer's kernel over one expert weight (E x D x F fp32 parameter and gradient), bf16 and fp32 moments,
         # with the clipping divisor and the step guard's flag as the trainer passes them.
         w, scalar = meta(E, D, Fd, dtype=torch.float32), meta((), dtype=torch.float32)

@@ -75,10 +75,10 @@ def test_router_uses_the_fused_node_off_the_cpu_and_autograd_on_it() -> None:
     assert cpu.weights_TK.grad_fn.name() == "DivBackward0"  # the renormalisation, as autograd records it
 
 
-def test_fused_backward_is_eleven_kernels() -> None:
-    """Gates to logits, every loss on: renormalisation (mul, sum, sub, div), the balance term (the
-    scalar gradient times its constant, times f), the scatter-add of the gates, the softmax
-    backward, the z-loss term (scalar, times lse, addcmul): 11 launches."""
+def test_fused_backward_is_one_kernel() -> None:
+    """Gates to logits, every loss on: one ``moeforge::topk_gates_bwd`` launch (autograd took about 25),
+    reading the probabilities, gates, ids, their gradient and sums, f, lse and the two loss gradients
+    once and writing the fp32 logit gradient once."""
     T, E, K = 256, 16, 4
     with torch.device("meta"):
         logits = torch.empty(T, E, requires_grad=True)
@@ -86,9 +86,6 @@ def test_fused_backward_is_eleven_kernels() -> None:
         seeds = [torch.empty(T, K), torch.empty(()), torch.empty(())]
     with OpCounter() as counter:
         torch.autograd.grad([out.weights_TK, out.aux, out.z], [logits], seeds)
-    assert [r.name.removeprefix("aten.") for r in counter.budget.ops] == [
-        "mul.Tensor", "sum.dim_IntList", "sub.Tensor", "div.Tensor",
-        "mul.Tensor", "mul.Tensor", "scatter_add_.default",
-        "_softmax_backward_data.default",
-        "mul.Tensor", "mul.Tensor", "addcmul_.default",
-    ]
+    (op,) = counter.budget.ops
+    assert (op.name, op.launches) == ("moeforge.topk_gates_bwd.default", 1)
+    assert op.bytes == 2 * T * E * 4 + T * K * (4 + 8 + 4) + T * 4 + E * 4 + T * 4 + 2 * 4
