@@ -27,8 +27,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
   the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
   ``moe.routers.topk_gates`` on a GPU);
-- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
-  moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
+- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of lists of parameter tensors in place,
+  moments in bf16 or fp32, one launch for the lists (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -274,18 +274,26 @@ def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor)
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
 
 
-def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float, beta2: float,
+            eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     mod = _kernel_module("adamw")
-    flat = all(t.is_contiguous() for t in (p, g, m, v)) and p.shape == g.shape == m.shape == v.shape
-    if not flat or not triton_runs(p, mod, "_adamw_kernel"):
-        reference.adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        return
-    mod.adamw_into(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    fused, rest = [], []
+    for i, t in enumerate(zip(p, g, m, v, step)):
+        kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == t[1].dtype == torch.float32 and t[2].dtype == t[3].dtype
+                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() for x in t[:4])
+                        and t[0].shape == t[1].shape == t[2].shape == t[3].shape and t[4].dtype == torch.float32)
+        (fused if kernel_ready else rest).append(i)
+    for i in rest:
+        reference.adamw_(p[i], g[i], m[i], v[i], step[i], lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    for moments in (torch.bfloat16, torch.float32):  # one launch per moments dtype present (one in practice)
+        idx = [i for i in fused if m[i].dtype == moments]
+        if idx:
+            table = mod.pointer_table(*([x[i] for i in idx] for x in (p, g, m, v, step)))
+            mod.adamw_into(table, len(idx), max(p[i].numel() for i in idx), moments, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
 
 
-def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
 
 
@@ -350,7 +358,7 @@ _OPS = {
                      _add_rms_norm, _fake_add_rms_norm),
     "add_rms_norm_backward": ("add_rms_norm_backward(Tensor? dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
-    "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
+    "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
@@ -409,7 +417,8 @@ topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
 ``aux_scale = c_a E / T``) and of its z-loss ``dz`` (with ``lse`` and ``z_scale = 2 c_z / T``); absent ones None.
 One kernel reads the probabilities once and writes the gradient once (``kernels.topk_gates``)."""
 adamw_ = torch.ops.moeforge.adamw_.default
-"""One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
-(bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim
-device tensor), ``g`` is divided by ``grad_scale`` and nothing is written where ``found_inf`` is nonzero.
-One kernel reads p, g, m, v once and writes p, m, v once (``kernels.adamw``)."""
+"""One AdamW step of every parameter ``p[i]`` (fp32) with gradient ``g[i]`` in place: ``p[i]`` and the moments
+``m[i]``, ``v[i]`` (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step[i]`` is its count after this
+step (0-dim device tensor), gradients are divided by ``grad_scale`` and nothing is written where ``found_inf`` is
+nonzero. One kernel for all the tensors reads each p, g, m, v once and writes p, m, v once (``kernels.adamw``;
+its small address table is copied to the device first)."""
