@@ -182,12 +182,15 @@ class RMSNorm(nn.Module):
         of the two gradients and a downcast. Elsewhere the two steps as written (bit-identical on the CPU).
         """
         card = x.device.type in ("cuda", "meta")
-        if residual is not None:
-            if card and x.shape == residual.shape:
-                return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
-            h = x + residual
-            return h, self(h)
-        if card:
+        if residual is None:
+            return self._norm(x)
+        if card and x.shape == residual.shape:
+            return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
+        h = x + residual
+        return h, self._norm(h)
+
+    def _norm(self, x: Tensor) -> Tensor:
+        if x.device.type in ("cuda", "meta"):
             return fused_rms_norm(x, self.weight, self.eps, self._out_dtype(x))
         out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
