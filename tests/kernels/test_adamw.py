@@ -93,3 +93,20 @@ def test_tensors_the_kernel_cannot_take_go_through_the_reference(kc, gen):
     reference.adamw_(*want[4:], step, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
     torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(q, want[4])  # the same function ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_adamw_kernel_at_olmoe_expert_size_equals_the_reference(gen):
+    """One launch over an OLMoE expert weight (64 x 2048 x 1024, 134M elements: 65,536 blocks, 64 per program),
+    a 2048-wide norm and a bias-sized tensor, bf16 moments, clipping and a finite verdict as the trainer passes them."""
+    cuda = torch.device("cuda")
+    tensors = [_state(gen, shape, torch.bfloat16, cuda) for shape in [(64, 2048, 1024), (2048,), (7,)]]
+    want = [[t.clone() for t in ts] for ts in tensors]
+    step, scale = torch.tensor(3.0, device=cuda), torch.tensor(1.7, device=cuda)
+    ops.adamw_(*([ts[i] for ts in tensors] for i in range(4)), [step] * 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, torch.tensor(0.0, device=cuda))
+    for (p, _, m, v), (wp, wg, wm, wv) in zip(tensors, want):
+        reference.adamw_(wp, wg, wm, wv, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, None)
+        torch.testing.assert_close(p, wp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.float(), wm.float(), rtol=2.0**-7, atol=1e-7)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=2.0**-7, atol=1e-7)
