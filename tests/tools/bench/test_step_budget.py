@@ -224,27 +224,36 @@ def test_parallel_layout_adds_the_hand_counted_communication() -> None:
     assert out["held_fraction"] == pytest.approx((332_928 + 3_145_728 / 2) / 3_478_656)
 
 
-def test_norms_cost_their_hand_counted_bytes_with_no_cast() -> None:
+@pytest.mark.parametrize(("fp32_residual", "s"), [(False, 2), (True, 4)])
+def test_norms_cost_their_hand_counted_bytes_with_no_cast(fp32_residual: bool, s: int) -> None:
     """tiny (L = 4, D = 128), T = 2 x 16, bf16 autocast: the ops of the step that run in a norm module
     are one fused kernel each way per norm, bf16 out, no cast. Each block's attention norm and the
-    final norm read the fp32 stream; each block's FFN norm also adds the attention's bf16 output to
+    final norm read the residual stream; each block's FFN norm also adds the attention's bf16 output to
     the stream (``add_rms_norm``: x, a in; h, y out) and in the backward adds the stream's gradient
-    to its own and writes it for x (fp32) and a (bf16). Left: the backward's add of each attention
-    norm's dx into the stream gradient (autograd's accumulation for the block input, used twice).
-    Bytes from the shapes: forward x fp32, w, y bf16, 1/rms per row; backward dy bf16, x, w, 1/rms,
-    dx fp32, dw; add fp32 a + b -> c."""
+    to its own and writes it for x (stream dtype) and a (bf16). Left: the backward's add of each attention
+    norm's dx into the stream gradient (autograd's accumulation for the block input, used twice), and,
+    outside the norms, each block's add of its FFN output (bf16) to the stream.
+    The stream is bf16 under autocast (s = 2 bytes per element), fp32 with train.fp32_residual=true (s = 4).
+    Bytes from the shapes: forward x, w, y bf16, 1/rms per row; backward dy bf16, x, w, 1/rms,
+    dx, dw; add a + b -> c."""
     L, D, B, S = 4, 128, 2, 16
     T = B * S
-    count = count_step(["model=tiny", f"train.batch_size={B}", f"train.seq_len={S}"])
+    count = count_step(["model=tiny", f"train.batch_size={B}", f"train.seq_len={S}", f"train.fp32_residual={str(fp32_residual).lower()}"])
     seen: dict[str, list[int]] = {}
     for r, c in zip(count.budget.ops, count.components):
         if r.kind == "glue" and r.where.split(".")[-1].endswith("norm"):
             assert c == "norms and RoPE"
             seen.setdefault(r.name, []).append(r.bytes)
     assert seen == {
-        "moeforge.rms_norm.default": [4 * T * D + 4 * D + 2 * T * D + 4 * T] * (L + 1),
-        "moeforge.rms_norm_backward.default": [2 * T * D + 4 * T * D + 4 * D + 4 * T + 4 * T * D + 4 * D] * (L + 1),
-        "moeforge.add_rms_norm.default": [4 * T * D + 2 * T * D + 4 * D + 4 * T * D + 2 * T * D + 4 * T] * L,
-        "moeforge.add_rms_norm_backward.default": [4 * T * D + 2 * T * D + 4 * T * D + 4 * D + 4 * T + 4 * T * D + 2 * T * D + 4 * D] * L,
-        "aten.add.Tensor": [3 * 4 * T * D] * L,
+        "moeforge.rms_norm.default": [s * T * D + 4 * D + 2 * T * D + 4 * T] * (L + 1),
+        "moeforge.rms_norm_backward.default": [2 * T * D + s * T * D + 4 * D + 4 * T + s * T * D + 4 * D] * (L + 1),
+        "moeforge.add_rms_norm.default": [s * T * D + 2 * T * D + 4 * D + s * T * D + 2 * T * D + 4 * T] * L,
+        # da is written apart only for an fp32 stream: with a bf16 one the stream's gradient is a's as is
+        "moeforge.add_rms_norm_backward.default": [s * T * D + 2 * T * D + s * T * D + 4 * D + 4 * T + s * T * D + (2 * T * D if s == 4 else 0)
+                                                   + 4 * D] * L,
+        "aten.add.Tensor": [3 * s * T * D] * L,
     }
+    ffn_adds = [r.bytes for r, c in zip(count.budget.ops, count.components)
+                if c == "other" and r.where.startswith("fwd:") and r.name == "aten.add.Tensor" and r.bytes >= T * D]
+    assert ffn_adds == [(s + 2 + s) * T * D] * L
+
