@@ -280,7 +280,7 @@ def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], 
     fused, rest = [], []
     for i, t in enumerate(zip(p, g, m, v, step)):
         kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == t[1].dtype == torch.float32 and t[2].dtype == t[3].dtype
-                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() for x in t[:4])
+                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in t[:4])
                         and t[0].shape == t[1].shape == t[2].shape == t[3].shape and t[4].dtype == torch.float32)
         (fused if kernel_ready else rest).append(i)
     for i in rest:
