@@ -29,8 +29,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
   the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
   ``moe.routers.topk_gates`` on a GPU);
-- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of one parameter tensor in place,
-  moments in bf16 or fp32 (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
+- ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of lists of parameter tensors in place,
+  moments in bf16 or fp32, one launch for the lists (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -240,11 +240,11 @@ def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: t
     return h, y, rstd
 
 
-def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     mod = _kernel_module("rms_norm")
     narrow = a_dtype != h.dtype
-    if (h.shape[-1] == 0 or dh.shape != h.shape or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, dh))):
+    if (h.shape[-1] == 0 or (dh is not None and dh.shape != h.shape) or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, h if dh is None else dh))):
         dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
         return dx, da if narrow else dx.new_empty(0), dw
     (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
@@ -253,7 +253,8 @@ def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rs
     da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
     dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
     if R:
-        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, dh.contiguous(), da if narrow else None)
+        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, None if dh is None else dh.contiguous(),
+                              da if narrow else None)
     return dx, da, dw_part.sum(0)
 
 
@@ -262,7 +263,7 @@ def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dty
     return h, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _fake_add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
     return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
 
@@ -275,18 +276,26 @@ def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor)
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
 
 
-def _adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-            weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float, beta2: float,
+            eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     mod = _kernel_module("adamw")
-    flat = all(t.is_contiguous() for t in (p, g, m, v)) and p.shape == g.shape == m.shape == v.shape
-    if not flat or not triton_runs(p, mod, "_adamw_kernel"):
-        reference.adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        return
-    mod.adamw_into(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    fused, rest = [], []
+    for i, t in enumerate(zip(p, g, m, v, step)):
+        kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == t[1].dtype == torch.float32 and t[2].dtype == t[3].dtype
+                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in t[:4])
+                        and t[0].shape == t[1].shape == t[2].shape == t[3].shape and t[4].dtype == torch.float32)
+        (fused if kernel_ready else rest).append(i)
+    for i in rest:
+        reference.adamw_(p[i], g[i], m[i], v[i], step[i], lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    for moments in (torch.bfloat16, torch.float32):  # one launch per moments dtype present (one in practice)
+        idx = [i for i in fused if m[i].dtype == moments]
+        if idx:
+            table = mod.pointer_table(*([x[i] for i in idx] for x in (p, g, m, v, step)))
+            mod.adamw_into(table, len(idx), max(p[i].numel() for i in idx), moments, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
 
 
-def _fake_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
 
 
@@ -366,9 +375,9 @@ _OPS = {
                           _rms_norm_backward, _fake_rms_norm_backward),
     "add_rms_norm": ("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)",
                      _add_rms_norm, _fake_add_rms_norm),
-    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
+    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor? dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
-    "adamw_": ("adamw_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, float beta2, float eps, "
+    "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
@@ -407,7 +416,7 @@ add_rms_norm = torch.ops.moeforge.add_rms_norm.default
 once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the same shape."""
 add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
 """``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
-residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
+residual stream; None where ``h`` is used no further, as after the last block) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
 values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
 kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
@@ -430,7 +439,8 @@ topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
 ``aux_scale = c_a E / T``) and of its z-loss ``dz`` (with ``lse`` and ``z_scale = 2 c_z / T``); absent ones None.
 One kernel reads the probabilities once and writes the gradient once (``kernels.topk_gates``)."""
 adamw_ = torch.ops.moeforge.adamw_.default
-"""One AdamW step of parameter ``p`` (fp32) with gradient ``g`` in place: ``p``, and the moments ``m``, ``v``
-(bf16 or fp32, stored rounded to nearest even), fp32 math; ``step`` is the count after this step (0-dim
-device tensor), ``g`` is divided by ``grad_scale`` and nothing is written where ``found_inf`` is nonzero.
-One kernel reads p, g, m, v once and writes p, m, v once (``kernels.adamw``)."""
+"""One AdamW step of every parameter ``p[i]`` (fp32) with gradient ``g[i]`` in place: ``p[i]`` and the moments
+``m[i]``, ``v[i]`` (bf16 or fp32, stored rounded to nearest even), fp32 math; ``step[i]`` is its count after this
+step (0-dim device tensor), gradients are divided by ``grad_scale`` and nothing is written where ``found_inf`` is
+nonzero. One kernel for all the tensors reads each p, g, m, v once and writes p, m, v once (``kernels.adamw``;
+its small address table is copied to the device first)."""

@@ -295,11 +295,11 @@ def add_rms_norm(x: Tensor, a: Tensor, weight_D: Tensor, eps: float, out_dtype: 
     return (h, *rms_norm(h, weight_D, eps, out_dtype))
 
 
-def add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight_D: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``add_rms_norm``: ``dx = dh + (the norm's dx)`` in h's dtype, ``da`` = those values
-    in ``a_dtype``, fp32 ``dw``."""
+def add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight_D: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``add_rms_norm``: ``dx = dh + (the norm's dx)`` (no ``dh``: the norm's alone) in h's
+    dtype, ``da`` = those values in ``a_dtype``, fp32 ``dw``."""
     dn, dw = rms_norm_backward(dy, h.to(torch.promote_types(h.dtype, torch.float32)), weight_D, rstd)
-    dx = dh.to(dn.dtype) + dn
+    dx = dn if dh is None else dh.to(dn.dtype) + dn
     return dx.to(h.dtype), dx.to(a_dtype), dw
 
 

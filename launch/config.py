@@ -114,6 +114,9 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast; weights and optimizer stay fp32)
     | fp32."""
+    fp32_residual: bool = False
+    """Under bf16 autocast (GPUs), keep the residual stream between blocks in fp32 (Megatron-LM's
+    --fp32-residual-connection); false: it is bf16 like the activations around it (fewer bytes per add and norm)."""
     activation_checkpointing: str = "none"
     """none | full (recompute every block in the backward) | selective (keep GEMM and attention
     outputs, recompute the elementwise rest)."""

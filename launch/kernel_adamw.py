@@ -4,7 +4,7 @@
 fused AdamW reads 16 bytes (parameter, gradient, two moments) and writes 12. DeepSeek-V3 (DeepSeek-AI
 2024, arXiv 2412.19437, sec. 3.3.3, "Low-Precision Optimizer States") tracks the first and second
 moments in BF16 "without incurring observable performance degradation", keeping fp32 master weights
-and gradients. ``KernelAdamW`` does that: one ``moeforge::adamw_`` launch per parameter tensor
+and gradients. ``KernelAdamW`` does that: one ``moeforge::adamw_`` launch per param group
 (``kernels.adamw``: fp32 math, moments stored rounded to nearest even), 12 bytes read and 8 written
 per parameter, and 8 bytes of state instead of 16.
 
@@ -32,7 +32,7 @@ from parallel.dense import local_tensor
 
 
 class KernelAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected) with moments in ``moments_dtype``, one kernel per tensor."""
+    """AdamW (decoupled weight decay, bias-corrected) with moments in ``moments_dtype``, one kernel per param group."""
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
                  moments_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -71,11 +71,10 @@ class KernelAdamW(torch.optim.Optimizer):
             # A tensor ``advance`` goes in as a list: ``_foreach_add_(steps, tensor)`` would read it on the host.
             torch._foreach_add_(steps, [advance] * len(steps) if isinstance(advance, Tensor) else advance)
             beta1, beta2 = group["betas"]
-            for p, t in zip(params, steps):
-                st = self.state[p]
-                ops.adamw_(local_tensor(p.detach()), local_tensor(p.grad), local_tensor(st["exp_avg"]), local_tensor(st["exp_avg_sq"]), t,
-                           float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                           grad_scale, found_inf)
+            states = [self.state[p] for p in params]
+            ops.adamw_([local_tensor(p.detach()) for p in params], [local_tensor(p.grad) for p in params],
+                       [local_tensor(st["exp_avg"]) for st in states], [local_tensor(st["exp_avg_sq"]) for st in states], steps,
+                       float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), grad_scale, found_inf)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` casts state to the parameter's dtype; the moments go back to ``moments_dtype``."""

@@ -245,6 +245,7 @@ def build_model(job: JobConfig, runtime: Runtime, data: TokenSplits) -> tuple[Mo
     if wanted:  # e.g. hash routing's frequency-balanced table; a resume reloads the same table
         core.fit_token_counts(token_counts(data.train, job.model.vocab_size, wanted))
     core.set_activation_checkpointing(tr.activation_checkpointing)
+    core.set_fp32_residual(tr.fp32_residual)
     compile_model(job, runtime, core)
     return core, counts
 

@@ -5,7 +5,11 @@ heads, G key/value heads, d head dim, P cached positions, V vocabulary).
 
 Pre-norm blocks ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the FFN is an ``MoELayer`` in
 every ``moe_every``-th layer (layer i is MoE when ``(i + 1) % moe_every == 0``) and a dense SwiGLU
-otherwise. No parallelism lives here: ``parallel/`` rewires a built model.
+otherwise. Each residual add is done by the norm that follows it (``RMSNorm(x, residual=...)``, one
+kernel with the norm on a GPU), so a block hands its FFN output, unadded, to the next block's
+attention norm or to the final norm. Under activation checkpointing the model adds it before each
+block instead, so a checkpoint keeps one tensor per block. No parallelism lives here: ``parallel/``
+rewires a built model.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ class _FusedAddRMSNorm(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:  # y unused: h's gradient passes to x and a unchanged, as the add's backward would
             return dh, None if dh is None else dh.to(ctx.a_dtype), None, None, None
-        dx, da, dw = ops.add_rms_norm_backward(torch.zeros_like(h) if dh is None else dh, dy, h, weight, rstd, ctx.a_dtype)
+        dx, da, dw = ops.add_rms_norm_backward(dh, dy, h, weight, rstd, ctx.a_dtype)
         return dx, dx if ctx.a_dtype == h.dtype else da, dw.to(weight.dtype), None, None
 
 
@@ -178,12 +182,15 @@ class RMSNorm(nn.Module):
         of the two gradients and a downcast. Elsewhere the two steps as written (bit-identical on the CPU).
         """
         card = x.device.type in ("cuda", "meta")
-        if residual is not None:
-            if card and x.shape == residual.shape:
-                return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
-            h = x + residual
-            return h, self(h)
-        if card:
+        if residual is None:
+            return self._norm(x)
+        if card and x.shape == residual.shape:
+            return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
+        h = x + residual
+        return h, self._norm(h)
+
+    def _norm(self, x: Tensor) -> Tensor:
+        if x.device.type in ("cuda", "meta"):
             return fused_rms_norm(x, self.weight, self.eps, self._out_dtype(x))
         out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
@@ -234,21 +241,21 @@ class _FusedQKVHeads(torch.autograd.Function):
     way (the weight gradients are the sums of the backward's per-program partials)."""
 
     @staticmethod
-    def forward(ctx, qkv_BSN: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,  # type: ignore[override]
+    def forward(ctx, qkv: Tensor, w_q: Tensor | None, w_k: Tensor | None, cos: Tensor, sin: Tensor, H: int, G: int, mode: str,  # type: ignore[override]
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        q_BSHd, k_BSGd, rstd_TR = ops.qkv_heads(qkv_BSN, w_q, w_k, cos, sin, H, G, mode, eps)
-        ctx.save_for_backward(qkv_BSN if mode != "none" else None, rstd_TR, w_q, w_k, cos, sin)  # only the norms' backward reads qkv
+        q_BSHd, k_BSGd, rstd_TR = ops.qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)
+        ctx.save_for_backward(qkv if mode != "none" else None, rstd_TR, w_q, w_k, cos, sin)  # only the norms' backward reads qkv
         ctx.mode = mode
-        B, S, N = qkv_BSN.shape
+        B, S, N = qkv.shape
         d = N // (H + 2 * G)
-        return q_BSHd, k_BSGd, qkv_BSN[..., (H + G) * d :].view(B, S, G, d)
+        return q_BSHd, k_BSGd, qkv[..., (H + G) * d :].view(B, S, G, d)
 
     @staticmethod
     def backward(ctx, dq_BSHd: Tensor, dk_BSGd: Tensor, dv_BSGd: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        qkv_BSN, rstd_TR, w_q, w_k, cos, sin = ctx.saved_tensors
-        dqkv, dwq_PW, dwk_PW = ops.qkv_heads_bwd(dq_BSHd, dk_BSGd, dv_BSGd, qkv_BSN, rstd_TR, w_q, w_k, cos, sin, ctx.mode)
-        dw_q = None if w_q is None or not ctx.needs_input_grad[1] else dwq_PW.sum(0, dtype=w_q.dtype)
-        dw_k = None if w_k is None or not ctx.needs_input_grad[2] else dwk_PW.sum(0, dtype=w_k.dtype)
+        qkv, rstd_TR, w_q, w_k, cos, sin = ctx.saved_tensors
+        dqkv, dwq_parts, dwk_parts = ops.qkv_heads_bwd(dq_BSHd, dk_BSGd, dv_BSGd, qkv, rstd_TR, w_q, w_k, cos, sin, ctx.mode)
+        dw_q = None if w_q is None or not ctx.needs_input_grad[1] else dwq_parts.sum(0, dtype=w_q.dtype)
+        dw_k = None if w_k is None or not ctx.needs_input_grad[2] else dwk_parts.sum(0, dtype=w_k.dtype)
         return dqkv, dw_q, dw_k, None, None, None, None, None, None
 
 
@@ -346,26 +353,26 @@ class Attention(nn.Module):
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
         return self.out(y.transpose(1, 2).reshape(B, S, D)), probs_BSS
 
-    def _eager_heads(self, qkv_BSN: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _eager_heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, S, d], k and v [B, G, S, d] from the fused projection: split, q/k norms, RoPE, op by op."""
-        B, S, _ = qkv_BSN.shape
+        B, S, _ = qkv.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qk_norm == "full":  # normalise the whole query / key projections, then split heads
-            q, k, v = qkv_BSN.split([H * d, G * d, G * d], dim=-1)
-            qkv_BSN = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
-        q, k, v = qkv_BSN.view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+            q, k, v = qkv.split([H * d, G * d, G * d], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        q, k, v = qkv.view(B, S, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _fused_heads(self, qkv_BSN: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _fused_heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``_eager_heads`` in one kernel each way (``kernels.qkv_heads``): q and k come out as [B, S, heads, d]
         memory (FlashAttention's own layout), v stays a view of the projection (as in ``_eager_heads``); all
         three are returned as their [B, heads, S, d] views."""
         normed = self.qk_norm != "none"
         w_q, w_k = (self.q_norm.weight, self.k_norm.weight) if normed else (None, None)
         eps = self.q_norm.eps if normed else 0.0
-        heads = _FusedQKVHeads.apply(qkv_BSN, w_q, w_k, cos, sin, self.num_heads, self.num_kv_heads, self.qk_norm, eps)
+        heads = _FusedQKVHeads.apply(qkv, w_q, w_k, cos, sin, self.num_heads, self.num_kv_heads, self.qk_norm, eps)
         return tuple(t.transpose(1, 2) for t in heads)  # type: ignore[return-value]
 
 
@@ -388,16 +395,23 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext,
-                cache: LayerKVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x_BSD: Tensor, branch_BSD: Tensor | None, cos: Tensor, sin: Tensor, context: RouterContext,
+                cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(x, y, aux)``: the residual stream after the attention and this block's FFN output ``y``, not
+        yet added to it: the next norm adds it (``RMSNorm(x, residual=y)``, one kernel with the norm on
+        a GPU). ``branch_BSD`` is the previous block's such output (None: nothing pending)."""
         B, S, D = x_BSD.shape
         want_probs = isinstance(self.ffn, MoELayer) and self.ffn.router.needs_attention
-        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs, cache)
+        if branch_BSD is None:
+            normed_BSD = self.attn_norm(x_BSD)
+        else:
+            x_BSD, normed_BSD = self.attn_norm(x_BSD, residual=branch_BSD)
+        a, probs = self.attn(normed_BSD, cos, sin, want_probs, cache)
         x_BSD, normed_BSD = self.ffn_norm(x_BSD, residual=a)
         if probs is not None:
             context = replace(context, attn_probs_BSS=probs)
         y_TD, aux = self.ffn(normed_BSD.reshape(B * S, D), context)
-        return x_BSD + y_TD.view(B, S, D), aux
+        return x_BSD, y_TD.view(B, S, D), aux
 
 
 class MoETransformer(nn.Module):
@@ -427,6 +441,8 @@ class MoETransformer(nn.Module):
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=cfg.d_model**-0.5)
         self.checkpointing = "none"
+        self.fp32_residual = False
+        """Keep the residual stream in fp32 under autocast (``set_fp32_residual``); by default it is in autocast's dtype."""
 
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block."""
@@ -476,6 +492,15 @@ class MoETransformer(nn.Module):
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: must be one of {list(RECOMPUTE_MODES)}")
         self.checkpointing = mode
+
+    def set_fp32_residual(self, on: bool) -> None:
+        """Where autocast runs the GEMMs in bf16 (a GPU), the residual stream between blocks is bf16 too by
+        default: the embedding's output is cast once, and every add and norm of the stream then reads
+        and writes 2 bytes per element instead of 4, as a model held in bf16 does (Megatron-LM's default;
+        torchtitan's FSDP2 mixed precision). ``on`` keeps the stream in fp32 (Megatron-LM's
+        ``--fp32-residual-connection``); the norms compute in fp32 either way. CPUs (no CUDA autocast) keep
+        fp32."""
+        self.fp32_residual = on
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
         """``torch.compile`` every transformer block in place (one compiled graph per block, reused by
@@ -579,16 +604,21 @@ class MoETransformer(nn.Module):
         )
         cos, sin = rope_tables(past + S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
         cos, sin = cos[past:], sin[past:]
-        x = self.embed(tokens_BS)
+        x, branch = self.embed(tokens_BS), None
+        residual = None if self.fp32_residual else autocast_dtype(x)
+        if residual is not None:  # the residual stream in autocast's dtype (bf16), as the activations around it
+            x = x.to(residual)
         aux_total: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
             if cache is not None:
-                x, aux = block(x, cos, sin, context, cache.layers[i])
+                x, branch, aux = block(x, branch, cos, sin, context, cache.layers[i])
             else:
-                x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
+                if branch is not None and self.checkpointing != "none":  # a checkpoint keeps one stream tensor per block, not two
+                    x, branch = x + branch, None
+                x, branch, aux = run_checkpointed(self.checkpointing, block, x, branch, cos, sin, context)
             for name, value in aux.items():
                 aux_total[name] = aux_total[name] + value if name in aux_total else value
-        x = self.norm(x)
+        x = self.norm(x) if branch is None else self.norm(x, residual=branch)[1]
         weight_VD = self.head.weight if self.head is not None else self.embed.weight
         if targets_BS is not None:
             return head_cross_entropy(x.flatten(0, 1), weight_VD, targets_BS.flatten(), reduction), aux_total

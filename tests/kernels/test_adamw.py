@@ -26,35 +26,50 @@ def _state(gen: torch.Generator, shape: tuple[int, ...], moments: torch.dtype, d
     return [p.to(device), (3 * g).to(device), (0.1 * m).to(moments).to(device), v.to(moments).to(device)]
 
 
-@pytest.mark.parametrize("shape", [(1,), (BLOCK + 3,), (37, 61)])
+SHAPES = [(1,), (BLOCK + 3,), (37, 61), (3, BLOCK)]
+"""One element, one block and a masked tail, 2,257 (not a multiple of the block), exactly three blocks."""
+
+
 @pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_adamw_kernel_equals_the_reference(kc, gen, shape, moments, scaled):
-    """Sizes: one element, one block and a masked tail, a 2-D tensor of 2,257 (not a multiple of the block)."""
-    p, g, m, v = _state(gen, shape, moments, kc.DEVICE)
-    step = torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=kc.DEVICE)
+def test_adamw_kernel_equals_the_reference(kc, gen, moments, scaled, monkeypatch):
+    """Four tensors of different sizes and step counts in one launch; with 2 programs per tensor the large ones
+    loop over their blocks."""
+    from kernels import adamw
+
+    monkeypatch.setattr(adamw, "MAX_PROGRAMS_PER_TENSOR", 2)
+    tensors = [_state(gen, shape, moments, kc.DEVICE) for shape in SHAPES]
+    steps = [torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=kc.DEVICE) for _ in SHAPES]
     scale = torch.tensor(2.5, device=kc.DEVICE) if scaled else None
-    want = [t.clone() for t in (p, g, m, v)]
-    p0 = p.clone()
+    want = [[t.clone() for t in ts] for ts in tensors]
+    before = [ts[0].clone() for ts in tensors]
     hyper = (3e-3, 0.9, 0.95, 1e-8, 0.1)
-    ops.adamw_(p, g, m, v, step, *hyper, scale, torch.tensor(0.0, device=kc.DEVICE))
-    reference.adamw_(*want[:3], want[3], step, *hyper, scale, None)
-    assert m.dtype == v.dtype == moments
-    torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
-    assert torch.equal(g, want[1])  # the gradient is only read
-    # Moments: the same fp32 value up to the last bits of the lerp's cancellation (values ~0.3), then
-    # rounded to nearest even (bf16: such a last-bit difference may flip one rounding, one bf16 step).
-    rtol, atol = (2.0**-7, 1e-7) if moments == torch.bfloat16 else (1e-6, 1e-7)
-    torch.testing.assert_close(m.float(), want[2].float(), rtol=rtol, atol=atol)
-    torch.testing.assert_close(v.float(), want[3].float(), rtol=rtol, atol=atol)
-    assert (p != p0).all()  # every element moved (the masked tail too)
+    ops.adamw_(*([ts[i] for ts in tensors] for i in range(4)), steps, *hyper, scale, torch.tensor(0.0, device=kc.DEVICE))
+    for (p, g, m, v), (wp, wg, wm, wv), t, p0 in zip(tensors, want, steps, before):
+        reference.adamw_(wp, wg, wm, wv, t, *hyper, scale, None)
+        assert m.dtype == v.dtype == moments
+        torch.testing.assert_close(p, wp, rtol=1e-6, atol=1e-6)
+        assert torch.equal(g, wg)  # the gradient is only read
+        # Moments: the same fp32 value up to the last bits of the lerp's cancellation (values ~0.3), then
+        # rounded to nearest even (bf16: such a last-bit difference may flip one rounding, one bf16 step).
+        rtol, atol = (2.0**-7, 1e-7) if moments == torch.bfloat16 else (1e-6, 1e-7)
+        torch.testing.assert_close(m.float(), wm.float(), rtol=rtol, atol=atol)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=rtol, atol=atol)
+        # The update is ~1e-3 per element (1e-6 checked above), so an element the kernel skipped (a masked tail, a
+        # looped block) would fail the comparison; an element's update may cancel its decay, so no "every p moved".
+        assert (wp - p0).abs().max() > 1e-4 or p.numel() == 1
+
+
+def _one(kc, p, g, m, v, step, *hyper):
+    """``ops.adamw_`` on one tensor."""
+    ops.adamw_([p], [g], [m], [v], [torch.tensor(step, device=kc.DEVICE)], *hyper)
 
 
 def test_adamw_kernel_rounds_moments_to_nearest_even(kc):
     """m = (1 - beta1) g from zero: bf16 stores exactly fp32's value rounded to nearest even, ties to even."""
     g = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-9, -(1.0 + 2.0**-7 + 2.0**-9)], device=kc.DEVICE)
     p, m, v = torch.zeros_like(g), torch.zeros_like(g, dtype=torch.bfloat16), torch.zeros_like(g, dtype=torch.bfloat16)
-    ops.adamw_(p, g, m, v, torch.tensor(1.0, device=kc.DEVICE), 1e-3, 0.0, 0.0, 1e-8, 0.0, None, None)  # beta1 = 0: m = g, v = g^2
+    _one(kc, p, g, m, v, 1.0, 1e-3, 0.0, 0.0, 1e-8, 0.0, None, None)  # beta1 = 0: m = g, v = g^2
     assert m.float().tolist() == [1.0, 1.0 + 2.0**-6, 1.0, -(1.0 + 2.0**-7)]  # ties go to the even mantissa; below half rounds down
 
 
@@ -62,6 +77,39 @@ def test_adamw_kernel_skips_everything_when_found_inf(kc, gen):
     p, g, m, v = _state(gen, (BLOCK + 5,), torch.bfloat16, kc.DEVICE)
     g[3] = float("nan")
     before = [t.clone() for t in (p, m, v)]
-    ops.adamw_(p, g, m, v, torch.tensor(4.0, device=kc.DEVICE), 1e-2, 0.9, 0.95, 1e-8, 0.1, None, torch.tensor(1.0, device=kc.DEVICE))
+    _one(kc, p, g, m, v, 4.0, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, torch.tensor(1.0, device=kc.DEVICE))
     for a, b in zip((p, m, v), before):
         assert torch.equal(a, b)
+
+
+def test_tensors_the_kernel_cannot_take_go_through_the_reference(kc, gen):
+    """Non-contiguous and not 16-byte-aligned parameters in the list are updated by the reference, the rest by the
+    kernel; all equal the reference."""
+    p, g, m, v = _state(gen, (8, 6), torch.bfloat16, kc.DEVICE)
+    q, h, n, w = (t.t() for t in _state(gen, (6, 8), torch.bfloat16, kc.DEVICE))  # transposed views
+    a, b, c, d = (t[1:] for t in _state(gen, (41,), torch.bfloat16, kc.DEVICE))  # 4 or 2 bytes past an allocation
+    assert a.data_ptr() % 16 and c.data_ptr() % 16
+    want = [t.clone() for t in (p, g, m, v, q, h, n, w, a, b, c, d)]
+    step = torch.tensor(2.0, device=kc.DEVICE)
+    ops.adamw_([p, q, a], [g, h, b], [m, n, c], [v, w, d], [step] * 3, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
+    for i in (0, 4, 8):
+        reference.adamw_(*want[i : i + 4], step, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
+    torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(q, want[4]) and torch.equal(a, want[8])  # the same function ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_adamw_kernel_at_olmoe_expert_size_equals_the_reference(gen):
+    """One launch over an OLMoE expert weight (64 x 2048 x 1024, 134M elements: 65,536 blocks, 64 per program),
+    a 2048-wide norm and a bias-sized tensor, bf16 moments, clipping and a finite verdict as the trainer passes them."""
+    cuda = torch.device("cuda")
+    tensors = [_state(gen, shape, torch.bfloat16, cuda) for shape in [(64, 2048, 1024), (2048,), (7,)]]
+    want = [[t.clone() for t in ts] for ts in tensors]
+    step, scale = torch.tensor(3.0, device=cuda), torch.tensor(1.7, device=cuda)
+    ops.adamw_(*([ts[i] for ts in tensors] for i in range(4)), [step] * 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, torch.tensor(0.0, device=cuda))
+    for (p, _, m, v), (wp, wg, wm, wv) in zip(tensors, want):
+        reference.adamw_(wp, wg, wm, wv, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, None)
+        torch.testing.assert_close(p, wp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.float(), wm.float(), rtol=2.0**-7, atol=1e-7)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=2.0**-7, atol=1e-7)

@@ -77,24 +77,31 @@ def test_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, dt
     _close(dw, want_dw, torch.float32, "dw")
 
 
-@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("x_dtype", "a_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("kind", ["rows", "strided"])
-def test_add_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, a_dtype):
-    """The residual sum h = x + a (fp32 stream x, a branch output a in fp32 or bf16) and its norm in
-    bf16; backward: the stream's gradient dh plus the norm's, for x in fp32 and for a in a's dtype."""
-    x, _ = _layout(kind, gen, kc.DEVICE, torch.float32)
+def test_add_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, x_dtype, a_dtype):
+    """The residual sum h = x + a (stream x in fp32, or bf16 as under autocast by default; a branch
+    output a in fp32 or bf16) and its norm in bf16; backward: the stream's gradient dh plus the norm's,
+    for x in the stream's dtype and for a in a's dtype."""
+    x, _ = _layout(kind, gen, kc.DEVICE, x_dtype)
     a = torch.randn(x.shape, generator=gen).to(kc.DEVICE, a_dtype)
     w = (torch.rand(x.shape[-1], generator=gen) + 0.5).to(kc.DEVICE)
-    dh, dy = torch.randn(x.shape, generator=gen).to(kc.DEVICE), torch.randn(x.shape, generator=gen).to(kc.DEVICE, torch.bfloat16)
+    dh = torch.randn(x.shape, generator=gen).to(kc.DEVICE, x_dtype)
+    dy = torch.randn(x.shape, generator=gen).to(kc.DEVICE, torch.bfloat16)
     h, y, rstd = ops.add_rms_norm(x, a, w, EPS, torch.bfloat16)
-    assert torch.equal(h, x + a)  # the fp32 sum, as the eager add computes it
-    want_y, want_dn, want_dw = _truth(x + a, w, dy)
+    assert h.dtype == x_dtype
+    if x_dtype == torch.float32:
+        assert torch.equal(h, x + a)  # the fp32 sum, as the eager add computes it
+    else:  # rounded to bf16 (Triton's interpreter rounds toward zero where a GPU rounds to nearest: within one bf16 step)
+        _close(h, x.double() + a.double(), torch.bfloat16, "h")
+    want_y, want_dn, want_dw = _truth(h, w, dy)
     _close(y, want_y, torch.bfloat16, "y")
-    _close(rstd, (x + a).double().pow(2).mean(-1).add(EPS).rsqrt(), torch.float32, "rstd")
+    _close(rstd, h.double().pow(2).mean(-1).add(EPS).rsqrt(), torch.float32, "rstd")
     dx, da, dw = ops.add_rms_norm_backward(dh, dy, h, w, rstd, a_dtype)
-    _close(dx, want_dn + dh.double(), torch.float32, "dx")
+    _close(dx, want_dn + dh.double(), x_dtype, "dx")
     _close(dw, want_dw, torch.float32, "dw")
-    if a_dtype == torch.float32:
+    if a_dtype == x_dtype:
         assert da.numel() == 0  # da is dx
     else:
         _close(da, want_dn + dh.double(), torch.bfloat16, "da")

@@ -109,3 +109,25 @@ def test_num_kv_heads_shrinks_kv_projection_and_is_validated() -> None:
     assert n_full - n_grouped == 4 * 2 * (4 - 1) * 8 * 32  # layers * (K and V) * dropped heads * head_dim * d_model
     with pytest.raises(ConfigError, match=r"model\.num_kv_heads \(3\) must divide model\.num_heads \(4\)"):
         ModelConfig(num_kv_heads=3)
+
+
+@pytest.mark.parametrize(("device", "fp32_residual", "expected"), [
+    ("meta", False, torch.bfloat16),  # meta stands for CUDA: autocast's dtype runs the residual stream
+    ("meta", True, torch.float32),
+    ("cpu", False, torch.float32),    # no CUDA autocast on a CPU: the stream stays fp32 even under CPU autocast
+])
+def test_residual_stream_dtype(device: str, fp32_residual: bool, expected: torch.dtype) -> None:
+    from moe.autocast import meta_autocast
+
+    with torch.device(device):
+        model = MoETransformer(ModelConfig(num_layers=2), TopKConfig(k=2), ExpertsConfig(backend="grouped_mm" if device == "meta" else "auto"))
+    model.prepare(torch.device(device))
+    model.set_fp32_residual(fp32_residual)
+    seen: list[torch.dtype] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    model.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    tokens = torch.zeros(2, 16, dtype=torch.long, device=device)
+    with meta_autocast(lambda: torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens)
+    assert seen == [expected] * 3  # into each block and into the final norm

@@ -156,6 +156,8 @@ def recording() -> Iterator[list[Launch]]:
 STEP_VOCAB = 50304
 """Vocabulary of the loss kernel's captured launch (OLMoE's and GPT-NeoX's, padded to 64)."""
 STEP_HEAD_DIM = 128
+STEP_LAYERS = 16
+"""Layers whose three expert weights the AdamW kernel's captured launch updates (OLMoE-1B-7B's 16)."""
 """Head width of the RoPE kernel's captured launch."""
 STEP_ATTENTION = (("full", 16, 16, 128), ("none", 12, 12, 64), ("per_head", 16, 16, 128))
 """(qk_norm, H, G, d) of the fused attention-heads kernels' captured launches: olmoe_1b_7b's (16 heads of
@@ -193,8 +195,8 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     the per-op entries) and of the grouped_mm backend's glue kernels, deduplicated by compiled
     binary, in first-launch order; then the training step's loss and RoPE kernels (at the layer's T
     tokens and D width), its RMSNorm kernels (``capture_norms``, at fixed real shapes), the fused
-    attention-heads kernels (at ``STEP_ATTENTION``'s shapes) and the AdamW kernel (over one E x D x F expert
-    weight, bf16 and fp32 moments)."""
+    attention-heads kernels (at ``STEP_ATTENTION``'s shapes) and the AdamW kernel (over the expert weights of
+    ``STEP_LAYERS`` layers, bf16 and fp32 moments)."""
     from kernels.triton import moe_experts
     from kernels.triton.swiglu_gmm import gather_gmm_swiglu
     from kernels.triton.gmm_scatter import gmm_scatter
@@ -248,11 +250,11 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         masters, halves = [meta(E, D, Fd, dtype=torch.float32)] * 3, [meta(E, D, Fd)] * 3
         cast_many_into(masters, halves)
         cast_many_into(halves, masters)
-        # The optimizer's kernel over one expert weight (E x D x F fp32 parameter and gradient), bf16 and fp32 moments,
-        # with the clipping divisor and the step guard's flag as the trainer passes them.
-        w, scalar = meta(E, D, Fd, dtype=torch.float32), meta((), dtype=torch.float32)
+        # The optimizer's kernel over a group of 3 L tensors up to one E x D x F expert weight (the pointer table of
+        # ``kernels.adamw``), bf16 and fp32 moments, with the clipping divisor and the step guard's flag as the trainer passes them.
+        table, scalar = meta(3 * STEP_LAYERS, 6, dtype=torch.int64), meta((), dtype=torch.float32)
         for moments in (torch.bfloat16, torch.float32):
-            adamw_into(w, w, meta(E, D, Fd, dtype=moments), meta(E, D, Fd, dtype=moments), scalar, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
+            adamw_into(table, 3 * STEP_LAYERS, E * D * Fd, moments, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
         capture_norms()
         _capture_attention_heads(meta)
     unique: dict[tuple, Launch] = {}

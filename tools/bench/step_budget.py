@@ -211,6 +211,7 @@ def _count_step(overrides: list[str], card: str) -> StepCount:
         counts = count_model(core, tr.seq_len)
         core.prepare(meta)
         core.set_activation_checkpointing(tr.activation_checkpointing)
+        core.set_fp32_residual(tr.fp32_residual)
         runtime = Runtime(device=meta, cfg=job.parallel, replicated=parallel_mode(job.parallel.mode).replicates_parameters)
         engine = build_engine(job, core, runtime, manifest_of(job))
         model = engine.model
