@@ -24,6 +24,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::cast_many(xs, dtype)``: up to three tensors converted between fp32 and bf16 in one launch
+  (``kernels.cast_many``; the experts' weight casts, ``moe.expert_backends.weight_cast``);
 - ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
   the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
   ``moe.routers.topk_gates`` on a GPU);
@@ -297,6 +299,22 @@ def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tens
     return None
 
 
+def _cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    mod = _kernel_module("cast_many")
+    same = all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs) if xs else False
+    pair = {xs[0].dtype, dtype} == {torch.float32, torch.bfloat16} if xs else False
+    if not same or not pair or len(xs) > 3 or not triton_runs(xs[0], mod, "_cast_many_kernel"):
+        return reference.cast_many(list(xs), dtype)
+    sources = [x.contiguous() for x in xs]
+    outputs = [torch.empty(x.shape, dtype=dtype, device=x.device) for x in sources]
+    mod.cast_many_into(sources, outputs)
+    return outputs
+
+
+def _fake_cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [x.new_empty(x.shape, dtype=dtype) for x in xs]
+
+
 def _topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
                     f: Tensor | None, daux: Tensor | None, lse: Tensor | None, dz: Tensor | None, aux_scale: float, z_scale: float) -> Tensor:
     mod = _kernel_module("topk_gates")
@@ -344,6 +362,7 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "cast_many": ("cast_many(Tensor[] xs, ScalarType dtype) -> Tensor[]", _cast_many, _fake_cast_many),
     "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
                        "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
                        _topk_gates_bwd, _fake_topk_gates_bwd),
@@ -411,6 +430,9 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+cast_many = torch.ops.moeforge.cast_many.default
+"""``[x.to(dtype) for x in xs]`` as fresh contiguous tensors (round to nearest even): 1 to 3 tensors of one
+device, fp32 to bf16 or back, in one kernel launch (``kernels.cast_many``); otherwise one cast each."""
 topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
 """fp32 ``dlogits [T, E]`` of the top-k router from the gradients of its gates ``dweights`` (renormalised by
 ``sums`` when given), of its probabilities ``dprobs``, of its balance loss ``daux`` (with ``f`` and

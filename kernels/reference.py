@@ -163,6 +163,11 @@ def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torc
     return loss_C, g_CV.mul_(scale).to(grad_dtype)
 
 
+def cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Each tensor converted to ``dtype`` (``Tensor.to``, fresh contiguous copies)."""
+    return [x.to(dtype, memory_format=torch.contiguous_format, copy=True) for x in xs]
+
+
 def topk_gates_bwd(probs_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, dweights_TK: Tensor | None, sums_T: Tensor | None,
                    dprobs_TE: Tensor | None, f_E: Tensor | None, daux: Tensor | None, lse_T: Tensor | None, dz: Tensor | None,
                    aux_scale: float, z_scale: float) -> Tensor:
