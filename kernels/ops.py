@@ -24,6 +24,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::cast_many(xs, dtype)``: up to three tensors converted between fp32 and bf16 in one launch
+  (``kernels.cast_many``; the experts' weight casts, ``moe.expert_backends.weight_cast``);
 - ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
   the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
   ``moe.routers.topk_gates`` on a GPU);
@@ -238,11 +240,11 @@ def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: t
     return h, y, rstd
 
 
-def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     mod = _kernel_module("rms_norm")
     narrow = a_dtype != h.dtype
-    if (h.shape[-1] == 0 or dh.shape != h.shape or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, dh))):
+    if (h.shape[-1] == 0 or (dh is not None and dh.shape != h.shape) or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, h if dh is None else dh))):
         dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
         return dx, da if narrow else dx.new_empty(0), dw
     (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
@@ -251,7 +253,8 @@ def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rs
     da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
     dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
     if R:
-        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, dh.contiguous(), da if narrow else None)
+        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, None if dh is None else dh.contiguous(),
+                              da if narrow else None)
     return dx, da, dw_part.sum(0)
 
 
@@ -260,7 +263,7 @@ def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dty
     return h, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _fake_add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
     return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
 
@@ -294,6 +297,22 @@ def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], 
 def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
+
+
+def _cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    mod = _kernel_module("cast_many")
+    same = all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs) if xs else False
+    pair = {xs[0].dtype, dtype} == {torch.float32, torch.bfloat16} if xs else False
+    if not same or not pair or len(xs) > 3 or not triton_runs(xs[0], mod, "_cast_many_kernel"):
+        return reference.cast_many(list(xs), dtype)
+    sources = [x.contiguous() for x in xs]
+    outputs = [torch.empty(x.shape, dtype=dtype, device=x.device) for x in sources]
+    mod.cast_many_into(sources, outputs)
+    return outputs
+
+
+def _fake_cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [x.new_empty(x.shape, dtype=dtype) for x in xs]
 
 
 def _topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
@@ -343,6 +362,7 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "cast_many": ("cast_many(Tensor[] xs, ScalarType dtype) -> Tensor[]", _cast_many, _fake_cast_many),
     "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
                        "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
                        _topk_gates_bwd, _fake_topk_gates_bwd),
@@ -355,7 +375,7 @@ _OPS = {
                           _rms_norm_backward, _fake_rms_norm_backward),
     "add_rms_norm": ("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)",
                      _add_rms_norm, _fake_add_rms_norm),
-    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
+    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor? dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
@@ -396,7 +416,7 @@ add_rms_norm = torch.ops.moeforge.add_rms_norm.default
 once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the same shape."""
 add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
 """``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
-residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
+residual stream; None where ``h`` is used no further, as after the last block) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
 values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
 kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
@@ -410,6 +430,9 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+cast_many = torch.ops.moeforge.cast_many.default
+"""``[x.to(dtype) for x in xs]`` as fresh contiguous tensors (round to nearest even): 1 to 3 tensors of one
+device, fp32 to bf16 or back, in one kernel launch (``kernels.cast_many``); otherwise one cast each."""
 topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
 """fp32 ``dlogits [T, E]`` of the top-k router from the gradients of its gates ``dweights`` (renormalised by
 ``sums`` when given), of its probabilities ``dprobs``, of its balance loss ``daux`` (with ``f`` and

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a training step (layer, its router's backward, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, its router's backward and weight casts, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
@@ -206,6 +206,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
     from kernels.topk_gates import topk_gates_bwd_into
+    from kernels.cast_many import cast_many_into
     from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
@@ -245,6 +246,10 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         p32, w32 = meta(T, E, dtype=torch.float32), meta(T, K, dtype=torch.float32)
         t32, e32, s32 = meta(T, dtype=torch.float32), meta(E, dtype=torch.float32), meta((), dtype=torch.float32)
         topk_gates_bwd_into(p32, w32, meta(T, K, dtype=torch.int64), w32, t32, p32, e32, s32, t32, s32, 0.5, 0.5, p32)
+        # The experts' weight casts, fp32 masters to bf16 and their bf16 gradients back, three weights a launch.
+        masters, halves = [meta(E, D, Fd, dtype=torch.float32)] * 3, [meta(E, D, Fd)] * 3
+        cast_many_into(masters, halves)
+        cast_many_into(halves, masters)
         # The optimizer's kernel over a group of 3 L tensors up to one E x D x F expert weight (the pointer table of
         # ``kernels.adamw``), bf16 and fp32 moments, with the clipping divisor and the step guard's flag as the trainer passes them.
         table, scalar = meta(3 * STEP_LAYERS, 6, dtype=torch.int64), meta((), dtype=torch.float32)
