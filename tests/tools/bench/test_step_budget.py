@@ -236,7 +236,7 @@ def test_norms_cost_their_hand_counted_bytes_with_no_cast(fp32_residual: bool, s
     gradient dh to its own, writing it for x and, for an fp32 stream, apart in bf16 for a (a bf16
     stream's gradient is a's as is); the final norm's h goes nowhere, so it reads no dh. One add is
     left: the embedding's output feeds both the first attention norm and the first FFN norm, so
-    autograd sums the two gradients (a + b -> c). Nothing of the stream is left outside the norms."""
+    autograd sums the two gradients (a + b -> c). No residual add is left outside the norms."""
     L, D, B, S = 4, 128, 2, 16
     T = B * S
     count = count_step(["model=tiny", f"train.batch_size={B}", f"train.seq_len={S}", f"train.fp32_residual={str(fp32_residual).lower()}"])
@@ -255,4 +255,5 @@ def test_norms_cost_their_hand_counted_bytes_with_no_cast(fp32_residual: bool, s
         "moeforge.add_rms_norm_backward.default": [fused_bwd - x] + [fused_bwd] * (2 * L - 1),  # the final norm first
         "aten.add.Tensor": [3 * x],
     }
-    assert not [r.name for r, c in zip(count.budget.ops, count.components) if c == "other" and r.kind == "glue" and r.bytes >= T * D]
+    stream_adds = [r.name for r, c in zip(count.budget.ops, count.components) if c == "other" and r.name.startswith("aten.add") and r.bytes >= T * D]
+    assert not stream_adds  # no residual add outside the norms (the bf16 stream's one cast of the embedding stays in "other")
