@@ -24,6 +24,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::plan_indices(order, weights, K, num_rows)``: dispatch's inverse permutation, row
+  tokens and row weights from the sorted slot order (``kernels.plan_indices``; ``moe.dispatch``);
 - ``moeforge::cast_many(xs, dtype)``: up to three tensors converted between fp32 and bf16 in one launch
   (``kernels.cast_many``; the experts' weight casts, ``moe.expert_backends.weight_cast``);
 - ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
@@ -311,6 +313,21 @@ def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tens
     return None
 
 
+def _plan_indices(order: Tensor, weights: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("plan_indices")
+    if not triton_runs(weights, mod, "_plan_indices_kernel") or order.dtype != torch.int64:
+        return reference.plan_indices(order, weights, K, num_rows)
+    A = order.shape[0]
+    row = torch.empty(A, dtype=torch.int32, device=order.device)
+    token, weight = torch.empty(num_rows, dtype=torch.int64, device=order.device), weights.new_empty(num_rows)
+    mod.plan_indices_into(order.contiguous(), weights.contiguous(), K, num_rows, row, token, weight)
+    return row, token, weight
+
+
+def _fake_plan_indices(order: Tensor, weights: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    return order.new_empty(order.shape[0], dtype=torch.int32), order.new_empty(num_rows), weights.new_empty(num_rows)
+
+
 def _cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     mod = _kernel_module("cast_many")
     same = all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs) if xs else False
@@ -374,6 +391,8 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "plan_indices": ("plan_indices(Tensor order, Tensor weights, SymInt K, SymInt num_rows) -> (Tensor, Tensor, Tensor)",
+                     _plan_indices, _fake_plan_indices),
     "cast_many": ("cast_many(Tensor[] xs, ScalarType dtype) -> Tensor[]", _cast_many, _fake_cast_many),
     "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
                        "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
@@ -444,6 +463,10 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+plan_indices = torch.ops.moeforge.plan_indices.default
+"""``(row_of_slot_A int32, token_idx_R int64, weight_R)`` of ``order`` (a permutation of the A slots, the R = ``num_rows``
+kept ones first): ``row_of_slot[order[i]] = i`` (-1 from ``num_rows`` on), ``token_idx[i] = order[i] // K`` and
+``weight[i] = weights[order[i]]`` for ``i < num_rows``. One kernel (``kernels.plan_indices``)."""
 cast_many = torch.ops.moeforge.cast_many.default
 """``[x.to(dtype) for x in xs]`` as fresh contiguous tensors (round to nearest even): 1 to 3 tensors of one
 device, fp32 to bf16 or back, in one kernel launch (``kernels.cast_many``); otherwise one cast each."""

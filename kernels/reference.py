@@ -163,6 +163,15 @@ def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torc
     return loss_C, g_CV.mul_(scale).to(grad_dtype)
 
 
+def plan_indices(order_A: Tensor, weights_A: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row_of_slot_A, token_idx_R, weight_R)`` of a sorted slot order (formulas in ``kernels.plan_indices``)."""
+    A = order_A.shape[0]
+    position_A = torch.empty(A, dtype=torch.int32, device=order_A.device).scatter_(0, order_A, torch.arange(A, dtype=torch.int32, device=order_A.device))
+    row_of_slot_A = position_A if num_rows == A else torch.where(position_A < num_rows, position_A, -1)
+    slot_idx_R = order_A[:num_rows]
+    return row_of_slot_A, torch.div(slot_idx_R, K, rounding_mode="floor"), weights_A.index_select(0, slot_idx_R)
+
+
 def cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """Each tensor converted to ``dtype`` (``Tensor.to``, fresh contiguous copies)."""
     return [x.to(dtype, memory_format=torch.contiguous_format, copy=True) for x in xs]

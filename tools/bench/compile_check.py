@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a training step (layer, its router's backward and weight casts, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, its router's backward, dispatch indices and weight casts, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
@@ -210,6 +210,7 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.rope import rope_into
     from kernels.topk_gates import topk_gates_bwd_into
     from kernels.cast_many import cast_many_into
+    from kernels.plan_indices import plan_indices_into
     from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
@@ -253,6 +254,9 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         masters, halves = [meta(E, D, Fd, dtype=torch.float32)] * 3, [meta(E, D, Fd)] * 3
         cast_many_into(masters, halves)
         cast_many_into(halves, masters)
+        # Dispatch's index bookkeeping over the layer's T*K slots (R = T*K rows kept, dropless).
+        plan_indices_into(meta(R, dtype=torch.int64), meta(R, dtype=torch.float32), K, R, meta(R, dtype=torch.int32),
+                          meta(R, dtype=torch.int64), meta(R, dtype=torch.float32))
         # The optimizer's kernel over a group of 3 L tensors up to one E x D x F expert weight (the pointer table of
         # ``kernels.adamw``), bf16 and fp32 moments, with the clipping divisor and the step guard's flag as the trainer passes them.
         table, scalar = meta(3 * STEP_LAYERS, 6, dtype=torch.int64), meta((), dtype=torch.float32)
