@@ -200,9 +200,20 @@ def _rms_rows(t: Tensor, mod: ModuleType) -> tuple[Tensor, tuple[int, int, int, 
     return t, levels
 
 
-def _sms(t: Tensor) -> int:
-    """Streaming multiprocessors of ``t``'s GPU (2 under the CPU interpreter: a few programs loop)."""
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
+RMS_NORM_DW_PROGRAMS = 264
+"""Programs of the RMSNorm backward (two per SM of an H100 / H200), so rows of its ``dw`` partials."""
+
+
+def rms_norm_dw_programs(rows: int) -> int:
+    """Rows P of the RMSNorm backward's ``dw`` partials for ``rows`` normed rows (each program loops)."""
+    return max(1, min(rows, RMS_NORM_DW_PROGRAMS))
+
+
+def _as_partials(dw_D: Tensor, rows: int) -> Tensor:
+    """A whole ``dw`` as the backward's [P, D] partials (row 0; the others 0), so every path has one shape."""
+    out = dw_D.new_zeros(rms_norm_dw_programs(rows), dw_D.shape[0])
+    out[0] = dw_D
+    return out
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -219,14 +230,15 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> 
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     mod = _kernel_module("rms_norm")
     if x.shape[-1] == 0 or not triton_runs(x, mod, "_rms_norm_bwd_kernel") or not triton_runs(dy, mod, "_rms_norm_bwd_kernel"):
-        return reference.rms_norm_backward(dy, x, weight, rstd)
+        dx, dw = reference.rms_norm_backward(dy, x, weight, rstd)
+        return dx, _as_partials(dw, rstd.numel())
     (x, lx), (dy, ldy) = _rms_rows(x, mod), _rms_rows(dy, mod)
     R, D = rstd.numel(), x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(x)) if R else 0, D, dtype=torch.float32, device=x.device)
+    dw_part = torch.zeros(rms_norm_dw_programs(R), D, dtype=torch.float32, device=x.device)
     if R:
         mod.rms_norm_bwd_into(dy, ldy, x, lx, weight.contiguous(), rstd.contiguous(), dx, dw_part)
-    return dx, dw_part.sum(0)
+    return dx, dw_part
 
 
 def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,16 +260,16 @@ def _add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Ten
     if (h.shape[-1] == 0 or (dh is not None and dh.shape != h.shape) or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
             or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, h if dh is None else dh))):
         dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
-        return dx, da if narrow else dx.new_empty(0), dw
+        return dx, da if narrow else dx.new_empty(0), _as_partials(dw, rstd.numel())
     (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
     R, D = rstd.numel(), h.shape[-1]
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
-    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
+    dw_part = torch.zeros(rms_norm_dw_programs(R), D, dtype=torch.float32, device=h.device)
     if R:
         mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, None if dh is None else dh.contiguous(),
                               da if narrow else None)
-    return dx, da, dw_part.sum(0)
+    return dx, da, dw_part
 
 
 def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,7 +279,7 @@ def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dty
 
 def _fake_add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
-    return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
+    return h.new_empty(h.shape), da, h.new_empty(rms_norm_dw_programs(rstd.numel()), h.shape[-1], dtype=torch.float32)
 
 
 def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -275,7 +287,7 @@ def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype
 
 
 def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(rms_norm_dw_programs(rstd.numel()), x.shape[-1], dtype=torch.float32)
 
 
 def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float, beta2: float,
@@ -426,9 +438,10 @@ rms_norm = torch.ops.moeforge.rms_norm.default
 ``y = x rstd w`` (fp32 math, written contiguous in ``out_dtype``) (Zhang & Sennrich 2019, eq. 4).
 One kernel reads ``x`` once in its own dtype, strided rows in place (``kernels.rms_norm``)."""
 rms_norm_backward = torch.ops.moeforge.rms_norm_backward.default
-"""``(dx, dw)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))`` with
-``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous) and ``dw = sum over rows of dy xh`` (fp32). One
-kernel; ``dw`` is reduced from a few hundred per-program fp32 rows by one small sum after it."""
+"""``(dx, dw_parts)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))``
+with ``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous), and ``dw = sum over rows of dy xh`` as
+fp32 per-program partial sums ``[P, D]`` (P = ``rms_norm_dw_programs(rows)``), which the caller sums
+over dim 0 (one small second launch, counted as such). One kernel."""
 add_rms_norm = torch.ops.moeforge.add_rms_norm.default
 """``(h, y, rstd)``: the residual sum ``h = x + a`` (``promote_types(x, a)``, contiguous) and
 ``rms_norm(h)``'s ``(y, rstd)``, from one kernel that reads ``x`` and ``a`` once and writes ``h`` and ``y``
@@ -436,8 +449,9 @@ once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the s
 add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
 """``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
 residual stream; None where ``h`` is used no further, as after the last block) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
-values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
-kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
+values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); ``dw`` as
+``rms_norm_backward``'s [P, D] partials. One kernel, where the eager path runs the norm's backward, an
+add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
 """``(q [B, S, H, d], k [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection ``qkv [B, S, (H + 2G) d]``:
 queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none; weights ``w_q``/``w_k``, eps

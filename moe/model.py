@@ -97,7 +97,8 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 class _FusedRMSNorm(torch.autograd.Function):
-    """``kernels.ops.rms_norm`` forward and ``rms_norm_backward`` backward: one kernel each way."""
+    """``kernels.ops.rms_norm`` forward and ``rms_norm_backward`` backward: one kernel each way (and the
+    small sum of the backward's ``dw`` partials)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
@@ -108,8 +109,8 @@ class _FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = ops.rms_norm_backward(dy, x, weight, rstd)
-        return dx, dw.to(weight.dtype), None, None
+        dx, dw_parts = ops.rms_norm_backward(dy, x, weight, rstd)
+        return dx, dw_parts.sum(0).to(weight.dtype), None, None
 
 
 class _FusedAddRMSNorm(torch.autograd.Function):
@@ -128,8 +129,8 @@ class _FusedAddRMSNorm(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:  # y unused: h's gradient passes to x and a unchanged, as the add's backward would
             return dh, None if dh is None else dh.to(ctx.a_dtype), None, None, None
-        dx, da, dw = ops.add_rms_norm_backward(dh, dy, h, weight, rstd, ctx.a_dtype)
-        return dx, dx if ctx.a_dtype == h.dtype else da, dw.to(weight.dtype), None, None
+        dx, da, dw_parts = ops.add_rms_norm_backward(dh, dy, h, weight, rstd, ctx.a_dtype)
+        return dx, dx if ctx.a_dtype == h.dtype else da, dw_parts.sum(0).to(weight.dtype), None, None
 
 
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:

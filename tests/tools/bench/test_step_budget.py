@@ -234,7 +234,8 @@ def test_norms_cost_their_hand_counted_bytes_with_no_cast(fp32_residual: bool, s
     attention, each later attention norm after the previous FFN, the final norm) also adds a branch
     output to the stream (``add_rms_norm``: x, a in; h, y out) and in the backward adds the stream's
     gradient dh to its own, writing it for x and, for an fp32 stream, apart in bf16 for a (a bf16
-    stream's gradient is a's as is); the final norm's h goes nowhere, so it reads no dh. One add is
+    stream's gradient is a's as is); every backward writes dw as per-program partials that one small
+    sum reduces; the final norm's h goes nowhere, so it reads no dh. One add is
     left: the embedding's output feeds both the first attention norm and the first FFN norm, so
     autograd sums the two gradients (a + b -> c). No residual add is left outside the norms."""
     L, D, B, S = 4, 128, 2, 16
@@ -247,10 +248,12 @@ def test_norms_cost_their_hand_counted_bytes_with_no_cast(fp32_residual: bool, s
             seen.setdefault(r.name, []).append(r.bytes)
     w, rows = 4 * D, 4 * T  # the weight (and dw), 1/rms
     x, b16 = s * T * D, 2 * T * D  # a stream tensor, a bf16 one
-    fused_bwd = x + b16 + x + w + rows + x + (b16 if s == 4 else 0) + w  # dh, dy, h, w, 1/rms -> dx, da, dw
+    parts = 4 * min(T, 264) * D  # the backward's dw partials, one fp32 row per program (P = min(rows, 264))
+    fused_bwd = x + b16 + x + w + rows + x + (b16 if s == 4 else 0) + parts  # dh, dy, h, w, 1/rms -> dx, da, dw partials
     assert seen == {
         "moeforge.rms_norm.default": [x + w + b16 + rows],
-        "moeforge.rms_norm_backward.default": [b16 + x + w + rows + x + w],
+        "moeforge.rms_norm_backward.default": [b16 + x + w + rows + x + parts],
+        "aten.sum.dim_IntList": [parts + w] * (2 * L + 1),  # dw = the partials' sum, a second small launch per norm
         "moeforge.add_rms_norm.default": [x + b16 + w + x + b16 + rows] * (2 * L),
         "moeforge.add_rms_norm_backward.default": [fused_bwd - x] + [fused_bwd] * (2 * L - 1),  # the final norm first
         "aten.add.Tensor": [3 * x],
