@@ -42,7 +42,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
-def _store_rounded(ptr, offs, x, mask):
+def _store_rounded(ptr, offs, x, mask, MASKED: tl.constexpr):
     """Store fp32 ``x`` in ``ptr``'s dtype; into bf16 rounded to nearest even by integer arithmetic on the bits
     (add 0x7FFF plus the lowest kept bit, clear the low 16), so the rounding is the same compiled and
     interpreted (Triton's interpreter truncates). NaN and inf keep their class."""
@@ -50,21 +50,56 @@ def _store_rounded(ptr, offs, x, mask):
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)  # exactly representable in bf16: the cast below is exact
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+    if MASKED:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps,
+                  HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the update in fp32. Unmasked blocks of 16-byte-aligned tensors load and store 16 bytes at a time."""
+    if MASKED:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs)
+        p = tl.load(p_ptr + offs)
+        m = tl.load(m_ptr + offs).to(tl.float32)
+        v = tl.load(v_ptr + offs).to(tl.float32)
+    if HAS_SCALE:
+        g = g / scale
+    p = p * decay_keep
+    if w < 0.5:  # torch.lerp's two forms (the one that is exact at its nearer end)
+        m = m + w * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - w)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+    if MASKED:
+        tl.store(p_ptr + offs, p, mask=mask)
+    else:
+        tl.store(p_ptr + offs, p)
+    _store_rounded(m_ptr, offs, m, mask, MASKED)
+    _store_rounded(v_ptr, offs, v, mask, MASKED)
 
 
 @triton.jit
 def _adamw_kernel(table_ptr, scale_ptr, skip_ptr, lr, decay_keep, beta1, beta2, log2_beta1, log2_beta2, eps,
                   MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
-    # Program (i, c): tensor i of the table, blocks c, c + C, c + 2C, ... of it (C = the grid's second size).
+    # Program (i, c): tensor i of the table, its full blocks c, c + C, c + 2C, ... (C = the grid's second size)
+    # without masks; program (i, 0) also takes the partial last block. ``pointer_table`` guarantees 16-byte alignment.
     row = table_ptr + tl.program_id(0).to(tl.int64) * 6  # pointer_table's six columns
-    p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(MOMENTS))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(MOMENTS))
+    p_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.float32)), 16)
+    g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.float32)), 16)
+    m_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(MOMENTS)), 16)
+    v_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(MOMENTS)), 16)
     N = tl.load(row + 4)
     t = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-    if HAS_SKIP:  # a skipped step masks every element off
+    if HAS_SKIP:  # a skipped step touches no element
         N = tl.where(tl.load(skip_ptr) == 0, N, 0)
     scale = 1.0
     if HAS_SCALE:
@@ -72,25 +107,13 @@ def _adamw_kernel(table_ptr, scale_ptr, skip_ptr, lr, decay_keep, beta1, beta2, 
     step_size = lr / (1.0 - tl.exp2(t * log2_beta1))
     bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
     w = 1.0 - beta1
-    for start in range(tl.program_id(1).to(tl.int64) * BLOCK, N, tl.num_programs(1) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < N
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        if HAS_SCALE:
-            g = g / scale
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = p * decay_keep
-        if w < 0.5:  # torch.lerp's two forms (the one that is exact at its nearer end)
-            m = m + w * (g - m)
-        else:
-            m = g - (g - m) * (1.0 - w)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
-        tl.store(p_ptr + offs, p, mask=mask)
-        _store_rounded(m_ptr, offs, m, mask)
-        _store_rounded(v_ptr, offs, v, mask)
+    full = (N // BLOCK) * BLOCK
+    for start in range(tl.program_id(1).to(tl.int64) * BLOCK, full, tl.num_programs(1) * BLOCK):
+        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps, HAS_SCALE, False)
+    if tl.program_id(1) == 0 and full < N:
+        offs = full + tl.arange(0, BLOCK)
+        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < N, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps, HAS_SCALE, True)
 
 
 def _log2(beta: float) -> float:
@@ -98,7 +121,8 @@ def _log2(beta: float) -> float:
 
 
 def pointer_table(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor]) -> Tensor:
-    """The kernel's table, one int64 row per tensor: addresses of p, g, m, v, the element count, the address of
+    """The kernel's table, one int64 row per tensor: addresses of p, g, m, v (contiguous, each 16-byte aligned, as
+    every allocation of torch's is; ``kernels.ops`` sends other tensors to the reference), the element count, the address of
     the step count. Built on the host and copied to the device without waiting (pinned memory on CUDA): gradients
     are new tensors every step, so their addresses are too."""
     rows = [[a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), a.numel(), s.data_ptr()] for a, b, c, d, s in zip(p, g, m, v, step)]

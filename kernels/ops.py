@@ -24,6 +24,10 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
 - ``moeforge::qkv_heads(qkv, w_q, w_k, cos, sin, H, G, mode, eps)`` and ``qkv_heads_bwd``:
   attention's fused projection to its q/k-normed, rotated heads and back, one kernel each way
   (``kernels.qkv_heads``; ``moe.model.Attention`` on a GPU);
+- ``moeforge::plan_indices(order, weights, K, num_rows)``: dispatch's inverse permutation, row
+  tokens and row weights from the sorted slot order (``kernels.plan_indices``; ``moe.dispatch``);
+- ``moeforge::cast_many(xs, dtype)``: up to three tensors converted between fp32 and bf16 in one launch
+  (``kernels.cast_many``; the experts' weight casts, ``moe.expert_backends.weight_cast``);
 - ``moeforge::topk_gates_bwd(probs, weights, ids, dweights, sums, dprobs, f, daux, lse, dz, aux_scale, z_scale)``:
   the top-k router's logit gradient from its gates, balance loss and z-loss (``kernels.topk_gates``;
   ``moe.routers.topk_gates`` on a GPU);
@@ -196,9 +200,20 @@ def _rms_rows(t: Tensor, mod: ModuleType) -> tuple[Tensor, tuple[int, int, int, 
     return t, levels
 
 
-def _sms(t: Tensor) -> int:
-    """Streaming multiprocessors of ``t``'s GPU (2 under the CPU interpreter: a few programs loop)."""
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
+RMS_NORM_DW_PROGRAMS = 264
+"""Programs of the RMSNorm backward (two per SM of an H100 / H200), so rows of its ``dw`` partials."""
+
+
+def rms_norm_dw_programs(rows: int) -> int:
+    """Rows P of the RMSNorm backward's ``dw`` partials for ``rows`` normed rows (each program loops)."""
+    return max(1, min(rows, RMS_NORM_DW_PROGRAMS))
+
+
+def _as_partials(dw_D: Tensor, rows: int) -> Tensor:
+    """A whole ``dw`` as the backward's [P, D] partials (row 0; the others 0), so every path has one shape."""
+    out = dw_D.new_zeros(rms_norm_dw_programs(rows), dw_D.shape[0])
+    out[0] = dw_D
+    return out
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -215,14 +230,15 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> 
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     mod = _kernel_module("rms_norm")
     if x.shape[-1] == 0 or not triton_runs(x, mod, "_rms_norm_bwd_kernel") or not triton_runs(dy, mod, "_rms_norm_bwd_kernel"):
-        return reference.rms_norm_backward(dy, x, weight, rstd)
+        dx, dw = reference.rms_norm_backward(dy, x, weight, rstd)
+        return dx, _as_partials(dw, rstd.numel())
     (x, lx), (dy, ldy) = _rms_rows(x, mod), _rms_rows(dy, mod)
     R, D = rstd.numel(), x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(x)) if R else 0, D, dtype=torch.float32, device=x.device)
+    dw_part = torch.zeros(rms_norm_dw_programs(R), D, dtype=torch.float32, device=x.device)
     if R:
         mod.rms_norm_bwd_into(dy, ldy, x, lx, weight.contiguous(), rstd.contiguous(), dx, dw_part)
-    return dx, dw_part.sum(0)
+    return dx, dw_part
 
 
 def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,21 +254,22 @@ def _add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: t
     return h, y, rstd
 
 
-def _add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     mod = _kernel_module("rms_norm")
     narrow = a_dtype != h.dtype
-    if (h.shape[-1] == 0 or dh.shape != h.shape or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, dh))):
+    if (h.shape[-1] == 0 or (dh is not None and dh.shape != h.shape) or a_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not all(triton_runs(t, mod, "_rms_norm_bwd_kernel") for t in (h, dy, h if dh is None else dh))):
         dx, da, dw = reference.add_rms_norm_backward(dh, dy, h, weight, rstd, a_dtype)
-        return dx, da if narrow else dx.new_empty(0), dw
+        return dx, da if narrow else dx.new_empty(0), _as_partials(dw, rstd.numel())
     (h, lh), (dy, ldy) = _rms_rows(h, mod), _rms_rows(dy, mod)
     R, D = rstd.numel(), h.shape[-1]
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     da = torch.empty(h.shape if narrow else (0,), dtype=a_dtype, device=h.device)
-    dw_part = torch.zeros(mod.backward_programs(R, D, _sms(h)) if R else 0, D, dtype=torch.float32, device=h.device)
+    dw_part = torch.zeros(rms_norm_dw_programs(R), D, dtype=torch.float32, device=h.device)
     if R:
-        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, dh.contiguous(), da if narrow else None)
-    return dx, da, dw_part.sum(0)
+        mod.rms_norm_bwd_into(dy, ldy, h, lh, weight.contiguous(), rstd.contiguous(), dx, dw_part, None if dh is None else dh.contiguous(),
+                              da if narrow else None)
+    return dx, da, dw_part
 
 
 def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,9 +277,9 @@ def _fake_add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float, out_dty
     return h, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _fake_add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     da = h.new_empty(h.shape if a_dtype != h.dtype else (0,), dtype=a_dtype)
-    return h.new_empty(h.shape), da, h.new_empty(h.shape[-1], dtype=torch.float32)
+    return h.new_empty(h.shape), da, h.new_empty(rms_norm_dw_programs(rstd.numel()), h.shape[-1], dtype=torch.float32)
 
 
 def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -270,7 +287,7 @@ def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype
 
 
 def _fake_rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(rms_norm_dw_programs(rstd.numel()), x.shape[-1], dtype=torch.float32)
 
 
 def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float, beta2: float,
@@ -279,7 +296,7 @@ def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], 
     fused, rest = [], []
     for i, t in enumerate(zip(p, g, m, v, step)):
         kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == t[1].dtype == torch.float32 and t[2].dtype == t[3].dtype
-                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() for x in t[:4])
+                        and t[2].dtype in (torch.bfloat16, torch.float32) and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in t[:4])
                         and t[0].shape == t[1].shape == t[2].shape == t[3].shape and t[4].dtype == torch.float32)
         (fused if kernel_ready else rest).append(i)
     for i in rest:
@@ -294,6 +311,37 @@ def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], 
 def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
+
+
+def _plan_indices(order: Tensor, weights: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _kernel_module("plan_indices")
+    if not triton_runs(weights, mod, "_plan_indices_kernel") or order.dtype != torch.int64:
+        return reference.plan_indices(order, weights, K, num_rows)
+    A = order.shape[0]
+    row = torch.empty(A, dtype=torch.int32, device=order.device)
+    token, weight = torch.empty(num_rows, dtype=torch.int64, device=order.device), weights.new_empty(num_rows)
+    mod.plan_indices_into(order.contiguous(), weights.contiguous(), K, num_rows, row, token, weight)
+    return row, token, weight
+
+
+def _fake_plan_indices(order: Tensor, weights: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    return order.new_empty(order.shape[0], dtype=torch.int32), order.new_empty(num_rows), weights.new_empty(num_rows)
+
+
+def _cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    mod = _kernel_module("cast_many")
+    same = all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs) if xs else False
+    pair = {xs[0].dtype, dtype} == {torch.float32, torch.bfloat16} if xs else False
+    if not same or not pair or len(xs) > 3 or not triton_runs(xs[0], mod, "_cast_many_kernel"):
+        return reference.cast_many(list(xs), dtype)
+    sources = [x.contiguous() for x in xs]
+    outputs = [torch.empty(x.shape, dtype=dtype, device=x.device) for x in sources]
+    mod.cast_many_into(sources, outputs)
+    return outputs
+
+
+def _fake_cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [x.new_empty(x.shape, dtype=dtype) for x in xs]
 
 
 def _topk_gates_bwd(probs: Tensor, weights: Tensor, ids: Tensor, dweights: Tensor | None, sums: Tensor | None, dprobs: Tensor | None,
@@ -343,6 +391,9 @@ _OPS = {
     "cross_entropy_rows": ("cross_entropy_rows(Tensor z, Tensor y, float scale, ScalarType grad_dtype, bool want_grad) -> (Tensor, Tensor)",
                            _cross_entropy_rows, _fake_cross_entropy_rows),
     "rope": ("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", _rope, _fake_rope),
+    "plan_indices": ("plan_indices(Tensor order, Tensor weights, SymInt K, SymInt num_rows) -> (Tensor, Tensor, Tensor)",
+                     _plan_indices, _fake_plan_indices),
+    "cast_many": ("cast_many(Tensor[] xs, ScalarType dtype) -> Tensor[]", _cast_many, _fake_cast_many),
     "topk_gates_bwd": ("topk_gates_bwd(Tensor probs, Tensor weights, Tensor ids, Tensor? dweights, Tensor? sums, Tensor? dprobs, "
                        "Tensor? f, Tensor? daux, Tensor? lse, Tensor? dz, float aux_scale, float z_scale) -> Tensor",
                        _topk_gates_bwd, _fake_topk_gates_bwd),
@@ -355,7 +406,7 @@ _OPS = {
                           _rms_norm_backward, _fake_rms_norm_backward),
     "add_rms_norm": ("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)",
                      _add_rms_norm, _fake_add_rms_norm),
-    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
+    "add_rms_norm_backward": ("add_rms_norm_backward(Tensor? dh, Tensor dy, Tensor h, Tensor weight, Tensor rstd, ScalarType a_dtype) "
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
@@ -387,18 +438,20 @@ rms_norm = torch.ops.moeforge.rms_norm.default
 ``y = x rstd w`` (fp32 math, written contiguous in ``out_dtype``) (Zhang & Sennrich 2019, eq. 4).
 One kernel reads ``x`` once in its own dtype, strided rows in place (``kernels.rms_norm``)."""
 rms_norm_backward = torch.ops.moeforge.rms_norm_backward.default
-"""``(dx, dw)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))`` with
-``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous) and ``dw = sum over rows of dy xh`` (fp32). One
-kernel; ``dw`` is reduced from a few hundred per-program fp32 rows by one small sum after it."""
+"""``(dx, dw_parts)`` of ``rms_norm`` for the output gradient ``dy``: ``dx = rstd (g - xh mean(g xh))``
+with ``xh = x rstd``, ``g = dy w`` (x's dtype, contiguous), and ``dw = sum over rows of dy xh`` as
+fp32 per-program partial sums ``[P, D]`` (P = ``rms_norm_dw_programs(rows)``), which the caller sums
+over dim 0 (one small second launch, counted as such). One kernel."""
 add_rms_norm = torch.ops.moeforge.add_rms_norm.default
 """``(h, y, rstd)``: the residual sum ``h = x + a`` (``promote_types(x, a)``, contiguous) and
 ``rms_norm(h)``'s ``(y, rstd)``, from one kernel that reads ``x`` and ``a`` once and writes ``h`` and ``y``
 once, where the eager add then norm read ``h`` again. ``x`` and ``a`` have the same shape."""
 add_rms_norm_backward = torch.ops.moeforge.add_rms_norm_backward.default
 """``(dx, da, dw)`` of ``add_rms_norm`` for the gradients ``dh`` (of ``h``, from the rest of the
-residual stream) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
-values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); fp32 ``dw``. One
-kernel, where the eager path runs the norm's backward, an add of the two gradients and a downcast."""
+residual stream; None where ``h`` is used no further, as after the last block) and ``dy``: ``dx = dh + rms_norm_backward(dy, h)``'s dx in h's dtype; ``da`` the same
+values in ``a_dtype`` when that is narrower than h's (else empty: ``da`` is ``dx``); ``dw`` as
+``rms_norm_backward``'s [P, D] partials. One kernel, where the eager path runs the norm's backward, an
+add of the two gradients and a downcast."""
 qkv_heads = torch.ops.moeforge.qkv_heads.default
 """``(q [B, S, H, d], k [B, S, G, d], rstd [T, nq + nk])`` of attention's fused projection ``qkv [B, S, (H + 2G) d]``:
 queries and keys RMS-normalised (``mode`` = ``model.qk_norm``: full, per_head or none; weights ``w_q``/``w_k``, eps
@@ -410,6 +463,13 @@ qkv_heads_bwd = torch.ops.moeforge.qkv_heads_bwd.default
 gradients ``dq``, ``dk``, ``dv`` (any strides, unit-stride rows): one kernel writes ``dqkv`` whole (no ``cat``); the
 weight gradients are the sums over the P = ``qkv_dw_programs(T)`` rows (empty [P, 0] for mode none, where ``qkv``,
 which only the norms' backward reads, may be None)."""
+plan_indices = torch.ops.moeforge.plan_indices.default
+"""``(row_of_slot_A int32, token_idx_R int64, weight_R)`` of ``order`` (a permutation of the A slots, the R = ``num_rows``
+kept ones first): ``row_of_slot[order[i]] = i`` (-1 from ``num_rows`` on), ``token_idx[i] = order[i] // K`` and
+``weight[i] = weights[order[i]]`` for ``i < num_rows``. One kernel (``kernels.plan_indices``)."""
+cast_many = torch.ops.moeforge.cast_many.default
+"""``[x.to(dtype) for x in xs]`` as fresh contiguous tensors (round to nearest even): 1 to 3 tensors of one
+device, fp32 to bf16 or back, in one kernel launch (``kernels.cast_many``); otherwise one cast each."""
 topk_gates_bwd = torch.ops.moeforge.topk_gates_bwd.default
 """fp32 ``dlogits [T, E]`` of the top-k router from the gradients of its gates ``dweights`` (renormalised by
 ``sums`` when given), of its probabilities ``dprobs``, of its balance loss ``daux`` (with ``f`` and

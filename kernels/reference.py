@@ -163,6 +163,20 @@ def cross_entropy_rows(z_CV: Tensor, y_C: Tensor, scale: float, grad_dtype: torc
     return loss_C, g_CV.mul_(scale).to(grad_dtype)
 
 
+def plan_indices(order_A: Tensor, weights_A: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row_of_slot_A, token_idx_R, weight_R)`` of a sorted slot order (formulas in ``kernels.plan_indices``)."""
+    A = order_A.shape[0]
+    position_A = torch.empty(A, dtype=torch.int32, device=order_A.device).scatter_(0, order_A, torch.arange(A, dtype=torch.int32, device=order_A.device))
+    row_of_slot_A = position_A if num_rows == A else torch.where(position_A < num_rows, position_A, -1)
+    slot_idx_R = order_A[:num_rows]
+    return row_of_slot_A, torch.div(slot_idx_R, K, rounding_mode="floor"), weights_A.index_select(0, slot_idx_R)
+
+
+def cast_many(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Each tensor converted to ``dtype`` (``Tensor.to``, fresh contiguous copies)."""
+    return [x.to(dtype, memory_format=torch.contiguous_format, copy=True) for x in xs]
+
+
 def topk_gates_bwd(probs_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, dweights_TK: Tensor | None, sums_T: Tensor | None,
                    dprobs_TE: Tensor | None, f_E: Tensor | None, daux: Tensor | None, lse_T: Tensor | None, dz: Tensor | None,
                    aux_scale: float, z_scale: float) -> Tensor:
@@ -290,11 +304,11 @@ def add_rms_norm(x: Tensor, a: Tensor, weight_D: Tensor, eps: float, out_dtype: 
     return (h, *rms_norm(h, weight_D, eps, out_dtype))
 
 
-def add_rms_norm_backward(dh: Tensor, dy: Tensor, h: Tensor, weight_D: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``add_rms_norm``: ``dx = dh + (the norm's dx)`` in h's dtype, ``da`` = those values
-    in ``a_dtype``, fp32 ``dw``."""
+def add_rms_norm_backward(dh: Tensor | None, dy: Tensor, h: Tensor, weight_D: Tensor, rstd: Tensor, a_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``add_rms_norm``: ``dx = dh + (the norm's dx)`` (no ``dh``: the norm's alone) in h's
+    dtype, ``da`` = those values in ``a_dtype``, fp32 ``dw``."""
     dn, dw = rms_norm_backward(dy, h.to(torch.promote_types(h.dtype, torch.float32)), weight_D, rstd)
-    dx = dh.to(dn.dtype) + dn
+    dx = dn if dh is None else dh.to(dn.dtype) + dn
     return dx.to(h.dtype), dx.to(a_dtype), dw
 
 

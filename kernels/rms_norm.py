@@ -22,8 +22,9 @@ fp32 output that the next GEMM casts to bf16, and the mirror casts in the backwa
 forward reads ``x`` once in its own dtype and writes ``y`` directly in the GEMM's dtype and ``r``
 (one fp32 per row, for the backward); the backward reads ``dy``, ``x`` and ``r`` once and writes
 ``dx`` in ``x``'s dtype. ``dw`` is summed per program over the rows it visits (a bounded number of
-programs, each looping over row blocks), into a ``[P, D]`` fp32 buffer that one small sum reduces
-afterwards: deterministic, no atomics, and P (two programs per SM) keeps that buffer near 2 MB.
+programs, each looping over row blocks), into a ``[P, D]`` fp32 buffer that the caller reduces with
+one small sum afterwards (a second launch, which the step budget counts): deterministic, no atomics,
+and P = 264 (two programs per SM of an H100/H200) keeps that buffer near 2 MB at D = 2048.
 
 The rows of ``x`` (and of ``dy``) may be any view with unit-stride columns whose leading dimensions
 collapse to at most three strided levels (``row_levels``): the attention's query/key slices of the
@@ -146,7 +147,7 @@ def rms_norm_fwd_into(x: Tensor, lx: Levels, weight_D: Tensor, eps: float, y: Te
 def rms_norm_bwd_into(dy: Tensor, ldy: Levels, x: Tensor, lx: Levels, weight_D: Tensor, rstd_R: Tensor, dx: Tensor, dw_part_PD: Tensor,
                       dh: Tensor | None = None, da: Tensor | None = None) -> None:
     """``dx`` (contiguous, x's dtype) and each program's fp32 ``dw`` partial sum (row p of
-    ``dw_part_PD``; P = ``dw_part_PD.shape[0]`` programs, see ``backward_programs``). With ``dh``
+    ``dw_part_PD``; P = ``dw_part_PD.shape[0]`` programs, ``kernels.ops.rms_norm_dw_programs``). With ``dh``
     (contiguous) it is added to ``dx``; with ``da`` (contiguous) ``dx`` is also written there, in its dtype."""
     R, D = rstd_R.numel(), x.shape[-1]
     block_r, block_d = _block_rows(D)
@@ -154,9 +155,3 @@ def rms_norm_bwd_into(dy: Tensor, ldy: Levels, x: Tensor, lx: Levels, weight_D: 
         dy, x, weight_D, rstd_R, dx if dh is None else dh, dx, dx if da is None else da, dw_part_PD, R, D, *lx, *ldy,
         HAS_DH=dh is not None, HAS_DA=da is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
-
-
-def backward_programs(R: int, D: int, sms: int) -> int:
-    """Programs of the backward: two per SM, at most one per row block, at least 1."""
-    block_r, _ = _block_rows(D)
-    return max(1, min(2 * sms, triton.cdiv(R, block_r)))

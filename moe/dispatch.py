@@ -73,7 +73,7 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     """Build the plan for ``decision``; dropless when ``capacity_factor`` is None."""
     ids_TK = decision.expert_ids_TK
     T, K = ids_TK.shape
-    E, A, dev = num_experts, T * K, ids_TK.device
+    E, A = num_experts, T * K
     valid_TK = decision.mask_TK  # None: every slot is used and kept
     if capacity_factor is not None:
         used_TK = decision.valid_mask()
@@ -85,14 +85,12 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     # Dropless, the router's own counts of the used slots (if it made them) are the rows per expert.
     counts_E = decision.counts_E if capacity_factor is None and decision.counts_E is not None else _count(key_A, E + 1)[:E]
     num_rows = A if valid_TK is None else int(valid_TK.sum())  # the one host sync: a variable row count
-    slot_idx_R = order_A[:num_rows]
-    position_A = torch.empty(A, dtype=torch.int32, device=dev).scatter_(0, order_A, torch.arange(A, dtype=torch.int32, device=dev))
-    row_of_slot_A = position_A if valid_TK is None else torch.where(position_A < num_rows, position_A, -1)
+    weight_R, row_of_slot_A, token_idx_R = _PlanRows.apply(decision.weights_TK.reshape(-1), order_A, K, num_rows)
     num_routed = A if decision.mask_TK is None else decision.mask_TK.sum()
     return DispatchPlan(
-        slot_idx_R=slot_idx_R,
-        token_idx_R=torch.div(slot_idx_R, K, rounding_mode="floor"),
-        weight_R=_PermuteSlots.apply(decision.weights_TK.reshape(-1), slot_idx_R, row_of_slot_A if valid_TK is None else None),
+        slot_idx_R=order_A[:num_rows],
+        token_idx_R=token_idx_R,
+        weight_R=weight_R,
         counts_E=counts_E,
         slots_per_token=K,
         num_routed=num_routed,
@@ -101,26 +99,33 @@ def dispatch(decision: RoutingDecision, num_experts: int, capacity_factor: float
     )
 
 
-class _PermuteSlots(torch.autograd.Function):
-    """``v_R = v_A[slot_idx_R]`` whose backward scatters into distinct slots (``index_copy``, no
-    accumulation: every slot has at most one row), where plain indexing would accumulate.
+class _PlanRows(torch.autograd.Function):
+    """From the sorted slot order: the combine weight of each row ``v_R = v_A[order_A[:R]]``, the
+    inverse permutation ``row_of_slot_A`` and each row's token, in one launch on a GPU
+    (``kernels.ops.plan_indices``; torch's arange, scatter, division and gather elsewhere, the
+    same integers and copies).
 
-    ``row_of_slot_A`` (given when every slot has a row, so ``slot_idx_R`` is a permutation of the
-    slots): the backward is then the inverse permutation's gather, ``g_A = g_R[row_of_slot_A]``,
-    one launch instead of zeros and a scatter, the same values."""
-
-    @staticmethod
-    def forward(ctx, v_A: Tensor, slot_idx_R: Tensor, row_of_slot_A: Tensor | None) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(slot_idx_R if row_of_slot_A is None else row_of_slot_A)
-        ctx.A, ctx.gather = v_A.shape[0], row_of_slot_A is not None
-        return v_A.index_select(0, slot_idx_R)
+    The weights' backward puts each row's gradient back in its slot: the inverse permutation's
+    gather ``g_A = g_R[row_of_slot_A]`` when every slot has a row (one launch), else a scatter into
+    zeros (``index_copy``: every slot has at most one row, so nothing accumulates)."""
 
     @staticmethod
-    def backward(ctx, g_R: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def forward(ctx, v_A: Tensor, order_A: Tensor, K: int, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        row_of_slot_A, token_idx_R, v_R = ops.plan_indices(order_A, v_A, K, num_rows)
+        ctx.A, ctx.gather = v_A.shape[0], num_rows == v_A.shape[0]
+        ctx.save_for_backward(row_of_slot_A if ctx.gather else order_A[:num_rows])
+        ctx.mark_non_differentiable(row_of_slot_A, token_idx_R)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the two index outputs
+        return v_R, row_of_slot_A, token_idx_R
+
+    @staticmethod
+    def backward(ctx, g_R: Tensor | None, _rows: None, _tokens: None) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         (idx,) = ctx.saved_tensors
+        if g_R is None:
+            return None, None, None, None
         if ctx.gather:
-            return g_R.index_select(0, idx), None, None
-        return g_R.new_zeros(ctx.A).index_copy_(0, idx, g_R), None, None
+            return g_R.index_select(0, idx), None, None, None
+        return g_R.new_zeros(ctx.A).index_copy_(0, idx, g_R), None, None, None
 
 
 def _within_capacity(ids_TK: Tensor, valid_TK: Tensor, num_experts: int, cap: int) -> Tensor:

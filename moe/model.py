@@ -5,7 +5,11 @@ heads, G key/value heads, d head dim, P cached positions, V vocabulary).
 
 Pre-norm blocks ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the FFN is an ``MoELayer`` in
 every ``moe_every``-th layer (layer i is MoE when ``(i + 1) % moe_every == 0``) and a dense SwiGLU
-otherwise. No parallelism lives here: ``parallel/`` rewires a built model.
+otherwise. Each residual add is done by the norm that follows it (``RMSNorm(x, residual=...)``, one
+kernel with the norm on a GPU), so a block hands its FFN output, unadded, to the next block's
+attention norm or to the final norm. Under activation checkpointing the model adds it before each
+block instead, so a checkpoint keeps one tensor per block. No parallelism lives here: ``parallel/``
+rewires a built model.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 class _FusedRMSNorm(torch.autograd.Function):
-    """``kernels.ops.rms_norm`` forward and ``rms_norm_backward`` backward: one kernel each way."""
+    """``kernels.ops.rms_norm`` forward and ``rms_norm_backward`` backward: one kernel each way (and the
+    small sum of the backward's ``dw`` partials)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
@@ -104,8 +109,8 @@ class _FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = ops.rms_norm_backward(dy, x, weight, rstd)
-        return dx, dw.to(weight.dtype), None, None
+        dx, dw_parts = ops.rms_norm_backward(dy, x, weight, rstd)
+        return dx, dw_parts.sum(0).to(weight.dtype), None, None
 
 
 class _FusedAddRMSNorm(torch.autograd.Function):
@@ -124,8 +129,8 @@ class _FusedAddRMSNorm(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:  # y unused: h's gradient passes to x and a unchanged, as the add's backward would
             return dh, None if dh is None else dh.to(ctx.a_dtype), None, None, None
-        dx, da, dw = ops.add_rms_norm_backward(torch.zeros_like(h) if dh is None else dh, dy, h, weight, rstd, ctx.a_dtype)
-        return dx, dx if ctx.a_dtype == h.dtype else da, dw.to(weight.dtype), None, None
+        dx, da, dw_parts = ops.add_rms_norm_backward(dh, dy, h, weight, rstd, ctx.a_dtype)
+        return dx, dx if ctx.a_dtype == h.dtype else da, dw_parts.sum(0).to(weight.dtype), None, None
 
 
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
@@ -178,12 +183,15 @@ class RMSNorm(nn.Module):
         of the two gradients and a downcast. Elsewhere the two steps as written (bit-identical on the CPU).
         """
         card = x.device.type in ("cuda", "meta")
-        if residual is not None:
-            if card and x.shape == residual.shape:
-                return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
-            h = x + residual
-            return h, self(h)
-        if card:
+        if residual is None:
+            return self._norm(x)
+        if card and x.shape == residual.shape:
+            return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
+        h = x + residual
+        return h, self._norm(h)
+
+    def _norm(self, x: Tensor) -> Tensor:
+        if x.device.type in ("cuda", "meta"):
             return fused_rms_norm(x, self.weight, self.eps, self._out_dtype(x))
         out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
@@ -388,16 +396,23 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, context: RouterContext,
-                cache: LayerKVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x_BSD: Tensor, branch_BSD: Tensor | None, cos: Tensor, sin: Tensor, context: RouterContext,
+                cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(x, y, aux)``: the residual stream after the attention and this block's FFN output ``y``, not
+        yet added to it: the next norm adds it (``RMSNorm(x, residual=y)``, one kernel with the norm on
+        a GPU). ``branch_BSD`` is the previous block's such output (None: nothing pending)."""
         B, S, D = x_BSD.shape
         want_probs = isinstance(self.ffn, MoELayer) and self.ffn.router.needs_attention
-        a, probs = self.attn(self.attn_norm(x_BSD), cos, sin, want_probs, cache)
+        if branch_BSD is None:
+            normed_BSD = self.attn_norm(x_BSD)
+        else:
+            x_BSD, normed_BSD = self.attn_norm(x_BSD, residual=branch_BSD)
+        a, probs = self.attn(normed_BSD, cos, sin, want_probs, cache)
         x_BSD, normed_BSD = self.ffn_norm(x_BSD, residual=a)
         if probs is not None:
             context = replace(context, attn_probs_BSS=probs)
         y_TD, aux = self.ffn(normed_BSD.reshape(B * S, D), context)
-        return x_BSD + y_TD.view(B, S, D), aux
+        return x_BSD, y_TD.view(B, S, D), aux
 
 
 class MoETransformer(nn.Module):
@@ -590,19 +605,21 @@ class MoETransformer(nn.Module):
         )
         cos, sin = rope_tables(past + S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, tokens_BS.device)
         cos, sin = cos[past:], sin[past:]
-        x = self.embed(tokens_BS)
+        x, branch = self.embed(tokens_BS), None
         residual = None if self.fp32_residual else autocast_dtype(x)
         if residual is not None:  # the residual stream in autocast's dtype (bf16), as the activations around it
             x = x.to(residual)
         aux_total: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
             if cache is not None:
-                x, aux = block(x, cos, sin, context, cache.layers[i])
+                x, branch, aux = block(x, branch, cos, sin, context, cache.layers[i])
             else:
-                x, aux = run_checkpointed(self.checkpointing, block, x, cos, sin, context)
+                if branch is not None and self.checkpointing != "none":  # a checkpoint keeps one stream tensor per block, not two
+                    x, branch = x + branch, None
+                x, branch, aux = run_checkpointed(self.checkpointing, block, x, branch, cos, sin, context)
             for name, value in aux.items():
                 aux_total[name] = aux_total[name] + value if name in aux_total else value
-        x = self.norm(x)
+        x = self.norm(x) if branch is None else self.norm(x, residual=branch)[1]
         weight_VD = self.head.weight if self.head is not None else self.embed.weight
         if targets_BS is not None:
             return head_cross_entropy(x.flatten(0, 1), weight_VD, targets_BS.flatten(), reduction), aux_total

@@ -24,7 +24,7 @@ import torch
 KERNEL_MODULES = (
     "kernels.layout", "kernels.triton.tile_matmul", "kernels.triton.route_meta", "kernels.triton.combine", "kernels.triton.grouped_wgrad", "kernels.triton.gather_gmm",
     "kernels.triton.gmm_scatter", "kernels.triton.swiglu_gmm", "kernels.triton.moe_experts", "kernels.swiglu_act", "kernels.unpermute",
-    "kernels.cross_entropy", "kernels.rope", "kernels.rms_norm", "kernels.qkv_heads", "kernels.adamw", "kernels.topk_gates",
+    "kernels.cross_entropy", "kernels.rope", "kernels.rms_norm", "kernels.qkv_heads", "kernels.adamw", "kernels.topk_gates", "kernels.cast_many", "kernels.plan_indices",
 )
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

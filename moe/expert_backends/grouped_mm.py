@@ -17,8 +17,8 @@ backward  ``dy_RD = dy_TD[t_r]`` (one gather) -> ``a = dy Wd^T``, ``dWd = h^T dy
           ``dg Wg^T``, ``dWg = x^T dg``, ``du Wu^T``, ``dWu = x^T du`` (grouped) -> ``dx_TD`` = one
           unpermute summing both dgrads.
 
-The fp32 master weights reach the GEMMs as bf16 copies, and their gradients return to fp32, in
-fewer launches than one cast per weight where they are small (``moe.expert_backends.weight_cast``).
+The fp32 master weights reach the GEMMs as bf16 copies, and their gradients return to fp32, in one
+launch each way for the three weights (``moe.expert_backends.weight_cast``).
 
 That is 9 grouped GEMMs (18*R*D*F FLOPs) and 7 memory passes moving ``7RD + 8RF + 2TD`` elements
 (the layer budget test counts them). Gate and up stay two GEMMs because the weights are stored

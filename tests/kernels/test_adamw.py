@@ -83,13 +83,33 @@ def test_adamw_kernel_skips_everything_when_found_inf(kc, gen):
 
 
 def test_tensors_the_kernel_cannot_take_go_through_the_reference(kc, gen):
-    """A non-contiguous parameter in the list is updated by the reference, the rest by the kernel; both equal it."""
+    """Non-contiguous and not 16-byte-aligned parameters in the list are updated by the reference, the rest by the
+    kernel; all equal the reference."""
     p, g, m, v = _state(gen, (8, 6), torch.bfloat16, kc.DEVICE)
     q, h, n, w = (t.t() for t in _state(gen, (6, 8), torch.bfloat16, kc.DEVICE))  # transposed views
-    want = [t.clone() for t in (p, g, m, v, q, h, n, w)]
+    a, b, c, d = (t[1:] for t in _state(gen, (41,), torch.bfloat16, kc.DEVICE))  # 4 or 2 bytes past an allocation
+    assert a.data_ptr() % 16 and c.data_ptr() % 16
+    want = [t.clone() for t in (p, g, m, v, q, h, n, w, a, b, c, d)]
     step = torch.tensor(2.0, device=kc.DEVICE)
-    ops.adamw_([p, q], [g, h], [m, n], [v, w], [step, step], 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
-    reference.adamw_(*want[:4], step, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
-    reference.adamw_(*want[4:], step, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
+    ops.adamw_([p, q, a], [g, h, b], [m, n, c], [v, w, d], [step] * 3, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
+    for i in (0, 4, 8):
+        reference.adamw_(*want[i : i + 4], step, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
     torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
-    assert torch.equal(q, want[4])  # the same function ran
+    assert torch.equal(q, want[4]) and torch.equal(a, want[8])  # the same function ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_adamw_kernel_at_olmoe_expert_size_equals_the_reference(gen):
+    """One launch over an OLMoE expert weight (64 x 2048 x 1024, 134M elements: 65,536 blocks, 64 per program),
+    a 2048-wide norm and a bias-sized tensor, bf16 moments, clipping and a finite verdict as the trainer passes them."""
+    cuda = torch.device("cuda")
+    tensors = [_state(gen, shape, torch.bfloat16, cuda) for shape in [(64, 2048, 1024), (2048,), (7,)]]
+    want = [[t.clone() for t in ts] for ts in tensors]
+    step, scale = torch.tensor(3.0, device=cuda), torch.tensor(1.7, device=cuda)
+    ops.adamw_(*([ts[i] for ts in tensors] for i in range(4)), [step] * 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, torch.tensor(0.0, device=cuda))
+    for (p, _, m, v), (wp, wg, wm, wv) in zip(tensors, want):
+        reference.adamw_(wp, wg, wm, wv, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, None)
+        torch.testing.assert_close(p, wp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.float(), wm.float(), rtol=2.0**-7, atol=1e-7)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=2.0**-7, atol=1e-7)

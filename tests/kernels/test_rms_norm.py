@@ -63,7 +63,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["rows", "strided", "per_head"])
-def test_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, dtype, out_dtype):
+def test_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, monkeypatch, kind, dtype, out_dtype):
+    """With the backward cut to 3 programs, each loops over several row blocks (rows: 7 blocks)."""
+    monkeypatch.setattr(ops, "RMS_NORM_DW_PROGRAMS", 3)
     x, dy = _layout(kind, gen, kc.DEVICE, dtype)
     dy = dy.to(out_dtype)
     w = (torch.rand(x.shape[-1], generator=gen) + 0.5).to(kc.DEVICE)
@@ -72,9 +74,10 @@ def test_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind, dt
     assert y.shape == x.shape and y.is_contiguous() and rstd.shape == x.shape[:-1]
     _close(y, want_y, out_dtype, "y")
     _close(rstd, x.double().pow(2).mean(-1).add(EPS).rsqrt(), torch.float32, "rstd")
-    dx, dw = ops.rms_norm_backward(dy, x, w, rstd)
+    dx, dw_parts = ops.rms_norm_backward(dy, x, w, rstd)
+    assert dw_parts.shape == (3, x.shape[-1])
     _close(dx, want_dx, dtype, "dx")
-    _close(dw, want_dw, torch.float32, "dw")
+    _close(dw_parts.sum(0), want_dw, torch.float32, "dw")
 
 
 @pytest.mark.parametrize(("x_dtype", "a_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
@@ -98,7 +101,8 @@ def test_add_rms_norm_ops_equal_the_reference_forward_and_backward(kc, gen, kind
     want_y, want_dn, want_dw = _truth(h, w, dy)
     _close(y, want_y, torch.bfloat16, "y")
     _close(rstd, h.double().pow(2).mean(-1).add(EPS).rsqrt(), torch.float32, "rstd")
-    dx, da, dw = ops.add_rms_norm_backward(dh, dy, h, w, rstd, a_dtype)
+    dx, da, dw_parts = ops.add_rms_norm_backward(dh, dy, h, w, rstd, a_dtype)
+    dw = dw_parts.sum(0)
     _close(dx, want_dn + dh.double(), x_dtype, "dx")
     _close(dw, want_dw, torch.float32, "dw")
     if a_dtype == x_dtype:
@@ -134,8 +138,8 @@ def test_rows_needing_four_levels_are_copied_first(kc, gen):
     assert row_levels(x) is None
     w, dy = torch.rand(16, generator=gen).to(kc.DEVICE), torch.randn(5, 3, 2, 4, 16, generator=gen).to(kc.DEVICE)
     y, rstd = ops.rms_norm(x, w, EPS, torch.float32)
-    dx, dw = ops.rms_norm_backward(dy, x, w, rstd)
-    for got, want, name in zip((y, dx, dw), _truth(x, w, dy), ("y", "dx", "dw")):
+    dx, dw_parts = ops.rms_norm_backward(dy, x, w, rstd)
+    for got, want, name in zip((y, dx, dw_parts.sum(0)), _truth(x, w, dy), ("y", "dx", "dw")):
         _close(got, want, torch.float32, name)
 
 
@@ -177,37 +181,41 @@ def _counted(norm: RMSNorm, x: torch.Tensor, dy_dtype: torch.dtype) -> list[tupl
 
 def test_the_module_on_a_card_is_one_launch_each_way_with_the_hand_counted_bytes():
     """On ``meta`` (a GPU in the step budget), under autocast: the fp32 residual [R, D] in, bf16 out,
-    one op each way and no cast. Bytes: forward reads x (4 R D) and w (4 D), writes y (2 R D) and
-    rstd (4 R); the backward reads dy (2 R D), x, w and rstd, writes dx (4 R D) and dw (4 D). A bf16
+    one kernel each way and no cast. Bytes: forward reads x (4 R D) and w (4 D), writes y (2 R D) and
+    rstd (4 R); the backward reads dy (2 R D), x, w and rstd, writes dx (4 R D) and the dw partials
+    (4 P D, P = min(R, 264) programs), which one sum reduces to dw (4 P D in, 4 D out). A bf16
     per-head query view in (the q/k norms) moves 2 bytes per element of x and dx instead. With a bf16
     residual a (the FFN norm): also a in (2 R D) and h out (4 R D); backward dh in (4 R D), da out (2 R D)."""
     from tools.bench.op_counter import OpCounter
 
     B, S, D, H, d = 2, 8, 32, 4, 8
     R = B * S
+    parts = lambda rows, width: 4 * min(rows, 264) * width  # noqa: E731
+    total = lambda rows, width: ("aten.sum.dim_IntList", parts(rows, width) + 4 * width)  # noqa: E731
     norm = RMSNorm(D, EPS).to("meta")
     x = torch.empty(B, S, D, device="meta", requires_grad=True)
     with meta_autocast(lambda: torch.bfloat16):
         got = _counted(norm, x, torch.bfloat16)
     assert got == [("moeforge.rms_norm.default", 4 * R * D + 4 * D + 2 * R * D + 4 * R),
-                   ("moeforge.rms_norm_backward.default", 2 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + 4 * D)]
+                   ("moeforge.rms_norm_backward.default", 2 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + parts(R, D)), total(R, D)]
     got = _counted(norm, x, torch.float32)  # autocast off: the wider of x's and w's dtypes, as before
     assert got == [("moeforge.rms_norm.default", 4 * R * D + 4 * D + 4 * R * D + 4 * R),
-                   ("moeforge.rms_norm_backward.default", 4 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + 4 * D)]
+                   ("moeforge.rms_norm_backward.default", 4 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + parts(R, D)), total(R, D)]
     qkv = torch.empty(B, S, 3 * H * d, device="meta", dtype=torch.bfloat16, requires_grad=True)
     q = qkv.view(B, S, 3 * H, d).transpose(1, 2)[:, :H]
     with meta_autocast(lambda: torch.bfloat16):
         got = _counted(RMSNorm(d, EPS).to("meta"), q, torch.bfloat16)
     n = B * H * S
     assert got == [("moeforge.rms_norm.default", 2 * n * d + 4 * d + 2 * n * d + 4 * n),
-                   ("moeforge.rms_norm_backward.default", 2 * n * d + 2 * n * d + 4 * d + 4 * n + 2 * n * d + 4 * d)]
+                   ("moeforge.rms_norm_backward.default", 2 * n * d + 2 * n * d + 4 * d + 4 * n + 2 * n * d + parts(n, d)), total(n, d)]
     a = torch.empty(B, S, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
     with OpCounter() as counter, meta_autocast(lambda: torch.bfloat16):
         h, y = norm(x, residual=a)
         torch.autograd.grad((h, y), (x, a, norm.weight), (torch.empty_like(h), torch.empty_like(y)))
-    assert [(r.name, r.bytes) for r in counter.budget.ops] == [  # x, a, w -> h, y, rstd; dh, dy, h, w, rstd -> dx, da, dw
+    assert [(r.name, r.bytes) for r in counter.budget.ops] == [  # x, a, w -> h, y, rstd; dh, dy, h, w, rstd -> dx, da, dw partials
         ("moeforge.add_rms_norm.default", 4 * R * D + 2 * R * D + 4 * D + 4 * R * D + 2 * R * D + 4 * R),
-        ("moeforge.add_rms_norm_backward.default", 4 * R * D + 2 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + 2 * R * D + 4 * D)]
+        ("moeforge.add_rms_norm_backward.default", 4 * R * D + 2 * R * D + 4 * R * D + 4 * D + 4 * R + 4 * R * D + 2 * R * D + parts(R, D)),
+        total(R, D)]
 
 
 def test_the_module_on_the_cpu_keeps_torch_rms_norm(gen, monkeypatch):

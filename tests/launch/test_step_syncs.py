@@ -66,9 +66,10 @@ def _rank_has_no_syncs(overrides: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_no_host_sync_on_two_ranks(mode: str) -> None:
-    run_distributed(_rank_has_no_syncs, 2, [f"parallel={mode}"])
+@pytest.mark.parametrize("overrides", [["parallel=ddp"], ["parallel=fsdp"], ["parallel=fsdp", "optim.moments_dtype=bf16"]], ids=" ".join)
+def test_no_host_sync_on_two_ranks(overrides: list[str]) -> None:
+    """bf16 moments: ``KernelAdamW`` on FSDP2's DTensor shards obeys the device verdict without reading it."""
+    run_distributed(_rank_has_no_syncs, 2, overrides)
 
 
 def _rank_names_its_exchange_reads(overrides: list[str], expected: dict[str, int]) -> None:
@@ -98,8 +99,9 @@ def test_fssdp_reads_only_its_token_splits_once_per_layer() -> None:
                      "parallel/token_exchange.py (exchange_and_run) in blocks.1.ffn": 1})
 
 
-def test_no_host_sync_in_one_process() -> None:
-    syncs = step_syncs(["parallel=none"])
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_no_host_sync_in_one_process(moments: str) -> None:
+    syncs = step_syncs(["parallel=none", f"optim.moments_dtype={moments}"])
     assert syncs.total == 0, syncs.describe()
 
 

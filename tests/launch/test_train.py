@@ -142,6 +142,7 @@ BAD = [
     ("data=memmap data.path=/nonexistent/shards", "data.path"),
     ("checkpoint.resume=maybe", "checkpoint.resume"),
     ("optim.lr=-1", "optim.lr"),
+    ("optim.moments_dtype=fp16", "optim.moments_dtype"),
     ("model.d_model=100", "model.d_model"),
     ("logging=slack", "logging"),
     ("train.seq_len=4096", "train.seq_len"),

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of a training step (layer, its router's backward, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
+"""Compile every Triton kernel of a training step (layer, its router's backward, dispatch indices and weight casts, loss, RoPE, RMSNorm, attention heads, AdamW) for real shapes; report GPU resources, without a GPU.
 
 Usage::
 
@@ -172,22 +172,25 @@ STEP_NORM_ROWS = 16384
 
 def capture_norms() -> None:
     """RMSNorm forward and backward launches at each ``STEP_NORM_WIDTHS`` over ``STEP_NORM_ROWS``
-    rows: the block norms' (fp32 residual in, bf16 out; bf16 gradient in, fp32 dx), the FFN norm's
-    with the attention's bf16 output added to the stream (h written; the stream's gradient added, a
-    bf16 da written) and the q/k norms' (a bf16 slice of the fused projection, one row stride of 3
-    widths; bf16 throughout)."""
-    from kernels.rms_norm import backward_programs, rms_norm_bwd_into, rms_norm_fwd_into, row_levels
+    rows: a norm of the residual stream (fp32 or bf16 in, bf16 out; bf16 gradient in, dx in the
+    stream's dtype), the same with a bf16 branch output added to the stream (h written; the stream's
+    gradient added, and for an fp32 stream a bf16 da written) and the q/k norms' (a bf16 slice of the
+    fused projection, one row stride of 3 widths; bf16 throughout)."""
+    from kernels.ops import rms_norm_dw_programs
+    from kernels.rms_norm import rms_norm_bwd_into, rms_norm_fwd_into, row_levels
 
     meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
     R = STEP_NORM_ROWS
     for D in STEP_NORM_WIDTHS:
-        w, rstd, part = meta(D, dtype=torch.float32), meta(R, dtype=torch.float32), meta(backward_programs(R, D, SM90["sms"]), D, dtype=torch.float32)
-        y, dy, stream = meta(R, D), meta(R, D), meta(R, D, dtype=torch.float32)
-        for x in (stream, meta(R, 3 * D)[:, :D]):
+        w, rstd, part = meta(D, dtype=torch.float32), meta(R, dtype=torch.float32), meta(rms_norm_dw_programs(R), D, dtype=torch.float32)
+        y, dy = meta(R, D), meta(R, D)
+        for x in (meta(R, D, dtype=torch.float32), meta(R, D), meta(R, 3 * D)[:, :D]):
             rms_norm_fwd_into(x, row_levels(x), w, 1e-5, y, rstd)
             rms_norm_bwd_into(dy, row_levels(dy), x, row_levels(x), w, rstd, meta(R, D, dtype=x.dtype), part)
-        rms_norm_fwd_into(stream, row_levels(stream), w, 1e-5, y, rstd, a=meta(R, D), h=meta(R, D, dtype=torch.float32))
-        rms_norm_bwd_into(dy, row_levels(dy), stream, row_levels(stream), w, rstd, meta(R, D, dtype=torch.float32), part, dh=stream, da=meta(R, D))
+        for stream in (meta(R, D, dtype=torch.float32), meta(R, D)):  # train.fp32_residual=true, and the default bf16 stream
+            rms_norm_fwd_into(stream, row_levels(stream), w, 1e-5, y, rstd, a=meta(R, D), h=torch.empty_like(stream))
+            rms_norm_bwd_into(dy, row_levels(dy), stream, row_levels(stream), w, rstd, torch.empty_like(stream), part, dh=stream,
+                              da=meta(R, D) if stream.dtype == torch.float32 else None)
 
 
 def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactivations: bool = False, per_op: bool = True) -> list[Launch]:
@@ -206,6 +209,8 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
     from kernels.cross_entropy import cross_entropy_rows_into
     from kernels.rope import rope_into
     from kernels.topk_gates import topk_gates_bwd_into
+    from kernels.cast_many import cast_many_into
+    from kernels.plan_indices import plan_indices_into
     from kernels.adamw import adamw_into
     from kernels.unpermute import unpermute_into
 
@@ -245,6 +250,13 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         p32, w32 = meta(T, E, dtype=torch.float32), meta(T, K, dtype=torch.float32)
         t32, e32, s32 = meta(T, dtype=torch.float32), meta(E, dtype=torch.float32), meta((), dtype=torch.float32)
         topk_gates_bwd_into(p32, w32, meta(T, K, dtype=torch.int64), w32, t32, p32, e32, s32, t32, s32, 0.5, 0.5, p32)
+        # The experts' weight casts, fp32 masters to bf16 and their bf16 gradients back, three weights a launch.
+        masters, halves = [meta(E, D, Fd, dtype=torch.float32)] * 3, [meta(E, D, Fd)] * 3
+        cast_many_into(masters, halves)
+        cast_many_into(halves, masters)
+        # Dispatch's index bookkeeping over the layer's T*K slots (R = T*K rows kept, dropless).
+        plan_indices_into(meta(R, dtype=torch.int64), meta(R, dtype=torch.float32), K, R, meta(R, dtype=torch.int32),
+                          meta(R, dtype=torch.int64), meta(R, dtype=torch.float32))
         # The optimizer's kernel over a group of 3 L tensors up to one E x D x F expert weight (the pointer table of
         # ``kernels.adamw``), bf16 and fp32 moments, with the clipping divisor and the step guard's flag as the trainer passes them.
         table, scalar = meta(3 * STEP_LAYERS, 6, dtype=torch.int64), meta((), dtype=torch.float32)

@@ -192,8 +192,9 @@ class FluctuationModel(nn.Module):
         ids_T = lsh_ids(x_BSX.reshape(B * S, -1), self.planes_XL)
         context = RouterContext(step=step, token_ids_T=ids_T, batch_size=B, seq_len=S, training=self.training)
         cos, sin = rope_tables(S, self.cfg.d_model // self.cfg.num_heads, self.cfg.rope_theta, x_BSX.device)
-        h_BSD, aux = self.block(self.embed(x_BSX), cos, sin, context)
-        logits_BSC = self.head(self.norm(h_BSD))
+        h_BSD, y_BSD, aux = self.block(self.embed(x_BSX), None, cos, sin, context)
+        _, normed_BSD = self.norm(h_BSD, residual=y_BSD)
+        logits_BSC = self.head(normed_BSD)
         loss = nn.functional.cross_entropy(logits_BSC.reshape(B * S, -1), batch.y.reshape(-1))
         return logits_BSC, loss, aux
 
