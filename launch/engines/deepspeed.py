@@ -192,6 +192,9 @@ class DeepSpeedEngine:
         check(MOMENTS_DTYPE[job.optim.moments_dtype] is torch.float32, "optim.moments_dtype", job.optim.moments_dtype,
               "must be fp32 with engine.name=deepspeed (DeepSpeed steps torch's AdamW over its own flat fp32 partitions; "
               "bf16 moments are engine.name=native's kernel)")
+        check(not job.optim.master_weights, "optim.master_weights", job.optim.master_weights,
+              "must be false with engine.name=deepspeed (DeepSpeed keeps its own fp32 partitions of every parameter; bf16 expert "
+              "weights with fp32 masters are engine.name=native's)")
         check(tr.on_nonfinite == "stop", "train.on_nonfinite", tr.on_nonfinite,
               "must be stop with engine.name=deepspeed (DeepSpeed clips, updates and steps the schedule in one call, so a "
               "non-finite step cannot be skipped; it stops before the update)")
