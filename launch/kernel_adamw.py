@@ -112,9 +112,14 @@ class KernelAdamW(torch.optim.Optimizer):
                                   [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [st["step"] for st in states], *hyper)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict`` casts state to the parameter's dtype; the moments go back to ``moments_dtype``."""
+        """torch's ``load_state_dict`` casts state to the parameter's dtype; the moments go back to ``moments_dtype``,
+        from the saved tensors themselves for bf16 parameters with masters (a cast through bf16 would round fp32 moments).
+        The masters are not in this dict (``parallel.checkpoint`` saves them as the model's weights)."""
         super().load_state_dict(state_dict)
-        for st in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    st[key] = st[key].to(self.moments_dtype)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for p, index in zip(group["params"], saved["params"]):
+                st, src = self.state.get(p), state_dict["state"].get(index, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if st is not None and key in st:
+                        value = src[key] if p in self.masters and key in src else st[key]
+                        st[key] = value.to(device=st[key].device, dtype=self.moments_dtype)

@@ -184,3 +184,22 @@ def test_adamw_master_tensors_the_kernel_cannot_take_go_through_the_reference(kc
     torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(q, p.to(torch.bfloat16))
     assert torch.equal(a, want[5]) and torch.equal(b, want[6])  # the same function ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_adamw_master_kernel_at_olmoe_expert_size_equals_the_reference(gen):
+    """The master variant over an OLMoE expert weight (64 x 2048 x 1024) and a small tensor in one launch, bf16
+    moments, clipping and a finite verdict as the trainer passes them: masters as the reference's, bf16 weights their
+    rounding, bit for bit."""
+    cuda = torch.device("cuda")
+    tensors = [_master_state(gen, shape, torch.bfloat16, cuda) for shape in [(64, 2048, 1024), (7,)]]
+    want = [[t.clone() for t in ts] for ts in tensors]
+    step, scale = torch.tensor(3.0, device=cuda), torch.tensor(1.7, device=cuda)
+    ops.adamw_master_(*([ts[i] for ts in tensors] for i in range(5)), [step] * 2, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, torch.tensor(0.0, device=cuda))
+    for (p, q, _, m, v), (wp, wq, wg, wm, wv) in zip(tensors, want):
+        reference.adamw_master_(wp, wq, wg, wm, wv, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, None)
+        torch.testing.assert_close(p, wp, rtol=1e-5, atol=1e-6)
+        assert torch.equal(q, p.to(torch.bfloat16))
+        torch.testing.assert_close(m.float(), wm.float(), rtol=2.0**-7, atol=1e-7)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=2.0**-7, atol=1e-7)

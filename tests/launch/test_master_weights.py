@@ -270,3 +270,23 @@ def test_a_master_weights_run_resumes_bit_for_bit(tmp_path) -> None:
     for step in (5, 6, 7, 8):
         assert b[step]["loss"] == a[step]["loss"], step
     assert b[8]["val_loss"] == a[8]["val_loss"]
+
+
+def test_load_state_dict_keeps_fp32_moments_of_bf16_weights() -> None:
+    """torch's ``Optimizer.load_state_dict`` casts state to the parameter's dtype, which would round fp32 moments of a
+    bf16 weight to bf16; ``KernelAdamW`` takes them from the saved tensors."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, (1,))))
+
+    def build() -> tuple[torch.nn.Parameter, KernelAdamW]:
+        w = torch.nn.Parameter(torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0)))
+        return w, KernelAdamW([{"params": [w]}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, moments_dtype=torch.float32, masters=[w])
+
+    w, opt = build()
+    w.grad = torch.randn(w.shape, generator=gen).to(torch.bfloat16)
+    opt.step()
+    v, other = build()
+    other.load_state_dict(opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert other.state[v][key].dtype == torch.float32
+        assert torch.equal(other.state[v][key], opt.state[w][key])
+        assert not torch.equal(opt.state[w][key], opt.state[w][key].bfloat16().float())  # bf16 rounding would show
