@@ -20,6 +20,13 @@ read in their storage dtype, updated in fp32 and stored rounded to nearest even 
 weights and gradients are DeepSeek-V3's recipe (DeepSeek-AI 2024, arXiv 2412.19437, sec. 3.3.3,
 "Low-Precision Optimizer States"): 20 bytes of traffic per parameter instead of 28.
 
+The master variant (``adamw_into(..., master=True)``, ``optim.master_weights``): ``p`` is the fp32 master copy of a
+parameter the model holds in bf16, the gradient is bf16, and the pass also stores the updated master rounded to
+nearest even into the bf16 parameter (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.1; Megatron-LM's
+bf16 parameters with fp32 main parameters): per parameter it reads master 4 + gradient 2 + the moments and writes
+master 4 + the moments + parameter 2: 20 bytes with bf16 moments (10 read, 10 written), 28 with fp32 ones. The
+forward's weight cast and the backward's gradient cast, 12 bytes per parameter, are gone.
+
 ``found_inf`` (a device scalar, nonzero: skip): every load and store is masked off, so a
 non-finite step writes nothing, without the host reading the flag. The pure-torch twin is
 ``kernels.reference.adamw_``; the op lives in ``kernels.ops``.
@@ -57,16 +64,18 @@ def _store_rounded(ptr, offs, x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps,
-                  HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    """One block of the update in fp32. Unmasked blocks of 16-byte-aligned tensors load and store 16 bytes at a time."""
+def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, offs, mask, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps,
+                  HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, MASTER: tl.constexpr):
+    """One block of the update in fp32. Unmasked blocks of 16-byte-aligned tensors load and store 16 bytes at a time.
+    ``MASTER``: ``p`` is the fp32 master, the gradient is read in its own dtype (bf16) and the updated master is also
+    stored, rounded to nearest even, into the model's bf16 parameter ``q_ptr``."""
     if MASKED:
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        g = tl.load(g_ptr + offs)
+        g = tl.load(g_ptr + offs).to(tl.float32)
         p = tl.load(p_ptr + offs)
         m = tl.load(m_ptr + offs).to(tl.float32)
         v = tl.load(v_ptr + offs).to(tl.float32)
@@ -85,16 +94,24 @@ def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, decay_keep, w, 
         tl.store(p_ptr + offs, p)
     _store_rounded(m_ptr, offs, m, mask, MASKED)
     _store_rounded(v_ptr, offs, v, mask, MASKED)
+    if MASTER:
+        _store_rounded(q_ptr, offs, p, mask, MASKED)
 
 
 @triton.jit
 def _adamw_kernel(table_ptr, scale_ptr, skip_ptr, lr, decay_keep, beta1, beta2, log2_beta1, log2_beta2, eps,
-                  MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
+                  MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
+                  MASTER: tl.constexpr = False):
     # Program (i, c): tensor i of the table, its full blocks c, c + C, c + 2C, ... (C = the grid's second size)
     # without masks; program (i, 0) also takes the partial last block. ``pointer_table`` guarantees 16-byte alignment.
-    row = table_ptr + tl.program_id(0).to(tl.int64) * 6  # pointer_table's six columns
+    row = table_ptr + tl.program_id(0).to(tl.int64) * (7 if MASTER else 6)  # pointer_table's six (seven) columns
     p_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.float32)), 16)
-    g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.float32)), 16)
+    if MASTER:  # bf16 gradients, and the model's bf16 parameter in column 7
+        g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.bfloat16)), 16)
+        q_ptr = tl.multiple_of(tl.load(row + 6).to(tl.pointer_type(tl.bfloat16)), 16)
+    else:
+        g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.float32)), 16)
+        q_ptr = p_ptr
     m_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(MOMENTS)), 16)
     v_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(MOMENTS)), 16)
     N = tl.load(row + 4)
@@ -110,22 +127,28 @@ def _adamw_kernel(table_ptr, scale_ptr, skip_ptr, lr, decay_keep, beta1, beta2, 
     full = (N // BLOCK) * BLOCK
     for start in range(tl.program_id(1).to(tl.int64) * BLOCK, full, tl.num_programs(1) * BLOCK):
         offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
-        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps, HAS_SCALE, False)
+        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, offs, None, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps, HAS_SCALE, False,
+                      MASTER)
     if tl.program_id(1) == 0 and full < N:
         offs = full + tl.arange(0, BLOCK)
-        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < N, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps, HAS_SCALE, True)
+        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, offs, offs < N, scale, decay_keep, w, beta2, step_size, bc2_sqrt, eps, HAS_SCALE, True,
+                      MASTER)
 
 
 def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else float("-inf")
 
 
-def pointer_table(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor]) -> Tensor:
+def pointer_table(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor],
+                  out: list[Tensor] | None = None) -> Tensor:
     """The kernel's table, one int64 row per tensor: addresses of p, g, m, v (contiguous, each 16-byte aligned, as
     every allocation of torch's is; ``kernels.ops`` sends other tensors to the reference), the element count, the address of
-    the step count. Built on the host and copied to the device without waiting (pinned memory on CUDA): gradients
+    the step count, and with ``out`` (the master variant) a seventh column: the address of the bf16 parameter.
+    Built on the host and copied to the device without waiting (pinned memory on CUDA): gradients
     are new tensors every step, so their addresses are too."""
     rows = [[a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), a.numel(), s.data_ptr()] for a, b, c, d, s in zip(p, g, m, v, step)]
+    if out is not None:
+        rows = [row + [q.data_ptr()] for row, q in zip(rows, out)]
     dev = p[0].device
     table = torch.tensor(rows, dtype=torch.int64, pin_memory=dev.type == "cuda")
     return table.to(dev, non_blocking=True)
@@ -138,9 +161,12 @@ def programs_per_tensor(max_numel: int) -> int:
 
 
 def adamw_into(table: Tensor, n_tensors: int, max_numel: int, moments: torch.dtype, lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+               weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None, master: bool = False) -> None:
     """Launch the kernel over the ``n_tensors`` rows of ``table`` (``pointer_table``: contiguous fp32 parameters and
-    gradients, moments in ``moments``, updated in place); ``max_numel``: the largest tensor's size.
+    gradients, moments in ``moments``, updated in place); ``max_numel``: the largest tensor's size. ``master``: the
+    table has ``out``'s seventh column, the gradients are bf16, and each updated fp32 master is also written,
+    rounded to nearest even, into its bf16 parameter (Micikevicius et al. 2018, "Mixed Precision Training",
+    sec. 3.1: fp32 master weights, half-precision weights and gradients in the forward and backward).
 
     ``grad_scale``/``found_inf``: 0-dim device tensors or None. ``1 - lr * weight_decay`` and ``log2(beta)`` are
     formed here in double, as torch forms its scalars."""
@@ -149,5 +175,6 @@ def adamw_into(table: Tensor, n_tensors: int, max_numel: int, moments: torch.dty
     _adamw_kernel[(n_tensors, programs_per_tensor(max_numel))](
         table, grad_scale if grad_scale is not None else table, found_inf if found_inf is not None else table,
         lr, 1.0 - lr * weight_decay, beta1, beta2, _log2(beta1), _log2(beta2), eps,
-        MOMENTS=_TL_DTYPES[moments], HAS_SCALE=grad_scale is not None, HAS_SKIP=found_inf is not None, BLOCK=BLOCK, num_warps=8,
+        MOMENTS=_TL_DTYPES[moments], HAS_SCALE=grad_scale is not None, HAS_SKIP=found_inf is not None, BLOCK=BLOCK, MASTER=master,
+        num_warps=8,
     )

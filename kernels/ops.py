@@ -33,6 +33,8 @@ Each op is a PyTorch operator in the ``moeforge`` namespace (``torch.ops.moeforg
   ``moe.routers.topk_gates`` on a GPU);
 - ``moeforge::adamw_(p, g, m, v, step, lr, ...)``: one AdamW step of lists of parameter tensors in place,
   moments in bf16 or fp32, one launch for the lists (``kernels.adamw``; ``launch.kernel_adamw.KernelAdamW``).
+- ``moeforge::adamw_master_(p, out, g, m, v, step, ...)``: the same over fp32 masters with bf16 gradients, also writing
+  the bf16 parameters ``out`` (``optim.master_weights``).
 
 Where a Triton kernel can run on the inputs' device (CUDA; or the CPU when the kernel module was
 imported under ``TRITON_INTERPRET=1``) the op launches it; otherwise it runs the pure-torch
@@ -308,6 +310,31 @@ def _adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], 
             mod.adamw_into(table, len(idx), max(p[i].numel() for i in idx), moments, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
 
 
+def _adamw_master_(p: list[Tensor], out: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float,
+                   beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    mod = _kernel_module("adamw")
+    fused, rest = [], []
+    for i, t in enumerate(zip(p, g, m, v, step, out)):
+        kernel_ready = (triton_runs(t[0], mod, "_adamw_kernel") and t[0].dtype == torch.float32 and t[1].dtype == t[5].dtype == torch.bfloat16
+                        and t[2].dtype == t[3].dtype and t[2].dtype in (torch.bfloat16, torch.float32)
+                        and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (*t[:4], t[5]))
+                        and t[0].shape == t[1].shape == t[2].shape == t[3].shape == t[5].shape and t[4].dtype == torch.float32)
+        (fused if kernel_ready else rest).append(i)
+    for i in rest:
+        reference.adamw_master_(p[i], out[i], g[i], m[i], v[i], step[i], lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    for moments in (torch.bfloat16, torch.float32):  # one launch per moments dtype present (one in practice)
+        idx = [i for i in fused if m[i].dtype == moments]
+        if idx:
+            table = mod.pointer_table(*([x[i] for i in idx] for x in (p, g, m, v, step)), out=[out[i] for i in idx])
+            mod.adamw_into(table, len(idx), max(p[i].numel() for i in idx), moments, lr, beta1, beta2, eps, weight_decay, grad_scale,
+                           found_inf, master=True)
+
+
+def _fake_adamw_master_(p: list[Tensor], out: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    return None
+
+
 def _fake_adamw_(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], step: list[Tensor], lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
@@ -410,6 +437,9 @@ _OPS = {
                               "-> (Tensor, Tensor, Tensor)", _add_rms_norm_backward, _fake_add_rms_norm_backward),
     "adamw_": ("adamw_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, float beta1, float beta2, float eps, "
                "float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()", _adamw_, _fake_adamw_),
+    "adamw_master_": ("adamw_master_(Tensor(a!)[] p, Tensor(d!)[] out, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor[] step, float lr, "
+                      "float beta1, float beta2, float eps, float weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()",
+                      _adamw_master_, _fake_adamw_master_),
 }
 for _name, (_schema, _impl, _fake) in _OPS.items():
     _LIB.define(_schema)
@@ -481,3 +511,7 @@ adamw_ = torch.ops.moeforge.adamw_.default
 step (0-dim device tensor), gradients are divided by ``grad_scale`` and nothing is written where ``found_inf`` is
 nonzero. One kernel for all the tensors reads each p, g, m, v once and writes p, m, v once (``kernels.adamw``;
 its small address table is copied to the device first)."""
+adamw_master_ = torch.ops.moeforge.adamw_master_.default
+"""``adamw_`` of fp32 masters ``p[i]`` with bf16 gradients ``g[i]``, also writing each updated master rounded to nearest
+even into the model's bf16 parameter ``out[i]`` (nothing where ``found_inf`` is nonzero). One kernel reads p, g, m, v
+once and writes p, m, v and out once (``kernels.adamw``, ``master=True``; ``launch.kernel_adamw`` with ``optim.master_weights``)."""

@@ -333,3 +333,13 @@ def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, 
     for dst, new in ((p, p32), (m, m32), (v, v32)):
         new = new.to(dst.dtype)
         dst.copy_(new if found_inf is None else torch.where(found_inf == 0, new, dst))
+
+
+@torch.no_grad()
+def adamw_master_(p: Tensor, out: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """``adamw_`` of the fp32 master ``p`` with the (bf16) gradient ``g``, then the bf16 parameter ``out`` = the new
+    master rounded to nearest even (``Tensor.to``); where ``found_inf`` is nonzero nothing changes, ``out`` included."""
+    adamw_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    new = p.to(out.dtype)
+    out.copy_(new if found_inf is None else torch.where(found_inf == 0, new, out))

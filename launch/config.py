@@ -85,6 +85,13 @@ class OptimConfig:
     """AdamW's first and second moments: fp32 (torch's AdamW, fused on CUDA) | bf16 (moeforge's AdamW kernel,
     ``launch.kernel_adamw``: fp32 weights, gradients and math, moments stored in bf16; DeepSeek-V3, arXiv
     2412.19437, sec. 3.3.3). bf16 saves 8 of 28 bytes of optimizer traffic and 8 of 16 bytes of state per parameter."""
+    master_weights: bool = False
+    """Hold the MoE layers' stacked expert weights in bf16 on the model and their fp32 master copies in the optimizer
+    (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.1; Megatron-LM's bf16 params with fp32 main params):
+    no weight cast in the forward, no gradient cast in the backward, and one optimizer pass reads the bf16 gradient and
+    the master and writes the master, the moments and the bf16 weight (``launch.kernel_adamw``, either moments dtype).
+    Needs bf16 (``train.precision=bf16``, or auto on a GPU), ``train.grad_accum=1``, ``parallel=none`` and ``engine=native``.
+    Checkpoints hold the fp32 masters in the model's usual keys."""
 
     def __post_init__(self) -> None:
         check(self.name == "adamw", "optim.name", self.name, "must be adamw")
@@ -283,3 +290,22 @@ def validate_job(job: JobConfig) -> None:
         check(0 <= sep < m.vocab_size, "data.doc_separator", sep, f"must be a token id in [0, model.vocab_size={m.vocab_size})")
     if job.data.name == "stdlib_bytes":
         check(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, "must be >= 256 for data=stdlib_bytes (bytes)")
+    if job.optim.master_weights:
+        check_master_weights(job)
+
+
+def check_master_weights(job: JobConfig) -> None:
+    """``optim.master_weights=true``'s rules across groups (the engine's: ``check_job``; the resolved precision: at start-up)."""
+    from parallel.modes import names_where, parallel_mode
+
+    tr = job.train
+    check(tr.precision != "fp32", "train.precision", tr.precision, "must be bf16 (or auto on a GPU) with optim.master_weights=true "
+          "(the expert weights are held in bf16 for bf16 GEMMs)")
+    check(tr.grad_accum == 1, "train.grad_accum", tr.grad_accum, "must be 1 with optim.master_weights=true (the expert gradients are "
+          "bf16 and the micro-batches' gradients would be summed in bf16)")
+    single = names_where(lambda mode: not mode.distributed)
+    check(not parallel_mode(job.parallel.mode).distributed, "parallel.mode", job.parallel.mode,
+          f"must be {'|'.join(single)} with optim.master_weights=true (other layouts are not supported yet)")
+    evolve = getattr(job.router, "evolve", None)
+    check(evolve is None or not evolve.enabled, "router.evolve.enabled", True, "must be false with optim.master_weights=true (EvoMoE's "
+          "spawn rewrites the expert weights outside the optimizer, which holds their masters)")

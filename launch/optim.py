@@ -26,7 +26,8 @@ MOMENTS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_optimizer(model: torch.nn.Module, job: JobConfig,
-                    regroup: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                    regroup: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+                    masters: list[torch.nn.Parameter] | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (decay on matrices only) with the learning-rate schedule of ``lr_factor``.
 
     ``optim.moments_dtype``: fp32 is ``torch.optim.AdamW`` (fused on CUDA); bf16 is
@@ -36,6 +37,9 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig,
     ``decay`` flag that ``apply_config`` reads) before AdamW is built; groups it makes must keep
     their source group's keys (``engine=deepspeed parallel=ep`` moves the experts into DeepSpeed's
     MoE groups).
+
+    ``masters`` (``optim.master_weights``): parameters ``KernelAdamW`` keeps fp32 masters of while the model
+    holds them in bf16 (either moments dtype).
     """
     o, steps = job.optim, job.train.steps
     params = [p for p in model.parameters() if p.requires_grad]
@@ -46,8 +50,10 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig,
     if regroup is not None:
         groups = regroup([{**groups[0], "name": "decay", "decay": True}, {**groups[1], "name": "no_decay", "decay": False}])
     moments = MOMENTS_DTYPE[o.moments_dtype]
-    if moments is torch.float32:
-        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
+    if masters:
+        opt: torch.optim.Optimizer = KernelAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, moments_dtype=moments, masters=masters)
+    elif moments is torch.float32:
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
         init_adamw_state(opt)
     else:
         opt = KernelAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, moments_dtype=moments)

@@ -221,6 +221,9 @@ def check_runtime(job: JobConfig, runtime: Runtime) -> None:
     check_experts(job.parallel, runtime.world_size, job.model.num_experts)
     if tr.device == "cuda" and runtime.device.type != "cuda":
         raise ConfigError("train.device ('cuda') was asked for but no CUDA device is available")
+    if job.optim.master_weights and precision_of(job, runtime.device) != "bf16":
+        raise ConfigError(f"optim.master_weights (True) needs bf16: train.precision={tr.precision} resolves to fp32 on "
+                          f"{runtime.device.type} (set train.precision=bf16)")
     if tr.threads:
         torch.set_num_threads(tr.threads)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from kernels import ops
 from moe.autocast import autocast_dtype
 from moe.errors import check
-from moe.experts import ExpertsConfig, dense_swiglu
+from moe.experts import EXPERT_WEIGHT_NAMES, ExpertsConfig, dense_swiglu
 from moe.head_loss import head_cross_entropy
 from moe.layer import MoELayer
 from moe.recompute import MODES as RECOMPUTE_MODES
@@ -448,6 +448,11 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block."""
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def expert_weights(self) -> list[nn.Parameter]:
+        """Every MoE layer's stacked expert weights (``moe.experts.EXPERT_WEIGHT_NAMES``), in layer order: the
+        parameters ``optim.master_weights`` holds in bf16, with their fp32 masters in the optimizer."""
+        return [getattr(layer.experts, name) for _, layer in self.moe_layers() for name in EXPERT_WEIGHT_NAMES]
 
     def experts_per_token(self) -> dict[int, int]:
         """Layer index -> routed experts one token uses there, nominally (``k``; 1 for routers without one)."""

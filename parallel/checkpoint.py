@@ -13,6 +13,11 @@ under its global index") and pain point 2 (checkpoints not reshardable across EP
 The dict holds *views* of the live tensors, so ``torch.distributed.checkpoint.load`` writes into
 the model and optimizer in place; ``load_checkpoint_state`` then copies anything that was loaded
 into a different tensor and restores the param groups' hyperparameters.
+
+Under ``optim.master_weights`` the model holds its expert weights in bf16 and the optimizer their fp32 masters
+(``launch.kernel_adamw.KernelAdamW.masters``): the expert keys are views of the masters, so a checkpoint holds the
+same fp32 values, in the same keys, as one without master weights (nothing is stored twice), and a load writes
+into the masters; the engine then re-derives the bf16 weights from them.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, runtime
     for key, value in model.state_dict().items():
         if key not in expert_keys:
             model_sd[key] = value
+    masters: dict[Tensor, Tensor] = getattr(optimizer, "masters", {})  # optim.master_weights: the fp32 values of bf16 weights
     for fqn, mod, name, p in _expert_params(model):
-        ids, local = _expert_rows(mod, p.detach())
+        ids, local = _expert_rows(mod, masters.get(p, p.detach()))
         base = f"{fqn}.{name}" if fqn else name
         for i, e in enumerate(ids):
             model_sd[f"{base}.{e}"] = local[i]

@@ -181,7 +181,10 @@ class Runtime:
     def total_grad_norm(self, model: nn.Module) -> Tensor:
         """The global gradient L2 norm (as ``clip_grad_norm_`` returns it) without clipping."""
         if not self.distributed and self.replicated:
-            return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if any(g.dtype != torch.float32 for g in grads):  # optim.master_weights' bf16 expert gradients
+                return mixed_grad_norm(grads)
+            return torch.nn.utils.get_total_norm(grads)
         return self.grad_norm(model)
 
     @torch.no_grad()
@@ -294,3 +297,11 @@ class Runtime:
             self.heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def mixed_grad_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of gradients of mixed dtypes, accumulated and returned in fp32. ``torch.nn.utils.get_total_norm``
+    returns each dtype group's norm in that dtype (a bf16 group's norm rounded to 8 bits) before combining;
+    here each tensor's norm is fp32 (``_foreach_norm``'s ``dtype``), so bf16 gradients give the norm of their fp32 values."""
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(list(norms)), 2.0)

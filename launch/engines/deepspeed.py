@@ -178,6 +178,9 @@ class DeepSpeedEngine:
     def check_job(job: JobConfig) -> None:
         """Refuse what this engine does not run, naming ``engine.name`` and the other key."""
         p, tr = job.parallel, job.train
+        check(not job.optim.master_weights, "optim.master_weights", job.optim.master_weights,
+              "must be false with engine.name=deepspeed (DeepSpeed keeps its own fp32 partitions of every parameter; bf16 expert "
+              "weights with fp32 masters are engine.name=native's)")
         mode, runs = parallel_mode(p.mode), names_where(runs_under_deepspeed)
         check(runs_under_deepspeed(mode), "parallel.mode", p.mode,
               f"must be {' or '.join(runs)} with engine.name=deepspeed (data parallelism over every rank, one process included, or DeepSpeed's "

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from launch.checkpoint import CheckpointWriter, load_checkpoint, select_checkpoint, verify_checkpoint
 from launch.config import EngineConfig, JobConfig
+from launch.kernel_adamw import KernelAdamW
 from launch.masked_update import clip_scale, masked_step, takes_found_inf
 from launch.optim import build_optimizer
 from parallel import Runtime, apply_parallel, checkpoint_state, load_checkpoint_state
@@ -46,7 +47,9 @@ class NativeEngine:
         self.job, self.runtime, self.manifest = job, runtime, manifest
         # ``model`` may rewire ``core`` in place (ep/fssdp runners, FSDP2); it stays the same module.
         self.model = apply_parallel(core, job.parallel, runtime)
-        self.optimizer, self.scheduler = build_optimizer(self.model, job)
+        # optim.master_weights: the optimizer takes fp32 masters of the expert weights, then the model holds them in bf16.
+        masters = core.expert_weights() if job.optim.master_weights else None
+        self.optimizer, self.scheduler = build_optimizer(self.model, job, masters=masters)
         self.fold_clip = takes_found_inf(self.optimizer)
         """Fused AdamW clips inside its own kernel (``launch.masked_update``): no separate pass over the gradients."""
         self._grad_scale: Tensor | None = None
@@ -99,6 +102,8 @@ class NativeEngine:
         state = training_state(self.model, self.optimizer, self.scheduler, self.runtime, {"step": 0})
         load_checkpoint(path, state, self.runtime)
         load_checkpoint_state(self.model, self.optimizer, state, self.runtime)
+        if isinstance(self.optimizer, KernelAdamW):  # the expert weights were loaded into their masters
+            self.optimizer.params_from_masters()
         self.scheduler.load_state_dict(state["scheduler"])
         return state["trainer"]
 

@@ -113,3 +113,93 @@ def test_adamw_kernel_at_olmoe_expert_size_equals_the_reference(gen):
         torch.testing.assert_close(p, wp, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m.float(), wm.float(), rtol=2.0**-7, atol=1e-7)
         torch.testing.assert_close(v.float(), wv.float(), rtol=2.0**-7, atol=1e-7)
+
+
+def _master_state(gen: torch.Generator, shape: tuple[int, ...], moments: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """master, bf16 parameter (the master rounded), bf16 gradient, m, v."""
+    p, g, m, v = _state(gen, shape, moments, device)
+    return [p, p.to(torch.bfloat16), g.to(torch.bfloat16), m, v]
+
+
+@pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_adamw_master_kernel_equals_the_reference(kc, gen, moments, scaled, monkeypatch):
+    """The master variant (fp32 master, bf16 gradient, bf16 parameter written) over four tensors in one launch, against
+    ``reference.adamw_master_``: the masters as the fp32 update, the bf16 parameters their nearest-even rounding."""
+    from kernels import adamw
+
+    monkeypatch.setattr(adamw, "MAX_PROGRAMS_PER_TENSOR", 2)
+    tensors = [_master_state(gen, shape, moments, kc.DEVICE) for shape in SHAPES]
+    steps = [torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=kc.DEVICE) for _ in SHAPES]
+    scale = torch.tensor(2.5, device=kc.DEVICE) if scaled else None
+    want = [[t.clone() for t in ts] for ts in tensors]
+    before = [ts[0].clone() for ts in tensors]
+    hyper = (3e-3, 0.9, 0.95, 1e-8, 0.1)
+    ops.adamw_master_(*([ts[i] for ts in tensors] for i in range(5)), steps, *hyper, scale, torch.tensor(0.0, device=kc.DEVICE))
+    for (p, q, g, m, v), (wp, wq, wg, wm, wv), t, p0 in zip(tensors, want, steps, before):
+        reference.adamw_master_(wp, wq, wg, wm, wv, t, *hyper, scale, None)
+        assert q.dtype == g.dtype == torch.bfloat16 and p.dtype == torch.float32
+        torch.testing.assert_close(p, wp, rtol=1e-6, atol=1e-6)
+        assert torch.equal(q, p.to(torch.bfloat16))  # the kernel's own master, rounded to nearest even
+        assert torch.equal(g, wg)
+        rtol, atol = (2.0**-7, 1e-7) if moments == torch.bfloat16 else (1e-6, 1e-7)
+        torch.testing.assert_close(m.float(), wm.float(), rtol=rtol, atol=atol)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=rtol, atol=atol)
+        assert (q.float() - wq.float()).abs().max() <= 2.0**-7 * wq.float().abs().max()  # at most one bf16 step apart
+        assert (wp - p0).abs().max() > 1e-4 or p.numel() == 1  # every element was updated (see the test above)
+
+
+def test_adamw_master_kernel_rounds_the_parameter_to_nearest_even(kc):
+    """lr 1, beta1 = beta2 = 0, no decay, step 1: p' = p - g / (|g| + eps) = p - sign(g), so masters chosen a tie, just
+    below and just above half a bf16 step from a bf16 value after the update show the rounding of the bf16 store
+    (eps 1e-30 vanishes beside |g| = 1 in fp32)."""
+    base = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-9, 2.0 + 2.0**-7 + 2.0**-9], device=kc.DEVICE)
+    p = base + 1.0  # minus sign(g) = 1 gives back ``base`` exactly
+    g = torch.ones_like(p, dtype=torch.bfloat16)
+    q, m, v = torch.zeros_like(g), torch.zeros_like(p), torch.zeros_like(p)
+    ops.adamw_master_([p], [q], [g], [m], [v], [torch.tensor(1.0, device=kc.DEVICE)], 1.0, 0.0, 0.0, 1e-30, 0.0, None, None)
+    assert p.tolist() == base.tolist()
+    assert q.float().tolist() == [1.0, 1.0 + 2.0**-6, 1.0, 2.0 + 2.0**-6]  # ties to even, below half down, above half up
+
+
+def test_adamw_master_kernel_writes_nothing_when_found_inf(kc, gen):
+    p, q, g, m, v = _master_state(gen, (BLOCK + 5,), torch.bfloat16, kc.DEVICE)
+    g[3] = float("nan")
+    q.zero_()  # not the master's rounding: a write would show
+    before = [t.clone() for t in (p, q, m, v)]
+    ops.adamw_master_([p], [q], [g], [m], [v], [torch.tensor(4.0, device=kc.DEVICE)], 1e-2, 0.9, 0.95, 1e-8, 0.1, None,
+                      torch.tensor(1.0, device=kc.DEVICE))
+    for a, b in zip((p, q, m, v), before):
+        assert torch.equal(a, b)
+
+
+def test_adamw_master_tensors_the_kernel_cannot_take_go_through_the_reference(kc, gen):
+    p, q, g, m, v = _master_state(gen, (8, 6), torch.bfloat16, kc.DEVICE)
+    a, b, c, d, e = (t.t() for t in _master_state(gen, (6, 8), torch.bfloat16, kc.DEVICE))  # transposed views
+    want = [t.clone() for t in (p, q, g, m, v, a, b, c, d, e)]
+    step = torch.tensor(2.0, device=kc.DEVICE)
+    ops.adamw_master_([p, a], [q, b], [g, c], [m, d], [v, e], [step] * 2, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
+    for i in (0, 5):
+        reference.adamw_master_(*want[i : i + 5], step, 1e-2, 0.9, 0.95, 1e-8, 0.1, None, None)
+    torch.testing.assert_close(p, want[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(q, p.to(torch.bfloat16))
+    assert torch.equal(a, want[5]) and torch.equal(b, want[6])  # the same function ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_adamw_master_kernel_at_olmoe_expert_size_equals_the_reference(gen):
+    """The master variant over an OLMoE expert weight (64 x 2048 x 1024) and a small tensor in one launch, bf16
+    moments, clipping and a finite verdict as the trainer passes them: masters as the reference's, bf16 weights their
+    rounding, bit for bit."""
+    cuda = torch.device("cuda")
+    tensors = [_master_state(gen, shape, torch.bfloat16, cuda) for shape in [(64, 2048, 1024), (7,)]]
+    want = [[t.clone() for t in ts] for ts in tensors]
+    step, scale = torch.tensor(3.0, device=cuda), torch.tensor(1.7, device=cuda)
+    ops.adamw_master_(*([ts[i] for ts in tensors] for i in range(5)), [step] * 2, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, torch.tensor(0.0, device=cuda))
+    for (p, q, _, m, v), (wp, wq, wg, wm, wv) in zip(tensors, want):
+        reference.adamw_master_(wp, wq, wg, wm, wv, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, scale, None)
+        torch.testing.assert_close(p, wp, rtol=1e-5, atol=1e-6)
+        assert torch.equal(q, p.to(torch.bfloat16))
+        torch.testing.assert_close(m.float(), wm.float(), rtol=2.0**-7, atol=1e-7)
+        torch.testing.assert_close(v.float(), wv.float(), rtol=2.0**-7, atol=1e-7)

@@ -262,6 +262,10 @@ def capture_layer_step(shape: Shape, blocks: BlockSizes, *, regenerate_preactiva
         table, scalar = meta(3 * STEP_LAYERS, 6, dtype=torch.int64), meta((), dtype=torch.float32)
         for moments in (torch.bfloat16, torch.float32):
             adamw_into(table, 3 * STEP_LAYERS, E * D * Fd, moments, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar)
+        # Its master variant (``optim.master_weights``: fp32 masters, bf16 gradients, the bf16 parameters written; 7 columns).
+        table7 = meta(3 * STEP_LAYERS, 7, dtype=torch.int64)
+        for moments in (torch.bfloat16, torch.float32):
+            adamw_into(table7, 3 * STEP_LAYERS, E * D * Fd, moments, 1e-3, 0.9, 0.95, 1e-8, 0.1, scalar, scalar, master=True)
         capture_norms()
         _capture_attention_heads(meta)
     unique: dict[tuple, Launch] = {}

@@ -171,6 +171,11 @@ def multi_tensor_launches(func: torch._ops.OpOverload, args: tuple) -> int:
     return max(1, -(-len(lists[0]) // _MAX_TENSORS[depth]), -(-chunks // _MAX_CHUNKS))
 
 
+WRITE_ONLY_ARGS = {"adamw_master_": frozenset({"out"})}
+"""Arguments a custom op writes in place without reading them (counted once, as a write): the master AdamW kernel
+stores the bf16 parameters ``out`` from the updated masters (``kernels.adamw``)."""
+
+
 def glue_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
     """Bytes one non-GEMM op reads and writes (see the module docstring)."""
     name = func.overloadpacket.__name__
@@ -179,7 +184,8 @@ def glue_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: obje
         seen.setdefault(id(t), t)
     nbytes = sum(distinct_bytes(t) for t in seen.values())
     for arg, value in zip(func._schema.arguments, args):  # an argument written in place is read and written
-        if arg.alias_info is not None and arg.alias_info.is_write and name not in ("copy_", "_foreach_copy_"):  # a copy only writes
+        if (arg.alias_info is not None and arg.alias_info.is_write and name not in ("copy_", "_foreach_copy_")  # a copy only writes
+                and arg.name not in WRITE_ONLY_ARGS.get(name, ())):
             nbytes += sum(distinct_bytes(t) for t in tensors_in(value))
     if name == "index_select":  # reads only the gathered rows of its source
         src, idx = args[0], args[2]

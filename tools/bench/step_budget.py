@@ -228,6 +228,8 @@ def _count_step(overrides: list[str], card: str) -> StepCount:
             for t in state.values():
                 if isinstance(t, torch.Tensor) and t.device.type != "cpu":
                     memory.track(t, "optimizer state")
+        for master in getattr(engine.optimizer, "masters", {}).values():  # optim.master_weights: fp32 masters of bf16 weights
+            memory.track(master, "optimizer state")
         memory.peak = memory.total
         memory.at_peak = dict(memory.live)
         memory.phase = "forward and backward"
