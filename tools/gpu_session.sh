@@ -8,11 +8,12 @@
 #   SHAPES="--shape 2048 768 128 8 32768" PART=layer bash tools/gpu_session.sh   # bench/profile one shape
 #
 # PART=step trains moe_125m and `olmoe_1b_7b model.num_layers=4` (bf16, 8 x 2048 = 16,384 tokens per
-# step) three ways each: default, train.compile=true, train.cuda_graphs=true, and prints tokens/s, MFU
+# step) four ways each: default, train.compile=true, train.cuda_graphs=true, and the fastest predicted
+# (train.cuda_graphs=true optim.master_weights=true optim.moments_dtype=bf16), and prints tokens/s, MFU
 # and peak memory of the last (warm) log window beside `python -m tools.bench.step_budget ... --card h200
 # --json`'s prediction for the same config (computed on the CPU cores meanwhile; "n/a" without
-# tools/bench/step_budget.py). Time limits: 6 x 55 s of training + 10 s of setup = 340 s. The default runs
-# also profile steps 12-13 (train.profile_steps, launch/profiling.py): GPU ms per class (gemm, attention,
+# tools/bench/step_budget.py). Time limits: 8 x 41 s of training + 10 s of setup = 338 s. The default runs
+# also profile steps 7-8 (train.profile_steps, launch/profiling.py): GPU ms per class (gemm, attention,
 # grad clip, optimizer, other) beside the prediction's classes, and step_profiles.md (4 files in all).
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -52,11 +53,11 @@ fi
 rows=$out/step_runs.md
 if [[ $part == step || $part == all ]]; then
   presets=("moe_125m" "olmoe_1b_7b model.num_layers=4")
-  settings=("default" "train.compile=true" "train.cuda_graphs=true")
+  settings=("default" "train.compile=true" "train.cuda_graphs=true" "train.cuda_graphs=true optim.master_weights=true optim.moments_dtype=bf16")
   shape="train.precision=bf16 train.batch_size=8 train.seq_len=2048"
   stamp predict  # on the CPU cores, while the GPU trains
   for i in 0 1; do
-    for j in 0 1 2; do
+    for j in 0 1 2 3; do
       extra=${settings[$j]}; [[ $extra == default ]] && extra=""
       if [[ -f tools/bench/step_budget.py ]]; then
         # shellcheck disable=SC2086
@@ -67,10 +68,10 @@ if [[ $part == step || $part == all ]]; then
   stamp train
   train_rc=0
   for i in 0 1; do
-    for j in 0 1 2; do
-      extra=${settings[$j]}; [[ $extra == default ]] && extra="train.profile_steps=[12,13]"  # outside the last log window (16-20)
+    for j in 0 1 2 3; do
+      extra=${settings[$j]}; [[ $extra == default ]] && extra="train.profile_steps=[7,8]"  # outside the last log window (11-15)
       # shellcheck disable=SC2086
-      timeout 55 $py -m launch.train model=${presets[$i]} $shape $extra train.steps=20 train.log_every=5 train.eval_every=20 \
+      timeout 41 $py -m launch.train model=${presets[$i]} $shape $extra train.steps=15 train.log_every=5 train.eval_every=15 \
         train.eval_batches=1 optim.warmup_steps=4 logging=none checkpoint.enabled=false hydra.run.dir="$scratch/run_${i}_$j" >> "$log" 2>&1 \
         || train_rc=$?
     done

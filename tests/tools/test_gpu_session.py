@@ -21,7 +21,7 @@ def test_script_parses_and_the_step_part_fits_six_minutes() -> None:
     train_limit = int(re.search(r"timeout (\d+) \$py -m launch\.train", step_part).group(1))
     presets = len(re.findall(r'"([^"]+)"', re.search(r"presets=\(([^)]*)\)", step_part).group(1)))
     settings = len(re.findall(r'"([^"]+)"', re.search(r"settings=\(([^)]*)\)", step_part).group(1)))
-    assert (presets, settings) == (2, 3)
+    assert (presets, settings) == (2, 4)
     assert presets * settings * train_limit + 30 <= 360, train_limit  # + env, summary (the predictions run beside)
 
 
