@@ -281,15 +281,15 @@ def _capture_attention_heads(meta) -> None:  # type: ignore[no-untyped-def]
     from kernels.qkv_heads import qkv_heads_bwd_into, qkv_heads_fwd_into
 
     B, S = STEP_TOKENS
-    for mode, H, G, d in STEP_ATTENTION:
+    for qk_norm, H, G, d in STEP_ATTENTION:
         qkv, tables = meta(B, S, (H + 2 * G) * d), meta(S, d // 2, dtype=torch.float32)
         width = {"none": (0, 0, None), "full": (1, H * d, meta(H * d, dtype=torch.float32)), "per_head": (H, d, meta(d, dtype=torch.float32))}
-        nr, ww, w = width[mode]
+        nr, ww, w = width[qk_norm]
         q, k, rstd = meta(B, S, H, d), meta(B, S, G, d), meta(B * S, 2 * nr, dtype=torch.float32)
-        qkv_heads_fwd_into(qkv, w, w, tables, tables, mode, 1e-5, q, k, rstd)
+        qkv_heads_fwd_into(qkv, w, w, tables, tables, qk_norm, 1e-5, q, k, rstd)
         dq, dkv = meta(B, H, S, d).transpose(1, 2), meta(B, G, S, d).transpose(1, 2)
         dw = meta(qkv_dw_programs(B * S), ww, dtype=torch.float32)
-        qkv_heads_bwd_into(dq, dkv, dkv, None if mode == "none" else qkv, rstd, w, w, tables, tables, mode, meta(B, S, (H + 2 * G) * d), dw, dw)
+        qkv_heads_bwd_into(dq, dkv, dkv, None if qk_norm == "none" else qkv, rstd, w, w, tables, tables, qk_norm, meta(B, S, (H + 2 * G) * d), dw, dw)
 
 
 def _ptxas_log(ptx: str, arch: int) -> str:
