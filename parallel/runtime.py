@@ -303,5 +303,7 @@ def mixed_grad_norm(grads: list[Tensor]) -> Tensor:
     """The L2 norm of gradients of mixed dtypes, accumulated and returned in fp32. ``torch.nn.utils.get_total_norm``
     returns each dtype group's norm in that dtype (a bf16 group's norm rounded to 8 bits) before combining;
     here each tensor's norm is fp32 (``_foreach_norm``'s ``dtype``), so bf16 gradients give the norm of their fp32 values."""
-    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack(list(norms)), 2.0)
+    norms: list[Tensor] = []
+    for dtype in sorted({g.dtype for g in grads}, key=str):  # one list per dtype: torch's multi-tensor kernel takes one dtype
+        norms.extend(torch._foreach_norm([g for g in grads if g.dtype == dtype], 2.0, dtype=torch.float32))
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
