@@ -18,11 +18,13 @@ from tools.bench.step_parallel import recommend
 ONE_GPU: tuple[tuple[str, list[str]], ...] = (
     ("moe_125m", ["model=moe_125m", "train.batch_size=8", "train.seq_len=2048"]),
     ("moe_125m, CUDA graphs", ["model=moe_125m", "train.batch_size=8", "train.seq_len=2048", "train.cuda_graphs=true"]),
-    ("moe_125m, CUDA graphs, bf16 moments", ["model=moe_125m", "train.batch_size=8", "train.seq_len=2048", "train.cuda_graphs=true",
-                                            "optim.moments_dtype=bf16"]),
+    ("moe_125m, fastest", ["model=moe_125m", "train.batch_size=8", "train.seq_len=2048", "train.cuda_graphs=true",
+                           "optim.master_weights=true", "optim.moments_dtype=bf16"]),
     ("olmoe_1b_7b, 4 layers", ["model=olmoe_1b_7b", "model.num_layers=4", "train.batch_size=8", "train.seq_len=2048"]),
     ("olmoe_1b_7b, 4 layers, bf16 moments", ["model=olmoe_1b_7b", "model.num_layers=4", "train.batch_size=8", "train.seq_len=2048",
                                             "optim.moments_dtype=bf16"]),
+    ("olmoe_1b_7b, 4 layers, fastest", ["model=olmoe_1b_7b", "model.num_layers=4", "train.batch_size=8", "train.seq_len=2048",
+                                       "optim.master_weights=true", "optim.moments_dtype=bf16"]),
     ("olmoe_1b_7b", ["model=olmoe_1b_7b", "train.batch_size=4", "train.seq_len=4096", "train.activation_checkpointing=full"]),
 )
 MANY_GPUS: tuple[tuple[str, int], ...] = (("olmoe_1b_7b", 8), ("olmoe_1b_7b", 64), ("mixtral_8x7b", 8), ("mixtral_8x7b", 64))
