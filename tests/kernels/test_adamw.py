@@ -30,6 +30,19 @@ SHAPES = [(1,), (BLOCK + 3,), (37, 61), (3, BLOCK)]
 """One element, one block and a masked tail, 2,257 (not a multiple of the block), exactly three blocks."""
 
 
+
+HYPER = (3e-3, 0.9, 0.95, 1e-8, 0.1)
+"""lr, beta1, beta2, eps, weight decay of the kernel-vs-reference tests."""
+
+
+def _launch_inputs(gen, make, moments, scaled, device):
+    """One launch's tensors (``make`` per shape of ``SHAPES``), random step counts, the optional clip divisor,
+    a copy for the reference and each tensor's first state before the step."""
+    tensors = [make(gen, shape, moments, device) for shape in SHAPES]
+    steps = [torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=device) for _ in SHAPES]
+    scale = torch.tensor(2.5, device=device) if scaled else None
+    return tensors, steps, scale, [[t.clone() for t in ts] for ts in tensors], [ts[0].clone() for ts in tensors]
+
 @pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_adamw_kernel_equals_the_reference(kc, gen, moments, scaled, monkeypatch):
@@ -38,12 +51,8 @@ def test_adamw_kernel_equals_the_reference(kc, gen, moments, scaled, monkeypatch
     from kernels import adamw
 
     monkeypatch.setattr(adamw, "MAX_PROGRAMS_PER_TENSOR", 2)
-    tensors = [_state(gen, shape, moments, kc.DEVICE) for shape in SHAPES]
-    steps = [torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=kc.DEVICE) for _ in SHAPES]
-    scale = torch.tensor(2.5, device=kc.DEVICE) if scaled else None
-    want = [[t.clone() for t in ts] for ts in tensors]
-    before = [ts[0].clone() for ts in tensors]
-    hyper = (3e-3, 0.9, 0.95, 1e-8, 0.1)
+    tensors, steps, scale, want, before = _launch_inputs(gen, _state, moments, scaled, kc.DEVICE)
+    hyper = HYPER
     ops.adamw_(*([ts[i] for ts in tensors] for i in range(4)), steps, *hyper, scale, torch.tensor(0.0, device=kc.DEVICE))
     for (p, g, m, v), (wp, wg, wm, wv), t, p0 in zip(tensors, want, steps, before):
         reference.adamw_(wp, wg, wm, wv, t, *hyper, scale, None)
@@ -129,12 +138,8 @@ def test_adamw_master_kernel_equals_the_reference(kc, gen, moments, scaled, monk
     from kernels import adamw
 
     monkeypatch.setattr(adamw, "MAX_PROGRAMS_PER_TENSOR", 2)
-    tensors = [_master_state(gen, shape, moments, kc.DEVICE) for shape in SHAPES]
-    steps = [torch.tensor(float(torch.randint(1, 50, (1,), generator=gen)), device=kc.DEVICE) for _ in SHAPES]
-    scale = torch.tensor(2.5, device=kc.DEVICE) if scaled else None
-    want = [[t.clone() for t in ts] for ts in tensors]
-    before = [ts[0].clone() for ts in tensors]
-    hyper = (3e-3, 0.9, 0.95, 1e-8, 0.1)
+    tensors, steps, scale, want, before = _launch_inputs(gen, _master_state, moments, scaled, kc.DEVICE)
+    hyper = HYPER
     ops.adamw_master_(*([ts[i] for ts in tensors] for i in range(5)), steps, *hyper, scale, torch.tensor(0.0, device=kc.DEVICE))
     for (p, q, g, m, v), (wp, wq, wg, wm, wv), t, p0 in zip(tensors, want, steps, before):
         reference.adamw_master_(wp, wq, wg, wm, wv, t, *hyper, scale, None)

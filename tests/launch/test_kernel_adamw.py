@@ -3,6 +3,8 @@ and a non-finite step changes nothing."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -196,9 +198,8 @@ def test_a_checkpoint_from_before_moments_dtype_holds_fp32_moments(tmp_path) -> 
         check_compatible(tmp_path, {"model": {"num_experts": 4}, "optim": {"moments_dtype": "bf16"}})
 
 
-def test_the_budget_counts_one_launch_per_group_and_20_bytes_per_parameter() -> None:
-    """On ``meta`` (the step budget's GPU): one ``adamw_`` per param group reading p, g (4 B each), m, v (2 B each)
-    and writing p, m, v: 20 B per parameter, plus a 4-byte step count per tensor and grad_scale and found_inf."""
+def _counted_meta_step() -> Any:
+    """The ops of one masked KernelAdamW step on ``meta`` (the step budget's GPU), as ``OpCounter`` sees them."""
     from tools.bench.op_counter import OpCounter
 
     with torch.device("meta"):
@@ -209,7 +210,13 @@ def test_the_budget_counts_one_launch_per_group_and_20_bytes_per_parameter() -> 
         ok, scale = torch.empty((), dtype=torch.bool), torch.empty(())
     with OpCounter() as counter:
         masked_step(opt, ok, scale)
-    ops = [r for r in counter.budget.ops if r.name == "moeforge.adamw_.default"]
+    return counter.budget
+
+
+def test_the_budget_counts_one_launch_per_group_and_20_bytes_per_parameter() -> None:
+    """One ``adamw_`` per param group reading p, g (4 B each), m, v (2 B each) and writing p, m, v:
+    20 B per parameter, plus a 4-byte step count per tensor and grad_scale and found_inf."""
+    ops = [r for r in _counted_meta_step().ops if r.name == "moeforge.adamw_.default"]
     # decay group: weights of 7 x 5 and 5 x 3; no-decay group: biases of 5 and 3
     assert [r.bytes for r in ops] == [20 * (35 + 15) + 2 * 4 + 8, 20 * (5 + 3) + 2 * 4 + 8]
     assert [r.launches for r in ops] == [1, 1]
@@ -217,15 +224,6 @@ def test_the_budget_counts_one_launch_per_group_and_20_bytes_per_parameter() -> 
 
 def test_a_masked_step_reads_nothing_on_the_host() -> None:
     """The verdict and the clipping divisor stay on the device (``tools.bench.op_counter``'s sync detector)."""
-    from tools.bench.op_counter import OpCounter
-
-    with torch.device("meta"):
-        model = _model(0)
-        opt = KernelAdamW(_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-        for p in model.parameters():
-            p.grad = torch.empty_like(p)
-        ok, scale = torch.empty((), dtype=torch.bool), torch.empty(())
-    with OpCounter() as counter:
-        masked_step(opt, ok, scale)
-    assert counter.budget.host_syncs == []
-    assert len(counter.budget.ops) > 4  # it saw the step's ops
+    budget = _counted_meta_step()
+    assert budget.host_syncs == []
+    assert len(budget.ops) > 4  # it saw the step's ops
