@@ -29,6 +29,20 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+GPU_PATH_DEVICES = ("cuda", "meta")
+"""Device types that take the model's GPU code paths (fused kernels): CUDA, and ``meta`` standing for it in the budget tools."""
+
+
+def gpu_path_device(device: torch.device) -> bool:
+    """Whether ops on ``device`` take the GPU code paths (CUDA, or ``meta`` standing for it)."""
+    return device.type in GPU_PATH_DEVICES
+
+
+def takes_gpu_path(x: Tensor) -> bool:
+    """Whether ``x``'s ops take the GPU code paths (a CUDA tensor, or a ``meta`` one standing for it)."""
+    return gpu_path_device(x.device)
+
+
 @contextlib.contextmanager
 def meta_autocast(source: Callable[[], torch.dtype | None]) -> Iterator[None]:
     """Inside, ``autocast_dtype`` of a ``meta`` tensor is ``source()`` (None: autocast off at that moment)."""

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from kernels import ops, reference
-from moe.autocast import autocast_dtype
+from moe.autocast import autocast_dtype, gpu_path_device, takes_gpu_path
 
 REDUCTIONS = ("mean", "sum")
 
@@ -58,13 +58,11 @@ def chunk_tokens(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 _HALF = (torch.bfloat16, torch.float16)
-_CARDS = ("cuda", "meta")
-"""Devices that take the GPU path (``meta`` stands for a GPU in ``tools.bench.step_budget``)."""
 
 
 def _fp32_out(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the GEMMs write fp32 from 16-bit operands (GPU; ``meta`` stands for it in the budget)."""
-    return dtype in _HALF and device.type in _CARDS
+    return dtype in _HALF and gpu_path_device(device)
 
 
 def _mm_fp32(a: Tensor, b: Tensor, direct: bool) -> Tensor:
@@ -144,7 +142,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         T = x_TD.shape[0]
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         scale = 1.0 / T if mean else 1.0
-        card = x_TD.device.type in _CARDS and T > 0
+        card = takes_gpu_path(x_TD) and T > 0
         run = _chunk_on_card if card else _chunk_on_cpu
         with torch.autocast(x_TD.device.type if x_TD.device.type in ("cuda", "cpu") else "cpu", enabled=False):
             w_VD = weight_VD.to(dtype)

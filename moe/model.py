@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import ops
-from moe.autocast import autocast_dtype
+from moe.autocast import autocast_dtype, takes_gpu_path
 from moe.errors import check
 from moe.experts import EXPERT_WEIGHT_NAMES, ExpertsConfig, dense_swiglu
 from moe.head_loss import head_cross_entropy
@@ -182,16 +182,15 @@ class RMSNorm(nn.Module):
         residual's dtype) for ``residual``, where eager autograd runs the add, the norm's backward, an add
         of the two gradients and a downcast. Elsewhere the two steps as written (bit-identical on the CPU).
         """
-        card = x.device.type in ("cuda", "meta")
         if residual is None:
             return self._norm(x)
-        if card and x.shape == residual.shape:
+        if takes_gpu_path(x) and x.shape == residual.shape:
             return fused_add_rms_norm(x, residual, self.weight, self.eps, self._out_dtype(x))
         h = x + residual
         return h, self._norm(h)
 
     def _norm(self, x: Tensor) -> Tensor:
-        if x.device.type in ("cuda", "meta"):
+        if takes_gpu_path(x):
             return fused_rms_norm(x, self.weight, self.eps, self._out_dtype(x))
         out = nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
@@ -229,7 +228,7 @@ def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``apply_rope_reference`` in one kernel each way on a GPU (``kernels.rope``; ``meta`` stands for
     a GPU in the step budget); elsewhere without the ``cat``: ``x * [cos, cos] + swap(x) * [-sin, sin]``
     over the two halves viewed as ``[..., 2, d/2]`` (one multiply, one flip, one fused multiply-add)."""
-    if x_BHSd.device.type in ("cuda", "meta") and x_BHSd.shape[-1] % 2 == 0:
+    if takes_gpu_path(x_BHSd) and x_BHSd.shape[-1] % 2 == 0:
         return _FusedRope.apply(x_BHSd, cos, sin)
     x = x_BHSd.float().unflatten(-1, (2, -1))
     cos2, sin2 = torch.stack([cos, cos], dim=-2), torch.stack([-sin, sin], dim=-2)
@@ -329,7 +328,7 @@ class Attention(nn.Module):
         B, S, D = x_BSD.shape
         H, G = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x_BSD)
-        if x_BSD.device.type in ("cuda", "meta") and not want_probs:
+        if takes_gpu_path(x_BSD) and not want_probs:
             q, k, v = self._fused_heads(qkv, cos, sin)
         else:
             q, k, v = self._eager_heads(qkv, cos, sin)

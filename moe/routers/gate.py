@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe.autocast import autocast_dtype
+from moe.autocast import autocast_dtype, takes_gpu_path
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -58,7 +58,7 @@ class _HalfGate(torch.autograd.Function):
 
 
 def _half_gemm_ok(x_TD: Tensor) -> bool:
-    return x_TD.dtype in _HALF and x_TD.device.type in ("cuda", "meta") and hasattr(torch.ops.aten.mm, "dtype")
+    return x_TD.dtype in _HALF and takes_gpu_path(x_TD) and hasattr(torch.ops.aten.mm, "dtype")
 
 
 def gate_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None = None) -> Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from moe.autocast import takes_gpu_path
 from moe.errors import check
 from moe.routers.gate import gate_logits, normal_gate
 from moe.routers.interface import KRouterConfig, Router, RouterContext, RoutingDecision
@@ -90,7 +91,7 @@ class TopKRouter(Router):
         if self.local_search is None:
             # One autograd node with a closed-form backward on GPUs; autograd through the same ops on
             # the CPU, whose runs stay bit-identical (moe.routers.topk_gates).
-            select = fused_gates if logits_TE.device.type in ("cuda", "meta") else gates
+            select = fused_gates if takes_gpu_path(logits_TE) else gates
             return decision_of(select(logits_TE, c.k, renormalizes(c.renormalize, c.k), c.aux_loss_coef, c.z_loss_coef, sum_counts))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         probs_TE, perm_aux = self.local_search.mix(probs_TE.unsqueeze(1), context.step)

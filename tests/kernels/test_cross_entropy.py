@@ -11,13 +11,13 @@ import torch
 
 from kernels import ops, reference
 from kernels.cross_entropy import BLOCK_V
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("cross_entropy"), "_cross_entropy_kernel")
+    assert_kernels_run(kc.DEVICE, "cross_entropy", "_cross_entropy_kernel")
 
 
 def _logits(C: int, V: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -77,9 +77,9 @@ def test_the_fake_op_counts_one_kernel_that_reads_the_logits_once():
 def test_chunked_loss_through_the_kernel_equals_the_full_logits_loss(kc, gen, monkeypatch, reduction):
     """The GPU path of ``moe.head_loss`` (the kernel, ``dx`` written and ``dW`` accumulated by the
     GEMMs) run here in fp32, where it must equal the plain loss to rounding."""
-    from moe import head_loss
+    from moe import autocast, head_loss
 
-    monkeypatch.setattr(head_loss, "_CARDS", (kc.DEVICE.type,))
+    monkeypatch.setattr(autocast, "GPU_PATH_DEVICES", (kc.DEVICE.type,))
     T, D, V = 61, 24, 37
     x = torch.randn(T, D, generator=gen).to(kc.DEVICE).requires_grad_()
     w = (torch.randn(V, D, generator=gen) * 0.3).to(kc.DEVICE).requires_grad_()
