@@ -139,6 +139,17 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float
     assert scale > 0 and err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * max |expected| {scale:.3g}"
 
 
+def assert_kernels_run(device: torch.device, module: str, *kernels: str) -> None:
+    """The ops under test run their Triton kernels ``kernels`` of ``kernels.<module>`` on ``device`` (compiled on
+    CUDA, interpreted on CPU), not their torch references."""
+    from kernels import ops
+
+    probe = torch.zeros(1, device=device)
+    mod = ops._kernel_module(module)
+    for name in kernels:
+        assert ops.triton_runs(probe, mod, name), f"kernels.{module}.{name} would fall back to its reference"
+
+
 @pytest.fixture
 def kc():
     """The helpers above as one object, so test files never import ``conftest`` by name."""

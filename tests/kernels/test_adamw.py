@@ -10,13 +10,13 @@ import torch
 
 from kernels import ops, reference
 from kernels.adamw import BLOCK
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("adamw"), "_adamw_kernel")
+    assert_kernels_run(kc.DEVICE, "adamw", "_adamw_kernel")
 
 
 def _state(gen: torch.Generator, shape: tuple[int, ...], moments: torch.dtype, device: torch.device) -> list[torch.Tensor]:

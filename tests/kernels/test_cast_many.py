@@ -10,13 +10,13 @@ import torch
 
 from kernels import ops, reference
 from kernels.cast_many import BLOCK
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("cast_many"), "_cast_many_kernel")
+    assert_kernels_run(kc.DEVICE, "cast_many", "_cast_many_kernel")
 
 
 def hard_fp32(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from kernels import ops, reference
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("plan_indices"), "_plan_indices_kernel")
+    assert_kernels_run(kc.DEVICE, "plan_indices", "_plan_indices_kernel")
 
 
 @pytest.mark.parametrize("T,K,dropped", [(1, 1, 0), (37, 3, 0), (700, 2, 0), (700, 2, 333), (50, 4, 200)])

@@ -11,6 +11,7 @@ import torch
 
 from kernels import ops, reference
 from moe.model import Attention, _FusedQKVHeads, apply_rope_reference, rms_norm_reference, rope_tables
+from tests.kernel_harness import assert_kernels_run
 
 MODES = ("none", "full", "per_head")
 EPS = 1e-5
@@ -19,9 +20,7 @@ EPS = 1e-5
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    mod = ops._kernel_module("qkv_heads")
-    assert ops.triton_runs(probe, mod, "_qkv_heads_fwd_kernel") and ops.triton_runs(probe, mod, "_qkv_heads_bwd_kernel")
+    assert_kernels_run(kc.DEVICE, "qkv_heads", "_qkv_heads_fwd_kernel", "_qkv_heads_bwd_kernel")
 
 
 def eager_heads(qkv_BSN, w_q, w_k, cos, sin, H, G, mode):

@@ -13,6 +13,7 @@ from kernels import ops
 from kernels.rms_norm import row_levels
 from moe.autocast import meta_autocast
 from moe.model import RMSNorm, fused_add_rms_norm, fused_rms_norm, rms_norm_reference
+from tests.kernel_harness import assert_kernels_run
 
 EPS = 1e-5
 BF16_STEP = 2.0**-7
@@ -23,9 +24,7 @@ step), Triton's interpreter truncates (within one step)."""
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The ops under test are the Triton kernels (compiled on CUDA, interpreted on CPU), not the reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    module = ops._kernel_module("rms_norm")
-    assert ops.triton_runs(probe, module, "_rms_norm_fwd_kernel") and ops.triton_runs(probe, module, "_rms_norm_bwd_kernel")
+    assert_kernels_run(kc.DEVICE, "rms_norm", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel")
 
 
 def _layout(kind: str, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

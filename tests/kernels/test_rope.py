@@ -11,13 +11,13 @@ import torch
 
 from kernels import ops
 from moe.model import apply_rope, apply_rope_reference, rope_tables
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("rope"), "_rope_kernel")
+    assert_kernels_run(kc.DEVICE, "rope", "_rope_kernel")
 
 
 @pytest.mark.parametrize("B,H,S,d", [(1, 1, 1, 2), (2, 3, 17, 16), (1, 2, 9, 40)])

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from kernels import ops, reference
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("swiglu_act"), "_swiglu_act_fwd_kernel")
+    assert_kernels_run(kc.DEVICE, "swiglu_act", "_swiglu_act_fwd_kernel")
 
 
 @pytest.mark.parametrize("R,F,scaled", [(1, 16, True), (37, 24, True), (130, 600, True), (9, 40, False)])

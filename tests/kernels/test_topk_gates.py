@@ -11,13 +11,13 @@ import torch
 
 from kernels import ops, reference
 from moe.routers.topk_gates import gates
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("topk_gates"), "_topk_gates_bwd_kernel")
+    assert_kernels_run(kc.DEVICE, "topk_gates", "_topk_gates_bwd_kernel")
 
 
 def routed(T: int, E: int, K: int, gen: torch.Generator, device: torch.device):

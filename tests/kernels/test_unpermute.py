@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from kernels import ops, reference
+from tests.kernel_harness import assert_kernels_run
 
 
 @pytest.fixture(autouse=True)
 def _the_kernel_runs(kc):
     """The op under test is the Triton kernel (compiled on CUDA, interpreted on CPU), not its reference."""
-    probe = torch.zeros(1, device=kc.DEVICE)
-    assert ops.triton_runs(probe, ops._kernel_module("unpermute"), "_unpermute_kernel")
+    assert_kernels_run(kc.DEVICE, "unpermute", "_unpermute_kernel")
 
 
 def _naive(y_RD, y2_RD, slot_idx_R, T, K, s_R):
