@@ -50,13 +50,12 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig,
     if regroup is not None:
         groups = regroup([{**groups[0], "name": "decay", "decay": True}, {**groups[1], "name": "no_decay", "decay": False}])
     moments = MOMENTS_DTYPE[o.moments_dtype]
-    if masters:
-        opt: torch.optim.Optimizer = KernelAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, moments_dtype=moments, masters=masters)
-    elif moments is torch.float32:
+    if masters or moments is not torch.float32:
+        opt: torch.optim.Optimizer = KernelAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, moments_dtype=moments,
+                                                 masters=masters or ())
+    else:
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused_for({p.device for p in params}))
         init_adamw_state(opt)
-    else:
-        opt = KernelAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, moments_dtype=moments)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, o))
 
 
